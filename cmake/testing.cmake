@@ -1,0 +1,38 @@
+# Test helpers. Every test gets a TIMEOUT so nothing can hang CI; label "slow" keeps a test out of
+# the default suite (run it with `ctest -L slow`).
+find_package(GTest REQUIRED)
+include(GoogleTest)
+
+# ftune_add_gtest(NAME SOURCES a.cpp b.cpp LIBS ftune_x [TIMEOUT s] [LABELS l])
+function(ftune_add_gtest name)
+  cmake_parse_arguments(A "" "TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  if(NOT A_TIMEOUT)
+    set(A_TIMEOUT 120)
+  endif()
+  add_executable(${name} ${A_SOURCES})
+  target_link_libraries(${name} PRIVATE ${A_LIBS} GTest::gtest GTest::gtest_main)
+  add_test(NAME ${name} COMMAND ${name})
+  set_tests_properties(${name} PROPERTIES TIMEOUT ${A_TIMEOUT}
+    ENVIRONMENT "FTUNE_BIN=$<TARGET_FILE:ftune>;FTUNE_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+  if(A_LABELS)
+    set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
+  endif()
+endfunction()
+
+# ftune_add_pytest(NAME FILE tests/python/test_x.py [TIMEOUT s] [LABELS l])
+# Runs one pytest file with the venv's python against the built ftune binary (FTUNE_BIN).
+set(FTUNE_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH "Python with the test oracles")
+function(ftune_add_pytest name)
+  cmake_parse_arguments(A "" "FILE;TIMEOUT" "LABELS" ${ARGN})
+  if(NOT A_TIMEOUT)
+    set(A_TIMEOUT 300)
+  endif()
+  add_test(NAME ${name}
+    COMMAND ${FTUNE_PYTHON} -m pytest -q -x -p no:cacheprovider ${PROJECT_SOURCE_DIR}/${A_FILE}
+    WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+  set_tests_properties(${name} PROPERTIES TIMEOUT ${A_TIMEOUT}
+    ENVIRONMENT "FTUNE_BIN=$<TARGET_FILE:ftune>;FTUNE_TOOLS_DIR=${PROJECT_BINARY_DIR}/bin;FTUNE_SOURCE_DIR=${PROJECT_SOURCE_DIR};PYTHONPATH=${PROJECT_SOURCE_DIR}/tests/python;OMP_NUM_THREADS=2;TOKENIZERS_PARALLELISM=false;HF_HUB_OFFLINE=1;TRANSFORMERS_OFFLINE=1")
+  if(A_LABELS)
+    set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
+  endif()
+endfunction()

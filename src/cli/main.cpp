@@ -1,0 +1,34 @@
+// ftune: one binary, many subcommands (see commands.h). Parse, run, report; one top-level catch so
+// every bad input ends as a single "ftune: error: ..." line and a non-zero exit, never a crash.
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"ftune: fine-tune Llama-family models natively (full, LoRA, QLoRA; one or many devices)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "ftune 0.1.0");
+  ftune::cli::register_tokenize(app);
+  ftune::cli::register_init_model(app);
+  ftune::cli::register_eval(app);
+  ftune::cli::register_generate(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const ftune::Error& e) {
+    std::fprintf(stderr, "ftune: error: %s\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "ftune: error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ftune: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

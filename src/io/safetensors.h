@@ -1,0 +1,70 @@
+// safetensors reader (mmap, zero-copy) and writer, plus HF model-dir weight I/O (single file or
+// sharded with model.safetensors.index.json). Format: ../shared/REFERENCE.md §1.
+// Trade-off: tensors returned by the reader alias the read-only mapping (no copy, instant load of
+// multi-GB checkpoints); callers that mutate must clone. The mapping lives as long as any tensor.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ftune::io {
+
+// Ordered list of named tensors, as written to disk.
+using TensorList = std::vector<std::pair<std::string, at::Tensor>>;
+
+struct SafetensorsEntry {
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  int64_t begin = 0;  // byte offsets relative to the end of the header
+  int64_t end = 0;
+};
+
+class SafetensorsReader {
+ public:
+  // Maps the file and validates the whole header (length, JSON, dtypes, shapes, offsets in range,
+  // not overlapping, no duplicates). Throws ftune::Error "<path>: <field>: <problem>".
+  explicit SafetensorsReader(const std::filesystem::path& path);
+  ~SafetensorsReader();
+  SafetensorsReader(const SafetensorsReader&) = delete;
+  SafetensorsReader& operator=(const SafetensorsReader&) = delete;
+
+  const std::vector<std::string>& names() const { return names_; }  // file (offset) order
+  bool contains(const std::string& name) const { return entries_.count(name) > 0; }
+  const SafetensorsEntry& entry(const std::string& name) const;
+  // CPU tensor viewing the mapping; keeps the mapping alive. Throws for an unknown name.
+  at::Tensor tensor(const std::string& name) const;
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  struct Mapping;
+  std::filesystem::path path_;
+  std::shared_ptr<Mapping> map_;
+  std::map<std::string, SafetensorsEntry> entries_;
+  std::vector<std::string> names_;
+  std::map<std::string, std::string> metadata_;
+  int64_t data_start_ = 0;
+};
+
+// Writes tensors (any device/layout; made contiguous CPU) atomically: temp file, then rename.
+void save_safetensors(const std::filesystem::path& path, const TensorList& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// Loads every tensor of an HF model dir: model.safetensors, or the shards listed in
+// model.safetensors.index.json. Tensors alias the mappings (see SafetensorsReader::tensor).
+std::map<std::string, at::Tensor> load_weights(const std::filesystem::path& dir);
+
+// Writes weights into an HF model dir: one model.safetensors when the total fits in
+// max_shard_bytes, else model-0000i-of-0000n.safetensors plus model.safetensors.index.json.
+// Removes stale weight files of the other layout. metadata {"format": "pt"} is always added.
+void save_weights(const std::filesystem::path& dir, const TensorList& tensors,
+                  int64_t max_shard_bytes = int64_t{5} << 30);
+
+}  // namespace ftune::io

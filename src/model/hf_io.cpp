@@ -1,0 +1,170 @@
+// HF model-dir load/save for LlamaForCausalLM; see hf_io.h.
+#include "model/hf_io.h"
+
+#include <nlohmann/json.hpp>
+
+#include <set>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/safetensors.h"
+
+namespace ftune::model {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+at::ScalarType dtype_from_name(const std::string& name, const std::string& origin) {
+  if (name == "float32" || name == "fp32") return at::kFloat;
+  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
+  if (name == "float16" || name == "fp16") return at::kHalf;
+  fail(origin, ": expected fp32 or bf16 (float32, bfloat16), got \"", name, "\"");
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: fail("dtype: unsupported model dtype ", c10::toString(t));
+  }
+}
+
+void load_weights_into(LlamaForCausalLM& m, const std::map<std::string, at::Tensor>& weights,
+                       const std::string& origin) {
+  torch::NoGradGuard no_grad;
+  auto params = m->named_parameters();
+  // Validate everything before mutating the model.
+  for (const auto& p : params) {
+    auto it = weights.find(p.key());
+    FTUNE_CHECK(it != weights.end(), origin, ": missing tensor ", p.key());
+    FTUNE_CHECK(it->second.sizes() == p.value().sizes(), origin, ": ", p.key(), ": shape ",
+                it->second.sizes(), " does not match config shape ", p.value().sizes());
+  }
+  std::set<std::string> known;
+  for (const auto& p : params) known.insert(p.key());
+  for (const auto& [name, t] : weights) {
+    if (known.count(name)) continue;
+    // Some tied checkpoints still carry lm_head.weight; rotary inv_freq buffers are harmless.
+    if (name == "lm_head.weight" && m->config().tie_word_embeddings) continue;
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    fail(origin, ": unexpected tensor ", name, " (not in a Llama model with this config)");
+  }
+  for (auto& p : params) p.value().copy_(weights.at(p.key()));
+}
+
+LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
+  LlamaConfig cfg = load_config(dir);
+  at::ScalarType dtype = opts.dtype.value_or(
+      cfg.torch_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
+  auto weights = io::load_weights(dir);
+  LlamaForCausalLM m(cfg);
+  m->to(dtype);
+  load_weights_into(m, weights, dir.string());
+  m->to(opts.device);
+  return m;
+}
+
+void save_model(const fs::path& dir, LlamaForCausalLM& m, int64_t max_shard_bytes) {
+  fs::create_directories(dir);
+  io::TensorList tensors;
+  at::ScalarType dtype = at::kFloat;
+  for (const auto& p : m->named_parameters()) {
+    tensors.emplace_back(p.key(), p.value().detach());
+    dtype = p.value().scalar_type();
+  }
+  LlamaConfig cfg = m->config();
+  cfg.torch_dtype = dtype_name(dtype);
+  io::save_weights(dir, tensors, max_shard_bytes);
+  write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
+  json gen = {{"_from_model_config", true}};
+  if (cfg.bos_token_id) gen["bos_token_id"] = *cfg.bos_token_id;
+  if (cfg.eos_token_ids.size() == 1) gen["eos_token_id"] = cfg.eos_token_ids[0];
+  if (cfg.eos_token_ids.size() > 1) gen["eos_token_id"] = cfg.eos_token_ids;
+  if (cfg.pad_token_id) gen["pad_token_id"] = *cfg.pad_token_id;
+  write_file_atomic(dir / "generation_config.json", gen.dump(2) + "\n");
+}
+
+void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
+  fs::create_directories(to);
+  for (const char* f : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                        "special_tokens_map.json", "chat_template.jinja"}) {
+    if (fs::exists(from / f) && fs::absolute(from) != fs::absolute(to)) {
+      write_file_atomic(to / f, read_file(from / f));
+    }
+  }
+}
+
+namespace {
+// GPT-2's reversible byte -> printable-unicode mapping used by byte-level BPE vocabularies.
+std::string byte_to_unicode(int b) {
+  int cp = b;
+  bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+  if (!printable) {
+    int n = 0;
+    for (int x = 0; x < b; ++x) {
+      bool px = (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255);
+      if (!px) ++n;
+    }
+    cp = 256 + n;
+  }
+  std::string s;
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+}  // namespace
+
+void write_byte_level_tokenizer(const fs::path& dir) {
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_to_unicode(b)] = b;
+  const char* specials[] = {"<s>", "</s>", "<pad>"};
+  json added = json::array();
+  for (int i = 0; i < 3; ++i) {
+    added.push_back({{"id", 256 + i}, {"content", specials[i]}, {"single_word", false},
+                     {"lstrip", false}, {"rstrip", false}, {"normalized", false},
+                     {"special", true}});
+  }
+  json tok = {
+      {"version", "1.0"},
+      {"truncation", nullptr},
+      {"padding", nullptr},
+      {"added_tokens", added},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true},
+        {"use_regex", true}}},
+      {"post_processor",
+       {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false},
+        {"use_regex", true}}},
+      {"decoder",
+       {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true},
+        {"use_regex", true}}},
+      {"model",
+       {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
+        {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
+        {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
+        {"vocab", vocab}, {"merges", json::array()}}}};
+  const char* chatml =
+      "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+      "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+      "{{ '<|im_start|>assistant\\n' }}{% endif %}";
+  json cfg = {{"tokenizer_class", "PreTrainedTokenizerFast"},
+              {"bos_token", "<s>"},
+              {"eos_token", "</s>"},
+              {"pad_token", "<pad>"},
+              {"unk_token", nullptr},
+              {"add_bos_token", false},
+              {"add_eos_token", false},
+              {"clean_up_tokenization_spaces", false},
+              {"model_max_length", 1000000},
+              {"chat_template", chatml}};
+  fs::create_directories(dir);
+  write_file_atomic(dir / "tokenizer.json", tok.dump(2) + "\n");
+  write_file_atomic(dir / "tokenizer_config.json", cfg.dump(2) + "\n");
+}
+
+}  // namespace ftune::model

@@ -1,0 +1,260 @@
+// LlamaForCausalLM forward pass, RoPE tables, activation checkpointing and weight init; see
+// llama.h. Every op mirrors transformers' modeling_llama in order and dtype (RMSNorm in fp32 then
+// cast back, RoPE tables computed in fp32 and cast to the activation dtype) so fp32 logits agree
+// to ~1e-6 and bf16 ones to bf16 rounding.
+#include "model/llama.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace ftune::model {
+namespace {
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  auto halves = x.chunk(2, -1);
+  return at::cat({-halves[1], halves[0]}, -1);
+}
+
+// q, k: [B, heads, T, hd]; cos/sin: [B, T, hd]
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+  return x * c + rotate_half(x) * s;
+}
+
+// Recomputes one decoder layer during backward (reentrant checkpointing, as torch.utils.checkpoint
+// with use_reentrant=True): forward stores only the layer input; backward replays the layer with
+// grad enabled and backpropagates through it, which also accumulates the layer's weight grads.
+// The layer and its non-differentiable inputs, passed outside the autograd arguments so that an
+// undefined mask is not mistaken for a variable.
+struct LayerCall {
+  LlamaDecoderLayerImpl* layer;
+  at::Tensor cos, sin, mask;
+};
+
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const LayerCall& call) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(call.layer);
+    ctx->saved_data["cos"] = call.cos;
+    ctx->saved_data["sin"] = call.sin;
+    ctx->saved_data["mask"] = call.mask;
+    return call.layer->forward(x, call.cos, call.sin, call.mask);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto* layer = reinterpret_cast<LlamaDecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    at::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    {
+      torch::AutoGradMode enable(true);
+      at::Tensor out = layer->forward(x, ctx->saved_data["cos"].toTensor(),
+                                      ctx->saved_data["sin"].toTensor(),
+                                      ctx->saved_data["mask"].toTensor());
+      torch::autograd::backward({out}, {grad_out[0]});
+    }
+    return {x.grad(), at::Tensor()};
+  }
+};
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+}  // namespace
+
+at::Tensor rope_inv_freq(const LlamaConfig& c) {
+  const int64_t dim = c.dim_head();
+  // transformers: 1 / base ** (arange(0, dim, 2, dtype=int64).float() / dim)
+  at::Tensor exps = at::arange(0, dim, 2, at::kLong).to(at::kFloat) / static_cast<float>(dim);
+  at::Tensor inv = 1.0 / at::pow(static_cast<double>(c.rope_theta), exps);
+  inv = inv.to(at::kFloat);
+  if (!c.rope_scaling) return inv;
+  const auto& s = *c.rope_scaling;
+  if (s.rope_type == "linear") return inv / s.factor;
+  // llama3: keep high frequencies, divide low ones by factor, interpolate in between.
+  const double old_ctx = static_cast<double>(s.original_max_position_embeddings);
+  const double low_wavelen = old_ctx / s.low_freq_factor;
+  const double high_wavelen = old_ctx / s.high_freq_factor;
+  at::Tensor wavelen = 2 * M_PI / inv;
+  at::Tensor scaled = at::where(wavelen > low_wavelen, inv / s.factor, inv);
+  at::Tensor smooth = (old_ctx / wavelen - s.low_freq_factor) /
+                      (s.high_freq_factor - s.low_freq_factor);
+  at::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
+  at::Tensor medium = at::logical_not(wavelen < high_wavelen)
+                          .logical_and(at::logical_not(wavelen > low_wavelen));
+  return at::where(medium, smoothed, scaled);
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  auto dtype = x.scalar_type();
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(var + eps_);
+  return weight * h.to(dtype);
+}
+
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c)
+    : n_heads_(c.num_attention_heads), n_kv_heads_(c.num_key_value_heads),
+      head_dim_(c.dim_head()) {
+  const int64_t h = c.hidden_size;
+  q_proj = register_module("q_proj", make_linear(h, n_heads_ * head_dim_, c.attention_bias));
+  k_proj = register_module("k_proj", make_linear(h, n_kv_heads_ * head_dim_, c.attention_bias));
+  v_proj = register_module("v_proj", make_linear(h, n_kv_heads_ * head_dim_, c.attention_bias));
+  o_proj = register_module("o_proj", make_linear(n_heads_ * head_dim_, h, c.attention_bias));
+}
+
+at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos,
+                                       const at::Tensor& sin, const at::Tensor& attn_mask,
+                                       at::Tensor* k_cache, at::Tensor* v_cache) {
+  const int64_t B = x.size(0), T = x.size(1);
+  at::Tensor q = q_proj(x).view({B, T, n_heads_, head_dim_}).transpose(1, 2);     // [B, nh, T, hd]
+  at::Tensor k = k_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);  // [B, nkv, T, hd]
+  at::Tensor v = v_proj(x).view({B, T, n_kv_heads_, head_dim_}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  if (k_cache) {
+    if (k_cache->defined()) {
+      k = at::cat({*k_cache, k}, 2);
+      v = at::cat({*v_cache, v}, 2);
+    }
+    *k_cache = k;
+    *v_cache = v;
+  }
+  // Without a mask: causal for a fresh sequence; a single new token may see the whole cache.
+  const bool causal = !attn_mask.defined() && q.size(2) == k.size(2) && T > 1;
+  at::Tensor out = at::scaled_dot_product_attention(
+      q, k, v, attn_mask.defined() ? std::optional<at::Tensor>(attn_mask) : std::nullopt,
+      /*dropout_p=*/0.0, causal, /*scale=*/1.0 / std::sqrt(static_cast<double>(head_dim_)),
+      /*enable_gqa=*/n_kv_heads_ != n_heads_);  // [B, nh, T, hd]
+  return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}));
+}
+
+LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& c) {
+  gate_proj = register_module("gate_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  up_proj = register_module("up_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
+  down_proj = register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
+}
+
+at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
+  return down_proj(at::silu(gate_proj(x)) * up_proj(x));
+}
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c) {
+  self_attn = register_module("self_attn", LlamaAttention(c));
+  mlp = register_module("mlp", LlamaMLP(c));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos,
+                                          const at::Tensor& sin, const at::Tensor& attn_mask,
+                                          at::Tensor* k_cache, at::Tensor* v_cache) {
+  at::Tensor h = x + self_attn->forward(input_layernorm(x), cos, sin, attn_mask, k_cache, v_cache);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) {
+  embed_tokens = register_module(
+      "embed_tokens", torch::nn::Embedding(torch::nn::EmbeddingOptions(c.vocab_size, c.hidden_size)));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) : config_(c) {
+  c.validate("config");
+  model = register_module("model", LlamaModel(c));
+  if (!c.tie_word_embeddings) {
+    lm_head = register_module("lm_head", make_linear(c.hidden_size, c.vocab_size, false));
+  }
+  inv_freq_ = rope_inv_freq(c);
+}
+
+at::Tensor LlamaForCausalLMImpl::lm_head_weight() const {
+  return lm_head ? lm_head->weight : model->embed_tokens->weight;
+}
+
+std::pair<at::Tensor, at::Tensor> LlamaForCausalLMImpl::rope(const at::Tensor& positions,
+                                                             at::ScalarType dtype) const {
+  at::Tensor inv = inv_freq_.to(positions.device());
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv;  // [B, T, hd/2]
+  at::Tensor emb = at::cat({freqs, freqs}, -1);                       // [B, T, hd]
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
+                                               const ForwardOptions& opts) {
+  FTUNE_CHECK(input_ids.dim() == 2, "forward: input_ids: expected [batch, seq], got ",
+              input_ids.dim(), " dims");
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  const int64_t past = opts.cache ? opts.cache->length() : 0;
+  FTUNE_CHECK(past + T <= config_.max_position_embeddings, "sequence: length ", past + T,
+              " exceeds max_position_embeddings ", config_.max_position_embeddings);
+  auto dev = input_ids.device();
+  at::Tensor positions = opts.positions.defined()
+      ? opts.positions
+      : at::arange(past, past + T, at::TensorOptions().dtype(at::kLong).device(dev))
+            .unsqueeze(0).expand({B, T});
+  at::Tensor x = model->embed_tokens(input_ids);  // [B, T, H]
+  auto [cos, sin] = rope(positions, x.scalar_type());
+  at::Tensor mask = opts.attn_mask;
+  if (!mask.defined() && past > 0 && T > 1) {
+    // New tokens attend to the whole cache and causally among themselves.
+    at::Tensor qi = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev)).unsqueeze(1) + past;
+    at::Tensor kj = at::arange(past + T, at::TensorOptions().dtype(at::kLong).device(dev)).unsqueeze(0);
+    mask = (kj <= qi).view({1, 1, T, past + T});
+  }
+  if (opts.cache && opts.cache->k.empty()) {
+    opts.cache->k.resize(config_.num_hidden_layers);
+    opts.cache->v.resize(config_.num_hidden_layers);
+  }
+  const bool checkpoint = grad_checkpointing_ && torch::GradMode::is_enabled() && !opts.cache;
+  for (size_t i = 0; i < model->layers->size(); ++i) {
+    auto* layer = model->layers[i]->as<LlamaDecoderLayerImpl>();
+    if (checkpoint) {
+      x = CheckpointedLayer::apply(x, LayerCall{layer, cos, sin, mask});
+    } else if (opts.cache) {
+      x = layer->forward(x, cos, sin, mask, &opts.cache->k[i], &opts.cache->v[i]);
+    } else {
+      x = layer->forward(x, cos, sin, mask);
+    }
+  }
+  return model->norm(x);
+}
+
+at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids, const ForwardOptions& opts) {
+  return at::linear(hidden_states(input_ids, opts), lm_head_weight());
+}
+
+void init_weights(LlamaForCausalLM& m, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const double std = m->config().initializer_range;
+  for (auto& item : m->named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor& p = item.value();
+    at::Tensor cpu = at::empty(p.sizes(), at::kFloat);
+    if (name.find("norm.weight") != std::string::npos) {
+      cpu.fill_(1.0);
+    } else if (name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
+      cpu.zero_();
+    } else {
+      cpu.normal_(0.0, std, gen);
+    }
+    if (name == "model.embed_tokens.weight" && m->config().pad_token_id &&
+        *m->config().pad_token_id < cpu.size(0)) {
+      cpu[*m->config().pad_token_id].zero_();  // transformers zeroes the padding_idx row
+    }
+    p.copy_(cpu);
+  }
+}
+
+}  // namespace ftune::model

@@ -1,0 +1,114 @@
+// LlamaForCausalLM in LibTorch, parameter-for-parameter the transformers model: RMSNorm, RoPE
+// (rope_theta, llama3/linear scaling), grouped-query attention through
+// at::scaled_dot_product_attention, SwiGLU MLP, tied or untied embeddings, fp32 or bf16 weights,
+// optional per-layer activation checkpointing and a KV cache for generation.
+// Parameters are registered under the HF names (model.layers.0.self_attn.q_proj.weight, ...), so
+// named_parameters() is the checkpoint's key set and LoRA/FSDP can address layers by those names.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+#include <vector>
+
+#include "model/config.h"
+
+namespace ftune::model {
+
+// Per-layer key/value cache for incremental decoding.
+struct KvCache {
+  std::vector<at::Tensor> k, v;  // per layer: [B, n_kv_heads, T_past, head_dim]
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+};
+
+// Optional inputs that packed batches and generation need.
+struct ForwardOptions {
+  at::Tensor positions;  // [B, T] int64; default arange(T_past, T_past + T)
+  at::Tensor attn_mask;  // [B, 1, T, T_past + T] bool, true = may attend; default causal
+  KvCache* cache = nullptr;  // appended to when given
+};
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps_;
+};
+TORCH_MODULE(RMSNorm);
+
+class LlamaAttentionImpl : public torch::nn::Module {
+ public:
+  explicit LlamaAttentionImpl(const LlamaConfig& c);
+  // x: [B, T, H]; cos/sin: [B, T, head_dim]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& attn_mask, at::Tensor* k_cache, at::Tensor* v_cache);
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  int64_t n_heads_, n_kv_heads_, head_dim_;
+};
+TORCH_MODULE(LlamaAttention);
+
+class LlamaMLPImpl : public torch::nn::Module {
+ public:
+  explicit LlamaMLPImpl(const LlamaConfig& c);
+  at::Tensor forward(const at::Tensor& x);
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(LlamaMLP);
+
+class LlamaDecoderLayerImpl : public torch::nn::Module {
+ public:
+  explicit LlamaDecoderLayerImpl(const LlamaConfig& c);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& attn_mask, at::Tensor* k_cache = nullptr,
+                     at::Tensor* v_cache = nullptr);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  LlamaAttention self_attn{nullptr};
+  LlamaMLP mlp{nullptr};
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+class LlamaModelImpl : public torch::nn::Module {
+ public:
+  explicit LlamaModelImpl(const LlamaConfig& c);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(LlamaModel);
+
+class LlamaForCausalLMImpl : public torch::nn::Module {
+ public:
+  explicit LlamaForCausalLMImpl(const LlamaConfig& c);
+
+  // Final hidden states after the last norm: [B, T, H].
+  at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& opts = {});
+  // Logits [B, T, V] in the weights' dtype, as transformers returns them.
+  at::Tensor forward(const at::Tensor& input_ids, const ForwardOptions& opts = {});
+  at::Tensor lm_head_weight() const;  // the tied embedding or lm_head.weight: [V, H]
+
+  // Recompute each decoder layer in backward instead of storing its activations.
+  void set_grad_checkpointing(bool on) { grad_checkpointing_ = on; }
+  bool grad_checkpointing() const { return grad_checkpointing_; }
+  const LlamaConfig& config() const { return config_; }
+  // RoPE tables for positions [B, T]: cos, sin each [B, T, head_dim] in `dtype`.
+  std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& positions, at::ScalarType dtype) const;
+
+  LlamaModel model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null when embeddings are tied
+
+ private:
+  LlamaConfig config_;
+  at::Tensor inv_freq_;  // [head_dim / 2] fp32, a buffer (not saved)
+  bool grad_checkpointing_ = false;
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+// inv_freq as transformers computes it, including llama3/linear scaling: [head_dim / 2] fp32.
+at::Tensor rope_inv_freq(const LlamaConfig& c);
+
+// Initializes every weight as transformers' _init_weights does (normal(0, initializer_range) for
+// linear and embedding weights, zeros for biases, ones for norms), from `seed`.
+void init_weights(LlamaForCausalLM& m, uint64_t seed);
+
+}  // namespace ftune::model

@@ -1,0 +1,28 @@
+// A Jinja2 subset interpreter for HF chat templates (no C++ Jinja library exists in Debian).
+// Supports what the templates of Llama 2/3, TinyLlama, CodeLlama, SmolLM2 and similar use:
+// {% for %} (with loop.index/index0/first/last/length, else), {% if/elif/else %}, {% set %}
+// (including namespace()), {{ expressions }} with + ~ and or not in, is defined/none/string,
+// comparisons, subscripts, attribute access, slices, string methods (strip, startswith, ...),
+// filters (trim, length, upper, lower, tojson, default, ...), raise_exception, whitespace control
+// ({%- -%}, {{- -}}). Rendering equals transformers' apply_chat_template (trim_blocks and
+// lstrip_blocks on, as transformers sets them).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+namespace ftune::tok {
+
+// Renders `source` with variables from `context` (a JSON object: messages, bos_token, eos_token,
+// add_generation_prompt, ...). Throws ftune::Error "chat template: <problem>" on a syntax error,
+// an unsupported construct, or raise_exception("...") in the template.
+std::string render_chat_template(const std::string& source, const nlohmann::json& context);
+
+// Same, for a context whose objects keep their key order (nlohmann::json sorts keys). Python
+// dicts keep insertion order, so `tojson` of a tool schema or `message.items()` only match
+// transformers byte for byte when the caller parsed its JSON as ordered_json.
+std::string render_chat_template_ordered(const std::string& source,
+                                         const nlohmann::ordered_json& context);
+
+}  // namespace ftune::tok

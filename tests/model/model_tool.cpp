@@ -1,0 +1,61 @@
+// Test driver for the model parity tests (tests/python/test_model_parity.py): loads an HF model
+// dir with ftune, runs forward (and optionally backward of the mean causal-LM loss) on the ids in
+// a JSON file, and writes logits and every weight gradient to a safetensors file that the Python
+// side compares against transformers.
+//   model_tool --model DIR --ids ids.json --out out.safetensors [--dtype bf16] [--grad]
+//              [--checkpointing] [--save DIR]
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <iostream>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/safetensors.h"
+#include "model/hf_io.h"
+#include "model/loss.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"ftune model test driver"};
+  std::string model_dir, ids_path, out, dtype, save_dir;
+  bool grad = false, checkpointing = false;
+  app.add_option("--model", model_dir)->required();
+  app.add_option("--ids", ids_path);
+  app.add_option("--out", out);
+  app.add_option("--dtype", dtype);
+  app.add_option("--save", save_dir, "re-save the loaded model here");
+  app.add_flag("--grad", grad);
+  app.add_flag("--checkpointing", checkpointing);
+  CLI11_PARSE(app, argc, argv);
+  try {
+    using namespace ftune;
+    model::LoadOptions lo;
+    if (!dtype.empty()) lo.dtype = model::dtype_from_name(dtype, "--dtype");
+    auto m = model::load_model(model_dir, lo);
+    m->set_grad_checkpointing(checkpointing);
+    if (!save_dir.empty()) model::save_model(save_dir, m, /*max_shard_bytes=*/200000);
+    if (ids_path.empty()) return 0;
+    auto j = nlohmann::json::parse(read_file(ids_path));
+    std::vector<std::vector<int64_t>> rows = j.get<std::vector<std::vector<int64_t>>>();
+    at::Tensor ids = at::empty({static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())}, at::kLong);
+    for (size_t i = 0; i < rows.size(); ++i) ids[i] = at::tensor(rows[i], at::kLong);
+    io::TensorList tensors;
+    torch::AutoGradMode mode(grad);
+    at::Tensor logits = m->forward(ids);
+    tensors.emplace_back("logits", logits.detach().to(at::kFloat));
+    if (grad) {
+      auto loss = model::causal_lm_loss_sum(logits, ids);
+      at::Tensor mean = loss.sum / static_cast<double>(loss.count);
+      mean.backward();
+      tensors.emplace_back("loss", mean.detach().reshape({1}));
+      for (const auto& p : m->named_parameters()) {
+        tensors.emplace_back("grad." + p.key(), p.value().grad().to(at::kFloat));
+      }
+    }
+    io::save_safetensors(out, tensors);
+  } catch (const std::exception& e) {
+    std::cerr << "model_tool: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
