@@ -65,7 +65,10 @@ endif()
 target_include_directories(ftune_torch SYSTEM INTERFACE
   ${FTUNE_TORCH_ROOT}/include ${FTUNE_TORCH_ROOT}/include/torch/csrc/api/include)
 target_compile_definitions(ftune_torch INTERFACE _GLIBCXX_USE_CXX11_ABI=${_abi})
-target_link_libraries(ftune_torch INTERFACE ${_libs} Threads::Threads)
+# The wheel's libtorch.so exports its own copy of some std::filesystem symbols; libstdc++ must come
+# first in the dynamic-library order or fs::remove_all & co resolve into torch's copy and crash.
+target_link_libraries(ftune_torch INTERFACE "-Wl,--push-state,--no-as-needed" stdc++ "-Wl,--pop-state"
+                      ${_libs} Threads::Threads)
 target_link_options(ftune_torch INTERFACE "-Wl,-rpath,${_libdir}")
 if(FTUNE_TORCH_HAS_CUDA)
   target_compile_definitions(ftune_torch INTERFACE FTUNE_TORCH_CUDA=1)

@@ -40,11 +40,13 @@ void register_tokenize(CLI::App& app) {
   cmd->add_option("--model", args->model,
                   "Model directory holding tokenizer.json or tokenizer.model "
                   "(plus tokenizer_config.json)")
-      ->required();
+      ->required()
+      ->type_name("DIR");
   CLI::Option_group* input = cmd->add_option_group("input", "The text to tokenize (exactly one)");
-  CLI::Option* file = input->add_option("--text", args->text_file,
-                                        "File whose whole contents (UTF-8) are tokenized as one text");
-  input->add_option("--string", args->text, "Literal text to tokenize");
+  CLI::Option* file = input->add_option(
+      "--text", args->text_file, "File whose whole contents (UTF-8) are tokenized as one text");
+  file->type_name("FILE");
+  input->add_option("--string", args->text, "Literal text to tokenize")->type_name("TEXT");
   input->require_option(1);
   cmd->callback([args, file] { run_tokenize(*args, file->count() > 0); });
 }

@@ -11,5 +11,7 @@ void register_tokenize(CLI::App& app);
 void register_init_model(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_generate(CLI::App& app);
+void register_bench(CLI::App& app);
+void register_train(CLI::App& app);
 
 }  // namespace ftune::cli

@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   ftune::cli::register_init_model(app);
   ftune::cli::register_eval(app);
   ftune::cli::register_generate(app);
+  ftune::cli::register_bench(app);
+  ftune::cli::register_train(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,53 @@
+// mmap-backed file view; see mapped_file.h.
+#include "io/mapped_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace ftune::io {
+
+MappedFile::MappedFile(const std::filesystem::path& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path.string(), ": cannot open: ", std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    fail(path.string(), ": cannot stat: ", std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(path.string(), ": not a regular file");
+  }
+  size_ = static_cast<int64_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) p = ::mmap(nullptr, static_cast<size_t>(size_), PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      ::close(fd);
+      fail(path.string(), ": cannot mmap ", size_, " bytes: ", std::strerror(err));
+    }
+    data_ = static_cast<uint8_t*>(p);
+    mapped_ = true;
+  }
+  ::close(fd);  // the mapping keeps the file referenced
+}
+
+MappedFile::MappedFile(std::vector<uint8_t> bytes) : owned_(std::move(bytes)) {
+  data_ = owned_.data();
+  size_ = static_cast<int64_t>(owned_.size());
+}
+
+MappedFile::~MappedFile() {
+  if (mapped_) ::munmap(data_, static_cast<size_t>(size_));
+}
+
+}  // namespace ftune::io

@@ -1,0 +1,391 @@
+// safetensors reader/writer and HF model-dir weight I/O; see safetensors.h for the API.
+// The reader validates the whole header before handing out any tensor, with the same rules as the
+// reference Rust implementation (offsets contiguous from 0 and covering the data section exactly),
+// so a file we accept is one Python's safetensors accepts too. Tensors alias a shared mapping.
+#include "io/safetensors.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <regex>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/mapped_file.h"
+
+namespace ftune::io {
+namespace fs = std::filesystem;
+using nlohmann::json;
+using nlohmann::ordered_json;
+
+static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
+
+struct SafetensorsReader::Mapping : MappedFile {
+  using MappedFile::MappedFile;
+};
+
+namespace {
+
+// The Rust reference refuses headers above 100 MB; so do we, before parsing anything.
+constexpr int64_t kMaxHeaderBytes = 100'000'000;
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType type;
+};
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool},
+};
+
+bool dtype_from_name(const std::string& s, at::ScalarType* out) {
+  for (const auto& d : kDtypes) {
+    if (s == d.name) {
+      *out = d.type;
+      return true;
+    }
+  }
+  return false;
+}
+
+const char* dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes) {
+    if (d.type == t) return d.name;
+  }
+  return nullptr;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Parses the header JSON, rejecting duplicate keys at any depth (nlohmann would silently keep one).
+ordered_json parse_header(const std::string& where, const char* begin, const char* end) {
+  std::vector<std::set<std::string>> keys;  // one key set per open object
+  std::string dup;
+  auto cb = [&](int /*depth*/, ordered_json::parse_event_t ev, ordered_json& parsed) {
+    switch (ev) {
+      case ordered_json::parse_event_t::object_start: keys.emplace_back(); break;
+      case ordered_json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case ordered_json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second && dup.empty()) {
+          dup = parsed.get<std::string>();
+        }
+        break;
+      default: break;
+    }
+    return true;
+  };
+  ordered_json j;
+  try {
+    j = ordered_json::parse(begin, end, cb);
+  } catch (const ordered_json::exception& e) {
+    fail(where, ": header: invalid JSON: ", e.what());
+  }
+  if (!dup.empty()) fail(where, ": ", dup, ": duplicate name in header");
+  return j;
+}
+
+// Reads a non-negative JSON integer that fits int64_t.
+bool get_size(const ordered_json& v, int64_t* out) {
+  if (v.is_number_unsigned()) {
+    uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return false;
+    *out = static_cast<int64_t>(u);
+    return true;
+  }
+  if (v.is_number_integer()) {
+    int64_t i = v.get<int64_t>();
+    if (i < 0) return false;
+    *out = i;
+    return true;
+  }
+  return false;
+}
+
+bool checked_mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+
+}  // namespace
+
+SafetensorsReader::SafetensorsReader(const fs::path& path) : path_(path) {
+  const std::string where = path.string();
+  map_ = std::make_shared<Mapping>(path);
+  const int64_t file_size = map_->size();
+  FTUNE_CHECK(file_size >= 8, where, ": header: file has ", file_size,
+              " bytes, need at least 8 for the header length");
+  uint64_t n = 0;
+  std::memcpy(&n, map_->data(), 8);
+  FTUNE_CHECK(n <= static_cast<uint64_t>(file_size - 8), where, ": header: length ", n,
+              " exceeds the file size (", file_size, " bytes)");
+  FTUNE_CHECK(static_cast<int64_t>(n) <= kMaxHeaderBytes, where, ": header: length ", n,
+              " exceeds the 100 MB limit");
+  data_start_ = 8 + static_cast<int64_t>(n);
+  const int64_t data_size = file_size - data_start_;
+
+  const char* hb = reinterpret_cast<const char*>(map_->data() + 8);
+  ordered_json header = parse_header(where, hb, hb + n);
+  FTUNE_CHECK(header.is_object(), where, ": header: expected a JSON object, got ", header.type_name());
+
+  struct Item {
+    std::string name;
+    int64_t begin, end;
+  };
+  std::vector<Item> order;
+  for (const auto& [name, v] : header.items()) {
+    if (name == "__metadata__") {
+      FTUNE_CHECK(v.is_object(), where, ": __metadata__: expected an object of strings, got ",
+                  v.type_name());
+      for (const auto& [k, s] : v.items()) {
+        FTUNE_CHECK(s.is_string(), where, ": __metadata__.", k, ": expected a string, got ",
+                    s.type_name());
+        metadata_[k] = s.get<std::string>();
+      }
+      continue;
+    }
+    FTUNE_CHECK(v.is_object(), where, ": ", name,
+                ": expected an object with dtype, shape and data_offsets, got ", v.type_name());
+    SafetensorsEntry e;
+    auto dt = v.find("dtype");
+    FTUNE_CHECK(dt != v.end() && dt->is_string(), where, ": ", name, ": dtype: missing or not a string");
+    if (!dtype_from_name(dt->get<std::string>(), &e.dtype)) {
+      fail(where, ": ", name, ": dtype: unsupported dtype '", dt->get<std::string>(),
+           "' (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
+    }
+    auto sh = v.find("shape");
+    FTUNE_CHECK(sh != v.end() && sh->is_array(), where, ": ", name,
+                ": shape: missing or not an array");
+    int64_t numel = 1;
+    for (const auto& d : *sh) {
+      int64_t dim = 0;
+      FTUNE_CHECK(get_size(d, &dim), where, ": ", name, ": shape: expected non-negative integers, got ",
+                  d.dump());
+      e.shape.push_back(dim);
+      FTUNE_CHECK(checked_mul(numel, dim, &numel), where, ": ", name, ": shape: ", shape_str(e.shape),
+                  " overflows");
+    }
+    auto off = v.find("data_offsets");
+    FTUNE_CHECK(off != v.end() && off->is_array() && off->size() == 2 && get_size((*off)[0], &e.begin) &&
+                    get_size((*off)[1], &e.end),
+                where, ": ", name, ": data_offsets: expected [begin, end] of non-negative integers");
+    FTUNE_CHECK(e.begin <= e.end, where, ": ", name, ": data_offsets: begin ", e.begin, " > end ", e.end);
+    FTUNE_CHECK(e.end <= data_size, where, ": ", name, ": data_offsets: end ", e.end,
+                " is beyond the data section (", data_size, " bytes)");
+    int64_t nbytes = 0;
+    FTUNE_CHECK(checked_mul(numel, static_cast<int64_t>(at::elementSize(e.dtype)), &nbytes), where, ": ",
+                name, ": shape: ", shape_str(e.shape), " overflows");
+    FTUNE_CHECK(nbytes == e.end - e.begin, where, ": ", name, ": data_offsets: [", e.begin, ", ", e.end,
+                ") holds ", e.end - e.begin, " bytes but shape ", shape_str(e.shape), " of ",
+                dt->get<std::string>(), " needs ", nbytes);
+    order.push_back({name, e.begin, e.end});
+    entries_.emplace(name, std::move(e));
+  }
+
+  // Data must be laid out back to back from offset 0 and cover the data section exactly.
+  std::stable_sort(order.begin(), order.end(), [](const Item& a, const Item& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  int64_t pos = 0;
+  const Item* prev = nullptr;
+  for (const Item& it : order) {
+    if (it.begin < pos) {
+      fail(where, ": ", it.name, ": data_offsets: [", it.begin, ", ", it.end, ") overlaps ", prev->name,
+           " [", prev->begin, ", ", prev->end, ")");
+    }
+    FTUNE_CHECK(it.begin == pos, where, ": ", it.name, ": data_offsets: begin ", it.begin,
+                " leaves a gap after byte ", pos, " of the data section");
+    pos = it.end;
+    prev = &it;
+    names_.push_back(it.name);
+  }
+  FTUNE_CHECK(pos == data_size, where, ": data_offsets: tensors cover ", pos, " bytes but the data section has ",
+              data_size);
+}
+
+SafetensorsReader::~SafetensorsReader() = default;
+
+const SafetensorsEntry& SafetensorsReader::entry(const std::string& name) const {
+  auto it = entries_.find(name);
+  FTUNE_CHECK(it != entries_.end(), path_.string(), ": ", name, ": no such tensor");
+  return it->second;
+}
+
+at::Tensor SafetensorsReader::tensor(const std::string& name) const {
+  const SafetensorsEntry& e = entry(name);
+  uint8_t* p = map_->mutable_data() + data_start_ + e.begin;
+  auto opts = at::TensorOptions().dtype(e.dtype).device(at::kCPU);
+  // Files from other writers may misalign data (odd header length); copy those rather than hand
+  // kernels a misaligned pointer.
+  if (reinterpret_cast<uintptr_t>(p) % at::elementSize(e.dtype) != 0) {
+    at::Tensor t = at::empty(e.shape, opts);
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), p, static_cast<size_t>(e.end - e.begin));
+    return t;
+  }
+  std::shared_ptr<Mapping> keep = map_;
+  return at::from_blob(p, e.shape, [keep](void*) {}, opts);
+}
+
+void save_safetensors(const fs::path& path, const TensorList& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  const std::string where = path.string();
+  ordered_json header = ordered_json::object();
+  if (!metadata.empty()) {
+    ordered_json m = ordered_json::object();
+    for (const auto& [k, v] : metadata) m[k] = v;
+    header["__metadata__"] = std::move(m);
+  }
+  std::vector<at::Tensor> data;
+  data.reserve(tensors.size());
+  std::set<std::string> seen;
+  int64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    FTUNE_CHECK(name != "__metadata__", where, ": ", name, ": reserved name");
+    FTUNE_CHECK(seen.insert(name).second, where, ": ", name, ": duplicate tensor name");
+    FTUNE_CHECK(t.defined(), where, ": ", name, ": undefined tensor");
+    FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", name, ": only dense (strided) tensors can be saved");
+    const char* dt = dtype_name(t.scalar_type());
+    FTUNE_CHECK(dt != nullptr, where, ": ", name, ": unsupported dtype ", t.scalar_type());
+    at::Tensor c = t.to(at::kCPU).contiguous();
+    const int64_t nbytes = static_cast<int64_t>(c.nbytes());
+    header[name] = {{"dtype", dt}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    data.push_back(std::move(c));
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // align the data section as the Python library does
+  write_file_atomic(path, [&](std::ostream& os) {
+    uint64_t n = h.size();
+    os.write(reinterpret_cast<const char*>(&n), 8);
+    os.write(h.data(), static_cast<std::streamsize>(h.size()));
+    for (const at::Tensor& c : data) {
+      os.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
+    }
+  });
+}
+
+namespace {
+
+const char* const kSingleFile = "model.safetensors";
+const char* const kIndexFile = "model.safetensors.index.json";
+
+bool is_shard_name(const std::string& s) {
+  static const std::regex re(R"(model-\d{5}-of-\d{5}\.safetensors)");
+  return std::regex_match(s, re);
+}
+
+bool is_file(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_regular_file(p, ec);
+}
+
+void add_all(const SafetensorsReader& r, std::map<std::string, at::Tensor>* out) {
+  for (const std::string& name : r.names()) {
+    FTUNE_CHECK(out->emplace(name, r.tensor(name)).second, r.path().string(), ": ", name,
+                ": tensor also present in another shard");
+  }
+}
+
+}  // namespace
+
+std::map<std::string, at::Tensor> load_weights(const fs::path& dir) {
+  std::map<std::string, at::Tensor> out;
+  const fs::path index_path = dir / kIndexFile;
+  // The index wins when both layouts exist: save_weights deletes the index last when switching to
+  // a single file and writes it last when switching to shards, so it always names a complete set.
+  if (is_file(index_path)) {
+    const std::string where = index_path.string();
+    json index;
+    try {
+      index = json::parse(read_file(index_path));
+    } catch (const json::exception& e) {
+      fail(where, ": invalid JSON: ", e.what());
+    }
+    FTUNE_CHECK(index.is_object(), where, ": expected a JSON object");
+    auto wm = index.find("weight_map");
+    FTUNE_CHECK(wm != index.end() && wm->is_object(), where, ": weight_map: missing or not an object");
+    std::map<std::string, std::vector<std::string>> by_file;
+    for (const auto& [name, file] : wm->items()) {
+      FTUNE_CHECK(file.is_string(), where, ": weight_map.", name, ": expected a file name string");
+      std::string f = file.get<std::string>();
+      FTUNE_CHECK(!f.empty() && f.find('/') == std::string::npos && f.find('\\') == std::string::npos &&
+                      f != "." && f != "..",
+                  where, ": weight_map.", name, ": '", f, "' is not a plain file name in the model dir");
+      by_file[f].push_back(name);
+    }
+    FTUNE_CHECK(!by_file.empty(), where, ": weight_map: empty");
+    for (const auto& [file, names] : by_file) {
+      SafetensorsReader r(dir / file);
+      for (const std::string& name : names) {
+        FTUNE_CHECK(r.contains(name), r.path().string(), ": ", name, ": listed in ", kIndexFile,
+                    " but missing from the shard");
+      }
+      add_all(r, &out);
+    }
+    return out;
+  }
+  const fs::path single = dir / kSingleFile;
+  FTUNE_CHECK(is_file(single), dir.string(), ": no ", kSingleFile, " or ", kIndexFile);
+  add_all(SafetensorsReader(single), &out);
+  return out;
+}
+
+void save_weights(const fs::path& dir, const TensorList& tensors, int64_t max_shard_bytes) {
+  FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ", max_shard_bytes);
+  const std::map<std::string, std::string> meta = {{"format", "pt"}};
+  int64_t total = 0;
+  for (const auto& [name, t] : tensors) total += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  std::set<std::string> keep;
+  if (total <= max_shard_bytes) {
+    save_safetensors(dir / kSingleFile, tensors, meta);
+    keep.insert(kSingleFile);
+  } else {
+    // Greedy split in order: a new shard starts when the next tensor would overflow this one.
+    std::vector<TensorList> shards(1);
+    int64_t cur = 0;
+    for (const auto& nt : tensors) {
+      const int64_t nb = nt.second.defined() ? static_cast<int64_t>(nt.second.nbytes()) : 0;
+      if (!shards.back().empty() && cur + nb > max_shard_bytes) {
+        shards.emplace_back();
+        cur = 0;
+      }
+      shards.back().push_back(nt);
+      cur += nb;
+    }
+    FTUNE_CHECK(shards.size() <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes,
+                " gives more than 99999 shards");
+    json weight_map = json::object();
+    const int n = static_cast<int>(shards.size());
+    for (int i = 0; i < n; ++i) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", i + 1, n);
+      save_safetensors(dir / name, shards[i], meta);
+      for (const auto& [tname, t] : shards[i]) weight_map[tname] = name;
+      keep.insert(name);
+    }
+    json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+    write_file_atomic(dir / kIndexFile, index.dump(2) + "\n");
+    keep.insert(kIndexFile);
+  }
+  // Remove the other layout: the index goes first so a crash never leaves it naming deleted shards.
+  if (!keep.count(kIndexFile)) fs::remove(dir / kIndexFile, ec);
+  std::vector<fs::path> stale;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string f = it->path().filename().string();
+    if (!keep.count(f) && (f == kSingleFile || is_shard_name(f))) stale.push_back(it->path());
+  }
+  for (const fs::path& p : stale) fs::remove(p, ec);
+}
+
+}  // namespace ftune::io
