@@ -16,6 +16,8 @@
 
 namespace ftune::data {
 
+constexpr int64_t kIgnoreIndex = -100;  // label that takes no loss (= model::kIgnoreIndex)
+
 enum class Format { kText, kAlpaca, kChat };
 Format parse_format(const std::string& s, const std::string& origin);  // "text"|"alpaca"|"chat"
 
@@ -85,7 +87,7 @@ class BatchStream {
 };
 
 // Splits examples into (train, valid) with a seeded shuffle; valid gets round(fraction * n),
-// at least 1 when fraction > 0 and n >= 2.
+// at least 1 when fraction > 0 and n >= 2, at most n - 1; both keep the file order.
 std::pair<std::vector<Example>, std::vector<Example>> split_validation(
     std::vector<Example> examples, double fraction, uint64_t seed);
 
