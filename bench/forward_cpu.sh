@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-$(nproc)}
 PY=.venv/bin/python
-FT=build/bin/ftune
+FT=${FTUNE_BIN:-build/bin/ftune}
 export OMP_NUM_THREADS=$T
 echo "# $(date -u +%F) threads=$T torch=$($PY -c 'import torch;print(torch.__version__)')"
 $FT bench gemm --size 1024 --threads "$T"
