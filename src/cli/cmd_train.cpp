@@ -18,9 +18,8 @@ struct TrainArgs {
 };
 
 void run_train(const TrainArgs& a) {
-  config::TrainConfig cfg = config::load_train_config(a.config, a.sets);
-  cfg.validate();
-  train::run_training(cfg);
+  // run_training validates the whole config before it allocates anything.
+  train::run_training(config::load_train_config(a.config, a.sets));
 }
 
 }  // namespace

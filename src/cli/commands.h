@@ -13,5 +13,6 @@ void register_eval(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_train(CLI::App& app);
+void register_convert(CLI::App& app);
 
 }  // namespace ftune::cli

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   ftune::cli::register_generate(app);
   ftune::cli::register_bench(app);
   ftune::cli::register_train(app);
+  ftune::cli::register_convert(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

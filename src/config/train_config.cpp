@@ -1,0 +1,142 @@
+// Parsing, validation and printing of the `ftune train` config; see train_config.h.
+#include "config/train_config.h"
+
+#include <cmath>
+#include <set>
+
+#include "core/error.h"
+
+namespace ftune::config {
+namespace {
+
+const char* const kSections[] = {"model", "data", "training", "logging"};
+const char* const kLaterSections[] = {"lora", "quant", "parallel"};
+
+TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins origins) {
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    const std::string name = it->first.IsScalar() ? it->first.Scalar() : "?";
+    bool known = false;
+    for (const char* s : kSections) known = known || name == s;
+    if (known) continue;
+    const YAML::Mark m = it->first.Mark();
+    std::string where = m.is_null() || m.line < 0 ? file : file + ":" + std::to_string(m.line + 1);
+    for (const char* s : kLaterSections) {
+      FTUNE_CHECK(name != s, where, ": ", name, ": section not supported yet by this ftune");
+    }
+    fail(where, ": ", name, ": unknown section (expected model, data, training, logging)");
+  }
+  TrainConfig c;
+  c.file = file;
+  c.origins = std::move(origins);
+  read_section(root, "model", file, c.origins, c.model);
+  read_section(root, "data", file, c.origins, c.data);
+  read_section(root, "training", file, c.origins, c.training);
+  read_section(root, "logging", file, c.origins, c.logging);
+  return c;
+}
+
+}  // namespace
+
+TrainConfig load_train_config(const std::filesystem::path& file,
+                              const std::vector<std::string>& overrides) {
+  YAML::Node root = load_yaml_file(file);
+  Origins origins;
+  for (const auto& o : overrides) apply_override(root, o, origins);
+  return parse_root(root, file.string(), std::move(origins));
+}
+
+TrainConfig parse_train_config(const std::string& yaml, const std::string& origin,
+                               const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    fail(origin, ":", e.mark.line + 1, ":", e.mark.column + 1, ": malformed YAML: ", e.msg);
+  }
+  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  FTUNE_CHECK(root.IsMap(), origin, ": expected a mapping of sections (model, data, ...)");
+  Origins origins;
+  for (const auto& o : overrides) apply_override(root, o, origins);
+  return parse_root(root, origin, std::move(origins));
+}
+
+std::string TrainConfig::where(const std::string& key) const {
+  auto it = origins.find(key);
+  if (it != origins.end()) return it->second;
+  return file.empty() ? std::string("config") : file;
+}
+
+void TrainConfig::validate() const {
+  // check(key, ok, what): "<where key was set>: key: what".
+  auto check = [&](const char* key, bool ok, const auto&... what) {
+    if (!ok) fail(where(key), ": ", key, ": ", what...);
+  };
+  auto one_of = [&](const char* key, const std::string& v, std::initializer_list<const char*> vals) {
+    std::string list;
+    for (const char* s : vals) {
+      if (v == s) return;
+      list += (list.empty() ? "" : ", ") + std::string(s);
+    }
+    fail(where(key), ": ", key, ": expected one of ", list, ", got \"", v, "\"");
+  };
+
+  check("model.path", !model.path.empty(), "required (an HF model dir or preset:NAME)");
+  one_of("model.dtype", model.dtype, {"fp32", "bf16"});
+  check("model.device",
+        model.device == "cpu" || model.device == "cuda" || model.device.rfind("cuda:", 0) == 0,
+        "expected cpu, cuda or cuda:N, got \"", model.device, "\"");
+
+  check("data.train", !data.train.empty(), "required (a JSONL file)");
+  one_of("data.format", data.format, {"text", "alpaca", "chat"});
+  check("data.seq_len", data.seq_len >= 2, "expected at least 2, got ", data.seq_len);
+  check("data.valid_fraction", data.valid_fraction >= 0.0 && data.valid_fraction < 1.0,
+        "expected a value in [0, 1), got ", data.valid_fraction);
+  check("data.valid_fraction", data.valid.empty() || data.valid_fraction == 0.0,
+        "give either data.valid or data.valid_fraction, not both");
+
+  const auto& t = training;
+  check("training.steps", (t.steps > 0) != (t.epochs > 0.0),
+        "give exactly one of training.steps and training.epochs (a positive number)");
+  check("training.steps", t.steps >= 0, "expected at least 0, got ", t.steps);
+  check("training.epochs", t.epochs >= 0.0 && std::isfinite(t.epochs),
+        "expected a positive number, got ", t.epochs);
+  check("training.micro_batch", t.micro_batch >= 1, "expected at least 1, got ", t.micro_batch);
+  check("training.grad_accum", t.grad_accum >= 1, "expected at least 1, got ", t.grad_accum);
+  check("training.lr", t.lr >= 0.0 && std::isfinite(t.lr), "expected a number >= 0, got ", t.lr);
+  one_of("training.lr_schedule", t.lr_schedule, {"cosine", "linear", "constant"});
+  check("training.warmup_steps", t.warmup_steps >= 0, "expected at least 0, got ", t.warmup_steps);
+  check("training.weight_decay", t.weight_decay >= 0.0, "expected at least 0, got ", t.weight_decay);
+  check("training.adam_beta1", t.adam_beta1 >= 0.0 && t.adam_beta1 < 1.0,
+        "expected a value in [0, 1), got ", t.adam_beta1);
+  check("training.adam_beta2", t.adam_beta2 >= 0.0 && t.adam_beta2 < 1.0,
+        "expected a value in [0, 1), got ", t.adam_beta2);
+  check("training.adam_eps", t.adam_eps > 0.0, "expected a positive number, got ", t.adam_eps);
+  check("training.max_grad_norm", t.max_grad_norm >= 0.0,
+        "expected at least 0 (0 = no clipping), got ", t.max_grad_norm);
+  check("training.seed", t.seed >= 0, "expected at least 0, got ", t.seed);
+  check("training.output_dir", !t.output_dir.empty(), "required");
+  check("training.eval_every", t.eval_every >= 0, "expected at least 0, got ", t.eval_every);
+  check("training.save_every", t.save_every >= 0, "expected at least 0, got ", t.save_every);
+  check("training.keep_last", t.keep_last >= 1, "expected at least 1, got ", t.keep_last);
+  check("training.resume", !t.resume.empty(), "expected auto, none or a checkpoint directory");
+  check("training.threads", t.threads >= 0, "expected at least 0, got ", t.threads);
+  check("training.stop_after", t.stop_after >= 0, "expected at least 0, got ", t.stop_after);
+
+  check("logging.log_every", logging.log_every >= 1, "expected at least 1, got ",
+        logging.log_every);
+  one_of("logging.progress", logging.progress, {"auto", "bar", "lines"});
+  check("logging.peak_flops", logging.peak_flops >= 0.0,
+        "expected at least 0 (0 = measure), got ", logging.peak_flops);
+}
+
+std::string TrainConfig::to_yaml() const {
+  std::ostringstream os;
+  os << "# resolved ftune train config (every key, defaults included)\n";
+  emit_section(os, "model", model);
+  emit_section(os, "data", data);
+  emit_section(os, "training", training);
+  emit_section(os, "logging", logging);
+  return os.str();
+}
+
+}  // namespace ftune::config

@@ -1,0 +1,139 @@
+// The `ftune train` config: YAML sections model / data / training / logging, each an options
+// struct with defaults. load_train_config() reads the file, applies `--set section.key=value`
+// overrides and rejects unknown sections and keys; validate() checks every value (and the
+// cross-field rules) once, before anything is allocated, with errors naming file:line and key.
+// Sections reserved for later features (lora, quant, parallel) are errors until they exist.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "config/yaml_reader.h"
+
+namespace ftune::config {
+
+struct ModelOptions {
+  std::string path;             // HF model dir, or "preset:NAME" (fresh init from training.seed,
+                                // byte-level tokenizer, written to <output_dir>/base)
+  std::string dtype = "fp32";   // fp32, or bf16 = bf16 autocast over fp32 master weights
+  std::string device = "cpu";   // cpu, cuda or cuda:N
+  bool grad_checkpointing = false;  // recompute each layer in backward (less memory, ~1/3 slower)
+
+  template <class V> void fields(V& v) {
+    v("path", path);
+    v("dtype", dtype);
+    v("device", device);
+    v("grad_checkpointing", grad_checkpointing);
+  }
+};
+
+struct DataOptions {
+  std::string train;            // JSONL training file
+  std::string valid;            // JSONL validation file; empty = split valid_fraction off train
+  double valid_fraction = 0.0;  // share of train held out for evaluation when valid is empty
+  std::string format = "text";  // text | alpaca | chat (loss on responses only for alpaca/chat)
+  int64_t seq_len = 512;        // tokens per row; longer documents are truncated
+  bool packing = true;          // pack documents into full rows (no cross-document attention);
+                                // false = one document per row, padded
+
+  template <class V> void fields(V& v) {
+    v("train", train);
+    v("valid", valid);
+    v("valid_fraction", valid_fraction);
+    v("format", format);
+    v("seq_len", seq_len);
+    v("packing", packing);
+  }
+};
+
+struct TrainingOptions {
+  int64_t steps = 0;            // optimizer steps to run (exactly one of steps and epochs)
+  double epochs = 0.0;          // passes over the training rows (may be fractional)
+  int64_t micro_batch = 1;      // rows per forward/backward
+  int64_t grad_accum = 1;       // micro-batches per optimizer step
+  double lr = 5e-5;             // peak learning rate
+  std::string lr_schedule = "cosine";  // cosine | linear | constant, each after linear warmup
+  int64_t warmup_steps = 0;     // steps of linear warmup from 0 to lr
+  double weight_decay = 0.0;    // AdamW decoupled decay; never on 1-D params (norms, biases)
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_eps = 1e-8;
+  double max_grad_norm = 1.0;   // clip the total L2 gradient norm to this; 0 = no clipping
+  int64_t seed = 0;             // data order and preset initialization
+  std::string output_dir = "runs/ftune";  // checkpoints, metrics.jsonl, config.yaml, final/
+  int64_t eval_every = 0;       // evaluate every N steps (and after the last); 0 = only at the end
+  int64_t save_every = 0;       // checkpoint every N steps (and after the last); 0 = never
+  int64_t keep_last = 2;        // checkpoints to keep; older ones go once a newer one is complete
+  std::string resume = "auto";  // auto = latest complete checkpoint in output_dir if any;
+                                // none = start fresh; else a checkpoint directory
+  int64_t threads = 0;          // CPU threads for intra-op parallelism; 0 = LibTorch's default
+  int64_t stop_after = 0;       // stop after this step as if interrupted (checkpoint, no final
+                                // model); 0 = run to the end. For job time limits and tests
+  bool dump_batches = false;    // debug: write every step's micro-batches to <output_dir>/batches
+
+  template <class V> void fields(V& v) {
+    v("steps", steps);
+    v("epochs", epochs);
+    v("micro_batch", micro_batch);
+    v("grad_accum", grad_accum);
+    v("lr", lr);
+    v("lr_schedule", lr_schedule);
+    v("warmup_steps", warmup_steps);
+    v("weight_decay", weight_decay);
+    v("adam_beta1", adam_beta1);
+    v("adam_beta2", adam_beta2);
+    v("adam_eps", adam_eps);
+    v("max_grad_norm", max_grad_norm);
+    v("seed", seed);
+    v("output_dir", output_dir);
+    v("eval_every", eval_every);
+    v("save_every", save_every);
+    v("keep_last", keep_last);
+    v("resume", resume);
+    v("threads", threads);
+    v("stop_after", stop_after);
+    v("dump_batches", dump_batches);
+  }
+};
+
+struct LoggingOptions {
+  int64_t log_every = 1;        // write a metrics.jsonl line (and a log line) every N steps
+  std::string progress = "auto";  // auto (bar on a terminal, lines otherwise) | bar | lines
+  double peak_flops = 0.0;      // FLOP/s that MFU is relative to; 0 = measure a GEMM at start
+
+  template <class V> void fields(V& v) {
+    v("log_every", log_every);
+    v("progress", progress);
+    v("peak_flops", peak_flops);
+  }
+};
+
+struct TrainConfig {
+  ModelOptions model;
+  DataOptions data;
+  TrainingOptions training;
+  LoggingOptions logging;
+
+  std::string file;  // the YAML file it came from ("" when built in code)
+  Origins origins;   // "section.key" -> "<file>:<line>" or "--set ..."
+
+  // Checks every value and the cross-field rules; errors are "<origin>: section.key: ...".
+  void validate() const;
+  // The resolved config as YAML (every key, defaults included).
+  std::string to_yaml() const;
+  // "<file>:<line>" (or the --set) where `key` ("section.key") was given, else the file name.
+  std::string where(const std::string& key) const;
+};
+
+// Reads `file`, applies `overrides` ("section.key=value", in order) and parses every section.
+// Does not validate (callers call validate() once everything is known).
+TrainConfig load_train_config(const std::filesystem::path& file,
+                              const std::vector<std::string>& overrides = {});
+
+// The same from YAML text (`origin` names it in errors); for tests.
+TrainConfig parse_train_config(const std::string& yaml, const std::string& origin,
+                               const std::vector<std::string>& overrides = {});
+
+}  // namespace ftune::config

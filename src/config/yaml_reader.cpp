@@ -1,0 +1,169 @@
+// YAML -> option struct reading with file/line/key errors; see yaml_reader.h.
+#include "config/yaml_reader.h"
+
+#include <charconv>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace ftune::config {
+namespace {
+
+std::string describe(const YAML::Node& n) {
+  if (n.IsSequence()) return "a list";
+  if (n.IsMap()) return "a mapping";
+  if (n.IsNull()) return "null";
+  return "\"" + n.Scalar() + "\"";
+}
+
+std::string mark_of(const std::string& file, const YAML::Node& n) {
+  const YAML::Mark m = n.Mark();
+  if (m.is_null() || m.line < 0) return file;
+  return file + ":" + std::to_string(m.line + 1);
+}
+
+}  // namespace
+
+YAML::Node load_yaml_file(const std::filesystem::path& path) {
+  const std::string text = read_file(path);
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    fail(path.string(), ":", e.mark.line + 1, ":", e.mark.column + 1, ": malformed YAML: ", e.msg);
+  }
+  if (root.IsNull()) return YAML::Node(YAML::NodeType::Map);  // an empty file: all defaults
+  FTUNE_CHECK(root.IsMap(), path.string(), ": expected a mapping of sections (model, data, ...), got ",
+              describe(root));
+  return root;
+}
+
+void apply_override(YAML::Node& root, const std::string& assignment, Origins& origins) {
+  const std::string origin = "--set " + assignment;
+  const auto eq = assignment.find('=');
+  FTUNE_CHECK(eq != std::string::npos, origin, ": expected section.key=value");
+  const std::string path = assignment.substr(0, eq), value = assignment.substr(eq + 1);
+  const auto dot = path.find('.');
+  FTUNE_CHECK(dot != std::string::npos && dot > 0 && dot + 1 < path.size() &&
+                  path.find('.', dot + 1) == std::string::npos,
+              origin, ": expected section.key=value (one dot in the key, e.g. training.lr=1e-4)");
+  const std::string section = path.substr(0, dot), key = path.substr(dot + 1);
+  YAML::Node parsed;
+  try {
+    parsed = YAML::Load(value);
+  } catch (const YAML::Exception& e) {
+    fail(origin, ": ", path, ": malformed value: ", e.msg);
+  }
+  if (parsed.IsNull()) parsed = YAML::Node(value);  // "key=" sets an empty string
+  FTUNE_CHECK(parsed.IsScalar(), origin, ": ", path, ": expected a single value, got ",
+              describe(parsed));
+  YAML::Node sec = root[section];
+  FTUNE_CHECK(!sec.IsDefined() || sec.IsNull() || sec.IsMap(), origin, ": ", section,
+              ": the config file's section is not a mapping");
+  if (!sec.IsMap()) {
+    root[section] = YAML::Node(YAML::NodeType::Map);
+    sec = root[section];
+  }
+  sec[key] = parsed;
+  origins[path] = origin;
+}
+
+std::string format_double(double v) {
+  if (std::isnan(v)) return ".nan";
+  if (std::isinf(v)) return v > 0 ? ".inf" : "-.inf";
+  char buf[64];
+  auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  std::string s(buf, res.ptr);
+  // Keep it a float on re-read ("3" would read back fine too, but "3.0" says what it is).
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+  return s;
+}
+
+SectionReader::SectionReader(const YAML::Node& node, std::string section, std::string file,
+                             Origins& origins)
+    : node_(node), section_(std::move(section)), file_(std::move(file)), origins_(origins) {
+  if (node_.IsDefined() && !node_.IsNull()) {
+    FTUNE_CHECK(node_.IsMap(), mark_of(file_, node_), ": ", section_,
+                ": expected a mapping of keys, got ", describe(node_));
+  }
+}
+
+std::string SectionReader::where(const std::string& key, const YAML::Node& n) const {
+  auto it = origins_.find(section_ + "." + key);
+  if (it != origins_.end() && it->second.rfind("--set", 0) == 0) return it->second;
+  return mark_of(file_, n);
+}
+
+void SectionReader::type_error(const char* key, const YAML::Node& n, const char* expected) const {
+  fail(where(key, n), ": ", section_, ".", key, ": expected ", expected, ", got ", describe(n));
+}
+
+std::optional<YAML::Node> SectionReader::scalar(const char* key) {
+  known_.insert(key);
+  if (!node_.IsDefined() || !node_.IsMap()) return std::nullopt;
+  const YAML::Node& section = node_;  // const lookup: never inserts the key
+  YAML::Node n = section[key];
+  if (!n.IsDefined() || n.IsNull()) return std::nullopt;
+  const std::string path = section_ + "." + key;
+  if (!origins_.count(path)) origins_[path] = mark_of(file_, n);
+  if (!n.IsScalar()) type_error(key, n, "a single value");
+  return n;
+}
+
+void SectionReader::operator()(const char* key, int64_t& out) {
+  auto found = scalar(key);
+  if (!found) return;
+  const YAML::Node& n = *found;
+  const std::string& s = n.Scalar();
+  int64_t v = 0;
+  auto res = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (res.ec != std::errc() || res.ptr != s.data() + s.size()) type_error(key, n, "an integer");
+  out = v;
+}
+
+void SectionReader::operator()(const char* key, double& out) {
+  auto found = scalar(key);
+  if (!found) return;
+  const YAML::Node& n = *found;
+  try {
+    out = n.as<double>();
+  } catch (const YAML::Exception&) {
+    type_error(key, n, "a number");
+  }
+}
+
+void SectionReader::operator()(const char* key, bool& out) {
+  auto found = scalar(key);
+  if (!found) return;
+  const YAML::Node& n = *found;
+  try {
+    out = n.as<bool>();
+  } catch (const YAML::Exception&) {
+    type_error(key, n, "true or false");
+  }
+}
+
+void SectionReader::operator()(const char* key, std::string& out) {
+  if (auto n = scalar(key)) out = n->Scalar();
+}
+
+void SectionReader::finish() const {
+  if (!node_.IsDefined() || !node_.IsMap()) return;
+  for (auto it = node_.begin(); it != node_.end(); ++it) {
+    const std::string key = it->first.IsScalar() ? it->first.Scalar() : describe(it->first);
+    if (known_.count(key)) continue;
+    std::string known;
+    for (const auto& k : known_) known += (known.empty() ? "" : ", ") + k;
+    fail(where(key, it->first), ": ", section_, ".", key, ": unknown key (", section_,
+         " takes: ", known, ")");
+  }
+}
+
+void SectionEmitter::operator()(const char* key, const std::string& v) {
+  YAML::Emitter e;
+  e << v;  // quotes the string when YAML would read it as something else
+  os_ << "  " << key << ": " << (v.empty() ? "\"\"" : e.c_str()) << "\n";
+}
+
+}  // namespace ftune::config

@@ -1,0 +1,94 @@
+// Reading YAML config files into option structs, with errors that name the file, line and key.
+// A config struct lists its fields once in `template <class V> void fields(V& v)`; the same list
+// drives parsing (SectionReader: type checks, unknown-key detection), `--set section.key=value`
+// overrides and writing the resolved config back out (emit_section), so they cannot drift apart.
+// Defines: load_yaml_file, apply_override, SectionReader, emit_section, format_double.
+#pragma once
+
+#include <yaml-cpp/yaml.h>
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ftune::config {
+
+// Where each `section.key` came from: "<file>:<line>" or "--set section.key=value".
+using Origins = std::map<std::string, std::string>;
+
+// Parses `path` as a YAML mapping of sections. Errors: "<file>: cannot read: ...",
+// "<file>:<line>:<col>: malformed YAML: ...", "<file>: expected a mapping of sections".
+YAML::Node load_yaml_file(const std::filesystem::path& path);
+
+// Applies one "section.key=value" override to `root` (the value is parsed as a YAML scalar, so
+// `true`, `3`, `1e-4` keep their types) and records its origin. Errors name the override.
+void apply_override(YAML::Node& root, const std::string& assignment, Origins& origins);
+
+// Shortest decimal text that round-trips the double ("0.0001", "3", "1e-08").
+std::string format_double(double v);
+
+// Reads the fields of one section. Visit each field with operator(); then finish() reports the
+// first key that no field claimed. Type errors name the key and the expected type.
+class SectionReader {
+ public:
+  SectionReader(const YAML::Node& node, std::string section, std::string file, Origins& origins);
+
+  void operator()(const char* key, int64_t& out);
+  void operator()(const char* key, double& out);
+  void operator()(const char* key, bool& out);
+  void operator()(const char* key, std::string& out);
+  void finish() const;
+
+ private:
+  // The node for `key` (nullopt when absent or explicitly null: the default stays), recording its
+  // origin; fails when the value is a list or mapping.
+  std::optional<YAML::Node> scalar(const char* key);
+  [[noreturn]] void type_error(const char* key, const YAML::Node& n, const char* expected) const;
+  std::string where(const std::string& key, const YAML::Node& n) const;
+
+  YAML::Node node_;
+  std::string section_, file_;
+  Origins& origins_;
+  std::set<std::string> known_;
+};
+
+// Writes "key: value" lines (two-space indent) for every field of a struct.
+class SectionEmitter {
+ public:
+  explicit SectionEmitter(std::ostringstream& os) : os_(os) {}
+  void operator()(const char* key, const int64_t& v) { os_ << "  " << key << ": " << v << "\n"; }
+  void operator()(const char* key, const double& v) {
+    os_ << "  " << key << ": " << format_double(v) << "\n";
+  }
+  void operator()(const char* key, const bool& v) {
+    os_ << "  " << key << ": " << (v ? "true" : "false") << "\n";
+  }
+  void operator()(const char* key, const std::string& v);
+
+ private:
+  std::ostringstream& os_;
+};
+
+// Reads `section` of `root` into `opts` (a struct with fields(V&)), rejecting unknown keys.
+template <class Options>
+void read_section(const YAML::Node& root, const char* section, const std::string& file,
+                  Origins& origins, Options& opts) {
+  SectionReader r(root[section], section, file, origins);
+  opts.fields(r);
+  r.finish();
+}
+
+// Appends "section:\n  key: value\n..." for `opts` to `os`.
+template <class Options>
+void emit_section(std::ostringstream& os, const char* section, Options opts) {
+  os << section << ":\n";
+  SectionEmitter e(os);
+  opts.fields(e);
+}
+
+}  // namespace ftune::config

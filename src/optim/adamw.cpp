@@ -1,0 +1,85 @@
+// AdamW update mirroring torch/optim/adam.py _single_tensor_adam (decoupled_weight_decay=True,
+// amsgrad=False, maximize=False, capturable=False); see adamw.h.
+#include "optim/adamw.h"
+
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace ftune::optim {
+
+AdamW::AdamW(NamedTensors params, AdamWOptions opts) : params_(std::move(params)), opts_(opts) {
+  for (const auto& [name, p] : params_) {
+    decay_.push_back(p.dim() >= 2);
+    exp_avg_.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
+    exp_avg_sq_.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
+    steps_.push_back(0);
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  const double beta1 = opts_.beta1, beta2 = opts_.beta2;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor param = params_[i].second;
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) continue;
+    at::Tensor& exp_avg = exp_avg_[i];
+    at::Tensor& exp_avg_sq = exp_avg_sq_[i];
+    // PyTorch keeps step in a float32 tensor and reads it back as a Python float.
+    const double step = static_cast<double>(static_cast<float>(++steps_[i]));
+    const double wd = decay_[i] ? opts_.weight_decay : 0.0;
+    if (wd != 0.0) param.mul_(1 - lr * wd);
+    exp_avg.lerp_(grad, 1 - beta1);
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2);
+    const double bias_correction1 = 1 - std::pow(beta1, step);
+    const double bias_correction2 = 1 - std::pow(beta2, step);
+    const double step_size = lr / bias_correction1;
+    const double bias_correction2_sqrt = std::pow(bias_correction2, 0.5);
+    at::Tensor denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(opts_.eps);
+    param.addcdiv_(exp_avg, denom, -step_size);
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& [name, p] : params_) p.mutable_grad().reset();
+}
+
+NamedTensors AdamW::state() const {
+  NamedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& name = params_[i].first;
+    out.emplace_back(name + ".exp_avg", exp_avg_[i]);
+    out.emplace_back(name + ".exp_avg_sq", exp_avg_sq_[i]);
+    out.emplace_back(name + ".step", at::scalar_tensor(steps_[i], at::kLong));
+  }
+  return out;
+}
+
+void AdamW::load_state(const std::map<std::string, at::Tensor>& state, const std::string& origin) {
+  at::NoGradGuard no_grad;
+  auto get = [&](const std::string& key) -> const at::Tensor& {
+    auto it = state.find(key);
+    FTUNE_CHECK(it != state.end(), origin, ": ", key, ": missing optimizer state");
+    return it->second;
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& name = params_[i].first;
+    for (at::Tensor* t : {&exp_avg_[i], &exp_avg_sq_[i]}) {
+      const std::string key = name + (t == &exp_avg_[i] ? ".exp_avg" : ".exp_avg_sq");
+      const at::Tensor& src = get(key);
+      FTUNE_CHECK(src.sizes() == t->sizes(), origin, ": ", key, ": shape ", src.sizes(),
+                  " does not match the parameter's ", t->sizes());
+      t->copy_(src);
+    }
+    const at::Tensor& s = get(name + ".step");
+    FTUNE_CHECK(s.numel() == 1, origin, ": ", name, ".step: expected a scalar");
+    steps_[i] = s.to(at::kLong).item<int64_t>();
+  }
+  FTUNE_CHECK(state.size() == 3 * params_.size(), origin, ": holds ", state.size(),
+              " optimizer tensors, expected ", 3 * params_.size(), " (a different model?)");
+}
+
+}  // namespace ftune::optim

@@ -1,0 +1,55 @@
+// AdamW with decoupled weight decay, op for op torch.optim.AdamW(foreach=False): the same ATen
+// calls with the same scalars in the same order, so fp32 updates match PyTorch bit for bit.
+// Parameters with fewer than 2 dims (norm weights, biases) get no weight decay, as the HF Trainer
+// groups them. State (exp_avg, exp_avg_sq, step) is exposed by parameter name for checkpoints.
+// Defines AdamWOptions, AdamW.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ftune::optim {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+struct AdamWOptions {
+  double beta1 = 0.9;          // decay of the first-moment average
+  double beta2 = 0.999;        // decay of the second-moment average
+  double eps = 1e-8;           // added to sqrt(v_hat)
+  double weight_decay = 0.0;   // decoupled: p *= 1 - lr * wd, for params with dim >= 2 only
+};
+
+class AdamW {
+ public:
+  // `params`: trainable parameters by name (leaf tensors; their .grad() is read by step()).
+  AdamW(NamedTensors params, AdamWOptions opts);
+
+  // One update with learning rate `lr`; parameters without a gradient are skipped (their step
+  // count does not advance), as in PyTorch.
+  void step(double lr);
+  // Drops every gradient (PyTorch's zero_grad(set_to_none=True)).
+  void zero_grad();
+
+  const NamedTensors& params() const { return params_; }
+  bool decays(size_t i) const { return decay_[i]; }
+
+  // "<name>.exp_avg", "<name>.exp_avg_sq" (param dtype) and "<name>.step" (int64 scalar) for
+  // every parameter.
+  NamedTensors state() const;
+  // Restores state() output; `origin` names the source in errors (missing key, shape mismatch).
+  void load_state(const std::map<std::string, at::Tensor>& state, const std::string& origin);
+
+ private:
+  NamedTensors params_;
+  AdamWOptions opts_;
+  std::vector<bool> decay_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<int64_t> steps_;
+};
+
+}  // namespace ftune::optim

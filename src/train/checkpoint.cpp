@@ -1,0 +1,218 @@
+// Atomic, pruned training checkpoints; see checkpoint.h.
+#include "train/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/safetensors.h"
+#include "model/hf_io.h"
+
+namespace ftune::train {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+const char kStateFile[] = "trainer_state.json";
+
+// step-<digits> -> N, anything else -> -1.
+int64_t step_of(const std::string& name) {
+  if (name.rfind("step-", 0) != 0 || name.size() <= 5) return -1;
+  int64_t n = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9') return -1;
+    n = n * 10 + (name[i] - '0');
+  }
+  return n;
+}
+
+// Complete checkpoints in output_dir, sorted by step.
+std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const fs::path& output_dir) {
+  std::vector<std::pair<int64_t, fs::path>> out;
+  const fs::path root = output_dir / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return out;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const int64_t n = step_of(e.path().filename().string());
+    if (n >= 0 && fs::exists(e.path() / kStateFile)) out.emplace_back(n, e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+at::Device param_device(model::LlamaForCausalLM& m) {
+  auto ps = m->parameters();
+  return ps.empty() ? at::Device(at::kCPU) : ps[0].device();
+}
+
+}  // namespace
+
+json TrainState::to_json() const {
+  return json{{"step", step},
+              {"epoch", epoch},
+              {"position", position},
+              {"tokens_seen", tokens_seen},
+              {"elapsed_s", elapsed_s},
+              {"last_loss", std::isfinite(last_loss) ? json(last_loss) : json(nullptr)},
+              {"last_eval_loss", std::isfinite(last_eval_loss) ? json(last_eval_loss) : json(nullptr)}};
+}
+
+TrainState TrainState::from_json(const json& j, const std::string& origin) {
+  TrainState s;
+  auto get_int = [&](const char* key) {
+    FTUNE_CHECK(j.contains(key) && j.at(key).is_number_integer(), origin, ": ", key,
+                ": expected an integer");
+    return j.at(key).get<int64_t>();
+  };
+  auto get_num = [&](const char* key) {
+    if (!j.contains(key) || j.at(key).is_null()) return std::numeric_limits<double>::quiet_NaN();
+    FTUNE_CHECK(j.at(key).is_number(), origin, ": ", key, ": expected a number");
+    return j.at(key).get<double>();
+  };
+  s.step = get_int("step");
+  s.epoch = get_int("epoch");
+  s.position = get_int("position");
+  s.tokens_seen = get_int("tokens_seen");
+  s.elapsed_s = get_num("elapsed_s");
+  if (!std::isfinite(s.elapsed_s)) s.elapsed_s = 0;
+  s.last_loss = get_num("last_loss");
+  s.last_eval_loss = get_num("last_eval_loss");
+  return s;
+}
+
+fs::path checkpoint_dir(const fs::path& output_dir, int64_t step) {
+  return output_dir / "checkpoints" / ("step-" + std::to_string(step));
+}
+
+fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
+                         const optim::AdamW& opt, const TrainState& state, int64_t keep_last,
+                         const json& meta) {
+  const fs::path root = output_dir / "checkpoints";
+  const fs::path final_dir = checkpoint_dir(output_dir, state.step);
+  const fs::path tmp = root / (".tmp-step-" + std::to_string(state.step) + "-" +
+                               std::to_string(::getpid()));
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp);
+
+  model::save_model(tmp, m);
+  io::save_safetensors(tmp / "optimizer.safetensors", opt.state());
+
+  if (const char* slow = std::getenv("FTUNE_TEST_SLOW_CHECKPOINT_WRITE")) {
+    // Test hook: widen the window in which a kill lands mid-write.
+    std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(slow)));
+  }
+
+  io::TensorList rng;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rng.emplace_back("cpu", gen.get_state());
+  }
+  const at::Device dev = param_device(m);
+  if (dev.is_cuda()) {
+    auto gen = at::globalContext().defaultGenerator(dev);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rng.emplace_back("cuda", gen.get_state());
+  }
+  io::save_safetensors(tmp / "rng.safetensors", rng);
+
+  json j = meta;
+  j["format_version"] = kFormatVersion;
+  j["state"] = state.to_json();
+  write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");  // last: marks the dir complete
+
+  replace_dir_atomic(tmp, final_dir);
+
+  // Prune only now that the new checkpoint is in place; move each aside first so a kill during
+  // removal never leaves a half-deleted dir that still looks complete.
+  auto all = list_checkpoints(output_dir);
+  const int64_t excess = static_cast<int64_t>(all.size()) - keep_last;
+  for (int64_t i = 0; i < excess; ++i) {
+    const fs::path& old = all[i].second;
+    if (fs::equivalent(old, final_dir, ec)) continue;
+    fs::path doomed = root / (".tmp-delete-" + old.filename().string());
+    fs::rename(old, doomed, ec);
+    fs::remove_all(ec ? old : doomed, ec);
+  }
+  return final_dir;
+}
+
+std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
+  auto all = list_checkpoints(output_dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().second;
+}
+
+void remove_stale_checkpoint_temps(const fs::path& output_dir) {
+  const fs::path root = output_dir / "checkpoints";
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return;
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    if (e.path().filename().string().rfind(".tmp-", 0) == 0) doomed.push_back(e.path());
+  }
+  for (const auto& p : doomed) fs::remove_all(p, ec);
+}
+
+TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt) {
+  const fs::path state_path = dir / kStateFile;
+  FTUNE_CHECK(fs::exists(state_path), dir.string(), ": not a complete checkpoint (no ",
+              kStateFile, ")");
+  json j;
+  try {
+    j = json::parse(read_file(state_path));
+  } catch (const json::parse_error& e) {
+    fail(state_path.string(), ": not valid JSON: ", e.what());
+  }
+  FTUNE_CHECK(j.is_object() && j.contains("state"), state_path.string(), ": state: missing");
+  FTUNE_CHECK(j.value("format_version", 0) == kFormatVersion, state_path.string(),
+              ": format_version: expected ", kFormatVersion);
+  TrainState state = TrainState::from_json(j.at("state"), state_path.string());
+
+  {
+    auto weights = io::load_weights(dir);
+    torch::NoGradGuard no_grad;
+    model::load_weights_into(m, weights, dir.string());
+  }
+  {
+    const fs::path p = dir / "optimizer.safetensors";
+    FTUNE_CHECK(fs::exists(p), p.string(), ": missing");
+    io::SafetensorsReader reader(p);
+    std::map<std::string, at::Tensor> st;
+    for (const auto& name : reader.names()) st[name] = reader.tensor(name);
+    opt.load_state(st, p.string());
+  }
+  {
+    const fs::path p = dir / "rng.safetensors";
+    FTUNE_CHECK(fs::exists(p), p.string(), ": missing");
+    io::SafetensorsReader reader(p);
+    FTUNE_CHECK(reader.contains("cpu"), p.string(), ": cpu: missing RNG state");
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(reader.tensor("cpu").clone());
+    }
+    const at::Device dev = param_device(m);
+    if (dev.is_cuda() && reader.contains("cuda")) {
+      auto gen = at::globalContext().defaultGenerator(dev);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(reader.tensor("cuda").clone());
+    }
+  }
+  return state;
+}
+
+}  // namespace ftune::train

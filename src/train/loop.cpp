@@ -1,0 +1,202 @@
+// The training loop; see loop.h.
+#include "train/loop.h"
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/autocast_mode.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include "io/safetensors.h"
+#include "model/loss.h"
+
+namespace ftune::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Loss sum (fp32 scalar, differentiable) and its target count for one micro-batch.
+model::LossSum forward_loss(model::LlamaForCausalLM& m, const data::Batch& b, bool bf16,
+                            at::Device device) {
+  AutocastScope autocast(bf16, device.type());
+  model::ForwardOptions fo;
+  fo.positions = b.positions.to(device);
+  fo.attn_mask = b.attn_mask.to(device);
+  at::Tensor logits = m->forward(b.input_ids.to(device), fo);  // [B, T, V]
+  return model::causal_lm_loss_sum(logits, b.labels.to(device));
+}
+
+void dump_batches(const std::filesystem::path& dir, int64_t step,
+                  const std::vector<data::Batch>& micro, double lr) {
+  io::TensorList t;
+  for (size_t i = 0; i < micro.size(); ++i) {
+    const std::string p = "mb" + std::to_string(i) + ".";
+    t.emplace_back(p + "input_ids", micro[i].input_ids);
+    t.emplace_back(p + "labels", micro[i].labels);
+    t.emplace_back(p + "positions", micro[i].positions);
+    t.emplace_back(p + "attn_mask", micro[i].attn_mask);
+  }
+  char lr_text[64];
+  std::snprintf(lr_text, sizeof(lr_text), "%.17g", lr);
+  io::save_safetensors(dir / ("step-" + std::to_string(step) + ".safetensors"), t,
+                       {{"lr", lr_text}, {"micro_batches", std::to_string(micro.size())}});
+}
+
+std::string step_line(double loss, double lr, double gnorm, double tok_s) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "loss %.4f lr %.3e grad_norm %.3f %.0f tok/s", loss, lr, gnorm,
+                tok_s);
+  return buf;
+}
+
+}  // namespace
+
+AutocastScope::AutocastScope(bool enabled, at::DeviceType device)
+    : enabled_(enabled), device_(device) {
+  if (!enabled_) return;
+  prev_enabled_ = at::autocast::is_autocast_enabled(device_);
+  prev_dtype_ = at::autocast::get_autocast_dtype(device_);
+  at::autocast::set_autocast_enabled(device_, true);
+  at::autocast::set_autocast_dtype(device_, at::kBFloat16);
+  at::autocast::increment_nesting();
+}
+
+AutocastScope::~AutocastScope() {
+  if (!enabled_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_, prev_enabled_);
+  at::autocast::set_autocast_dtype(device_, prev_dtype_);
+}
+
+EvalResult evaluate(model::LlamaForCausalLM& m, const std::vector<data::Batch>& batches,
+                    bool bf16_autocast, at::Device device) {
+  at::NoGradGuard no_grad;
+  m->eval();
+  double sum = 0;
+  int64_t count = 0;
+  for (const auto& b : batches) {
+    auto ls = forward_loss(m, b, bf16_autocast, device);
+    sum += ls.sum.item<double>();
+    count += ls.count;
+  }
+  m->train();
+  EvalResult r;
+  r.tokens = count;
+  r.loss = count > 0 ? sum / static_cast<double>(count) : std::nan("");
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::AdamW& opt,
+                      data::BatchStream& train, const std::vector<data::Batch>& valid,
+                      TrainState state, const LoopOptions& o, MetricsLog& metrics) {
+  const bool main = strategy.is_main();
+  const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.total_steps) : o.total_steps;
+  Progress progress(o.total_steps, state.step, o.progress_bar && main);
+  const auto batch_dir = o.output_dir / "batches";
+  if (o.dump_batches && main) std::filesystem::create_directories(batch_dir);
+  m->train();
+
+  // Throughput over the interval since the last metrics line.
+  int64_t interval_tokens = 0;
+  double interval_s = 0;
+
+  while (state.step < end) {
+    const auto t0 = Clock::now();
+    const int64_t index = state.step;  // 0-based index of this optimizer step
+    const int64_t step = index + 1;
+    const double lr = optim::lr_at(o.schedule, index);
+
+    std::vector<data::Batch> micro;
+    int64_t local_targets = 0, tokens = 0;
+    for (int64_t i = 0; i < o.grad_accum; ++i) {
+      micro.push_back(train.next(o.micro_batch));
+      local_targets += micro.back().target_tokens;
+      tokens += micro.back().input_ids.numel();
+    }
+    if (o.dump_batches && main) dump_batches(batch_dir, step, micro, lr);
+    const int64_t targets = strategy.global_sum(local_targets);
+    // A batch of prompts only (no targets) contributes zero loss rather than 0/0.
+    const double denom = static_cast<double>(std::max<int64_t>(targets, 1));
+
+    opt.zero_grad();
+    double loss_sum = 0;
+    for (const auto& b : micro) {
+      model::LossSum ls = forward_loss(m, b, o.bf16_autocast, o.device);
+      at::Tensor loss = ls.sum / denom;
+      loss.backward();
+      loss_sum += ls.sum.item<double>();
+    }
+    loss_sum = strategy.global_sum(loss_sum);
+    strategy.after_backward(opt.params());
+    const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
+    const double loss = loss_sum / denom;
+
+    state.step = step;
+    state.epoch = train.epoch();
+    state.position = train.position();
+    state.tokens_seen += tokens;
+    state.last_loss = loss;
+    const double dt = seconds_since(t0);
+    state.elapsed_s += dt;
+    interval_tokens += tokens;
+    interval_s += dt;
+
+    const bool last = step == o.total_steps;
+    const bool do_eval = !valid.empty() && ((o.eval_every > 0 && step % o.eval_every == 0) || last);
+    const bool do_log = step % o.log_every == 0 || do_eval || last || step == end;
+    const double tok_s = interval_s > 0 ? static_cast<double>(interval_tokens) / interval_s : 0;
+
+    if (main) progress.update(step, step_line(loss, lr, gnorm, tok_s), do_log);
+    nlohmann::json rec;
+    if (do_log) {
+      rec = {{"step", step},
+             {"loss", loss},
+             {"lr", lr},
+             {"grad_norm", gnorm},
+             {"tokens_per_s", tok_s},
+             {"mfu", o.peak_flops > 0 ? o.flops_per_token * tok_s / o.peak_flops : 0.0},
+             {"peak_mem_bytes", peak_memory_bytes(o.device)},
+             {"tokens", state.tokens_seen},
+             {"target_tokens", targets},
+             {"epoch", state.epoch}};
+      interval_tokens = 0;
+      interval_s = 0;
+    }
+    if (do_eval) {
+      const auto te = Clock::now();
+      EvalResult ev = evaluate(m, valid, o.bf16_autocast, o.device);
+      state.last_eval_loss = ev.loss;
+      rec["eval_loss"] = ev.loss;
+      rec["eval_ppl"] = ev.ppl;
+      if (main) {
+        char buf[160];
+        std::snprintf(buf, sizeof(buf), "eval step %lld: loss %.4f ppl %.3f (%lld tokens, %.1f s)",
+                      static_cast<long long>(step), ev.loss, ev.ppl,
+                      static_cast<long long>(ev.tokens), seconds_since(te));
+        progress.message(buf);
+      }
+    }
+    if (do_log && main) metrics.write(rec);
+
+    const bool stopping = step == end && end < o.total_steps;
+    if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
+      if (main) {
+        const auto tc = Clock::now();
+        auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta);
+        char buf[64];
+        std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
+        progress.message("saved checkpoint " + dir.string() + buf);
+      }
+    }
+  }
+  progress.finish();
+  return state;
+}
+
+}  // namespace ftune::train

@@ -1,0 +1,75 @@
+// The training loop: for each optimizer step, grad_accum micro-batches are forwarded and
+// backpropagated with the loss normalized by the target tokens of the WHOLE accumulated batch (so
+// accumulation equals one larger batch), then the strategy syncs, clips and steps. Around it:
+// warmup + schedule, bf16 autocast, periodic evaluation, checkpoints, metrics and progress.
+// Everything the loop does to the model goes through Strategy, so DDP/FSDP/LoRA reuse it as is.
+// Defines LoopOptions, EvalResult, evaluate, train_loop, AutocastScope.
+#pragma once
+
+#include <filesystem>
+#include <vector>
+
+#include "data/dataset.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+#include "train/checkpoint.h"
+#include "train/metrics.h"
+#include "train/strategy.h"
+
+namespace ftune::train {
+
+struct LoopOptions {
+  int64_t total_steps = 1;        // optimizer steps of the whole run
+  int64_t micro_batch = 1;        // rows per forward/backward
+  int64_t grad_accum = 1;         // micro-batches per optimizer step
+  double max_grad_norm = 1.0;     // 0 = no clipping (the norm is still reported)
+  optim::LrScheduleOptions schedule;
+  int64_t log_every = 1;          // metrics line every N steps (and on eval steps, and the last)
+  int64_t eval_every = 0;         // 0 = evaluate only after the last step
+  int64_t save_every = 0;         // 0 = no checkpoints (except when stopping early)
+  int64_t keep_last = 2;
+  int64_t stop_after = 0;         // stop after this step (checkpointed); 0 = run to the end
+  bool bf16_autocast = false;     // forward in bf16 autocast; weights, grads, optimizer stay fp32
+  bool dump_batches = false;      // write each step's micro-batches to <output_dir>/batches
+  bool progress_bar = false;      // redrawn bar (terminal) instead of log lines
+  double peak_flops = 0;          // MFU denominator, FLOP/s
+  double flops_per_token = 0;     // see train_flops_per_token
+  at::Device device = at::kCPU;
+  std::filesystem::path output_dir;
+  nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
+};
+
+// Enables bf16 autocast for `device` in scope and restores the previous state after, clearing the
+// cast-weight cache when the outermost scope ends (as torch.autocast does), so a scope never sees
+// casts of weights from before an optimizer step.
+class AutocastScope {
+ public:
+  AutocastScope(bool enabled, at::DeviceType device);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool enabled_;
+  at::DeviceType device_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+struct EvalResult {
+  double loss = 0;     // mean NLL over target tokens
+  double ppl = 0;      // exp(loss)
+  int64_t tokens = 0;  // target tokens evaluated
+};
+
+// Mean next-token loss over `batches` (no grad).
+EvalResult evaluate(model::LlamaForCausalLM& m, const std::vector<data::Batch>& batches,
+                    bool bf16_autocast, at::Device device);
+
+// Runs steps state.step+1 .. total_steps (or stop_after). `train` must already be positioned at
+// state.epoch/position. Returns the state after the last step run.
+TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::AdamW& opt,
+                      data::BatchStream& train, const std::vector<data::Batch>& valid,
+                      TrainState state, const LoopOptions& o, MetricsLog& metrics);
+
+}  // namespace ftune::train

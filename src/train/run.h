@@ -1,0 +1,31 @@
+// One `ftune train` run from a validated config: resolve the model (dir or preset:NAME), tokenize
+// the data, build the strategy/optimizer/schedule, resume if asked, run the loop, save the final
+// model in HF layout and report. Each component gets only its own options, built here from the
+// config sections. Defines RunSummary, run_training.
+#pragma once
+
+#include <filesystem>
+#include <string>
+
+#include "config/train_config.h"
+#include "train/strategy.h"
+
+namespace ftune::train {
+
+struct RunSummary {
+  int64_t steps = 0;          // optimizer steps completed (including before a resume)
+  int64_t total_steps = 0;
+  int64_t tokens = 0;
+  double train_seconds = 0;
+  double final_loss = 0;
+  double eval_loss = 0;       // NaN when there was no evaluation
+  bool finished = false;      // false when stopped early (training.stop_after)
+  std::filesystem::path output_dir, final_dir, last_checkpoint;
+};
+
+// Runs training as `cfg` says. Calls cfg.validate() first. Prints the resolved config to stdout
+// and writes it to <output_dir>/config.yaml; progress goes to stderr; returns the summary (also
+// printed). `strategy` defaults to SingleDevice.
+RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy = nullptr);
+
+}  // namespace ftune::train

@@ -1,0 +1,200 @@
+// Config parsing: every key reaches its struct field with its type, overrides win, and every bad
+// input (malformed YAML, unknown section/key, wrong type, bad value) is one error that names the
+// file, line and key.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "config/train_config.h"
+#include "core/error.h"
+
+using ftune::config::parse_train_config;
+using ftune::config::TrainConfig;
+
+namespace {
+
+const char kGood[] = R"(# a recipe
+model:
+  path: preset:tiny
+  dtype: bf16
+  grad_checkpointing: true
+data:
+  train: data/sample_train.jsonl
+  valid: data/sample_valid.jsonl
+  format: alpaca
+  seq_len: 128
+  packing: false
+training:
+  steps: 20
+  micro_batch: 4
+  grad_accum: 2
+  lr: 1e-4
+  lr_schedule: linear
+  warmup_steps: 3
+  weight_decay: 0.1
+  max_grad_norm: 0.5
+  seed: 7
+  output_dir: runs/x
+  eval_every: 5
+  save_every: 10
+  keep_last: 3
+  resume: none
+logging:
+  log_every: 2
+)";
+
+// The error message of parsing+validating `yaml` with `sets`, or "" when it is accepted.
+std::string error_of(const std::string& yaml, std::vector<std::string> sets = {}) {
+  try {
+    parse_train_config(yaml, "cfg.yaml", sets).validate();
+  } catch (const ftune::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(TrainConfig, ParsesEveryKeyWithItsType) {
+  TrainConfig c = parse_train_config(kGood, "cfg.yaml");
+  c.validate();
+  EXPECT_EQ(c.model.path, "preset:tiny");
+  EXPECT_EQ(c.model.dtype, "bf16");
+  EXPECT_TRUE(c.model.grad_checkpointing);
+  EXPECT_EQ(c.data.train, "data/sample_train.jsonl");
+  EXPECT_EQ(c.data.format, "alpaca");
+  EXPECT_EQ(c.data.seq_len, 128);
+  EXPECT_FALSE(c.data.packing);
+  EXPECT_EQ(c.training.steps, 20);
+  EXPECT_EQ(c.training.micro_batch, 4);
+  EXPECT_EQ(c.training.grad_accum, 2);
+  EXPECT_DOUBLE_EQ(c.training.lr, 1e-4);
+  EXPECT_EQ(c.training.lr_schedule, "linear");
+  EXPECT_EQ(c.training.warmup_steps, 3);
+  EXPECT_DOUBLE_EQ(c.training.weight_decay, 0.1);
+  EXPECT_DOUBLE_EQ(c.training.max_grad_norm, 0.5);
+  EXPECT_EQ(c.training.seed, 7);
+  EXPECT_EQ(c.training.keep_last, 3);
+  EXPECT_EQ(c.training.resume, "none");
+  EXPECT_EQ(c.logging.log_every, 2);
+  // Untouched keys keep their documented defaults.
+  EXPECT_DOUBLE_EQ(c.training.adam_beta2, 0.999);
+  EXPECT_EQ(c.model.device, "cpu");
+  EXPECT_EQ(c.where("training.lr"), "cfg.yaml:16");
+}
+
+TEST(TrainConfig, OverridesWinAndKeepTypes) {
+  TrainConfig c = parse_train_config(
+      kGood, "cfg.yaml", {"training.lr=3e-5", "data.packing=true", "logging.progress=lines",
+                          "data.valid=", "data.valid_fraction=0.1"});
+  c.validate();
+  EXPECT_DOUBLE_EQ(c.training.lr, 3e-5);
+  EXPECT_TRUE(c.data.packing);
+  EXPECT_EQ(c.logging.progress, "lines");
+  EXPECT_EQ(c.data.valid, "");
+  EXPECT_EQ(c.where("training.lr"), "--set training.lr=3e-5");
+}
+
+TEST(TrainConfig, ResolvedYamlRoundTrips) {
+  TrainConfig a = parse_train_config(kGood, "cfg.yaml", {"training.lr=0.00012345678901234"});
+  TrainConfig b = parse_train_config(a.to_yaml(), "resolved.yaml");
+  EXPECT_EQ(a.to_yaml(), b.to_yaml());
+  EXPECT_EQ(b.training.lr, 0.00012345678901234);  // shortest round-trip text, no precision loss
+  EXPECT_EQ(b.data.valid, a.data.valid);
+}
+
+TEST(TrainConfig, MalformedYamlNamesFileAndLine) {
+  std::string e = error_of("model:\n  path: [unclosed\n");
+  EXPECT_NE(e.find("cfg.yaml:"), std::string::npos) << e;
+  EXPECT_NE(e.find("malformed YAML"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, UnknownKeyNamesFileLineAndKey) {
+  std::string e = error_of(std::string(kGood) + "  lrr: 3\n", {});
+  // "lrr" lands in the logging section (the last one); the message names it fully.
+  EXPECT_NE(e.find("cfg.yaml:29: logging.lrr: unknown key"), std::string::npos) << e;
+  e = error_of("training:\n  stepz: 3\n");
+  EXPECT_NE(e.find("cfg.yaml:2: training.stepz: unknown key"), std::string::npos) << e;
+  e = error_of(kGood, {"training.stepz=3"});
+  EXPECT_NE(e.find("--set training.stepz=3: training.stepz: unknown key"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, UnknownOrLaterSectionIsAnError) {
+  std::string e = error_of(std::string(kGood) + "lora:\n  r: 8\n");
+  EXPECT_NE(e.find("cfg.yaml:29: lora: section not supported yet"), std::string::npos) << e;
+  e = error_of(std::string(kGood) + "optimizer:\n  lr: 1\n");
+  EXPECT_NE(e.find("cfg.yaml:29: optimizer: unknown section"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, WrongTypeNamesKeyAndExpectedType) {
+  std::string e = error_of("training:\n  steps: ten\n");
+  EXPECT_NE(e.find("cfg.yaml:2: training.steps: expected an integer, got \"ten\""),
+            std::string::npos) << e;
+  e = error_of("training:\n  lr: fast\n");
+  EXPECT_NE(e.find("training.lr: expected a number"), std::string::npos) << e;
+  e = error_of("data:\n  packing: maybe\n");
+  EXPECT_NE(e.find("data.packing: expected true or false"), std::string::npos) << e;
+  e = error_of("data:\n  train: [a, b]\n");
+  EXPECT_NE(e.find("data.train: expected a single value, got a list"), std::string::npos) << e;
+  e = error_of("training:\n  micro_batch: 2.5\n");
+  EXPECT_NE(e.find("training.micro_batch: expected an integer, got \"2.5\""), std::string::npos)
+      << e;
+  e = error_of(kGood, {"training.steps=1.5"});
+  EXPECT_NE(e.find("--set training.steps=1.5: training.steps: expected an integer"),
+            std::string::npos) << e;
+  e = error_of("data: 3\n");
+  EXPECT_NE(e.find("cfg.yaml:1: data: expected a mapping of keys"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, ValidateNamesTheOffendingKeyAndLine) {
+  std::string e = error_of(kGood, {"training.micro_batch=0"});
+  EXPECT_NE(e.find("--set training.micro_batch=0: training.micro_batch: expected at least 1, got 0"),
+            std::string::npos) << e;
+  std::string text = kGood;
+  text.replace(text.find("micro_batch: 4"), 14, "micro_batch: 0");
+  e = error_of(text);
+  EXPECT_NE(e.find("cfg.yaml:14: training.micro_batch: expected at least 1"), std::string::npos)
+      << e;
+  e = error_of(kGood, {"training.epochs=2"});
+  EXPECT_NE(e.find("exactly one of training.steps and training.epochs"), std::string::npos) << e;
+  e = error_of(kGood, {"training.steps=0"});
+  EXPECT_NE(e.find("exactly one of"), std::string::npos) << e;
+  e = error_of(kGood, {"training.lr_schedule=step"});
+  EXPECT_NE(e.find("training.lr_schedule: expected one of cosine, linear, constant, got \"step\""),
+            std::string::npos) << e;
+  e = error_of(kGood, {"model.dtype=fp16"});
+  EXPECT_NE(e.find("model.dtype: expected one of fp32, bf16"), std::string::npos) << e;
+  e = error_of(kGood, {"data.valid_fraction=0.2"});
+  EXPECT_NE(e.find("either data.valid or data.valid_fraction"), std::string::npos) << e;
+  e = error_of("data:\n  train: x.jsonl\ntraining:\n  steps: 3\n");
+  EXPECT_NE(e.find("cfg.yaml: model.path: required"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, BadOverrideSyntax) {
+  EXPECT_NE(error_of(kGood, {"training.lr"}).find("--set training.lr: expected section.key=value"),
+            std::string::npos);
+  EXPECT_NE(error_of(kGood, {"lr=3"}).find("expected section.key=value"), std::string::npos);
+  EXPECT_NE(error_of(kGood, {"a.b.c=3"}).find("expected section.key=value"), std::string::npos);
+}
+
+TEST(TrainConfig, FileErrors) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("ftune_cfg_test_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  try {
+    ftune::config::load_train_config(dir / "missing.yaml");
+    FAIL() << "no error for a missing file";
+  } catch (const ftune::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("missing.yaml: cannot read"), std::string::npos) << e.what();
+  }
+  std::ofstream(dir / "list.yaml") << "- a\n- b\n";
+  try {
+    ftune::config::load_train_config(dir / "list.yaml");
+    FAIL() << "no error for a list";
+  } catch (const ftune::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected a mapping of sections"), std::string::npos);
+  }
+  fs::remove_all(dir);
+}
