@@ -5,10 +5,12 @@
 #include "model/llama.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
 
 #include <cmath>
 
 #include "core/error.h"
+#include "model/autocast.h"
 
 namespace ftune::model {
 namespace {
@@ -42,6 +44,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["cos"] = call.cos;
     ctx->saved_data["sin"] = call.sin;
     ctx->saved_data["mask"] = call.mask;
+    const auto dev = x.device().type();
+    ctx->saved_data["autocast"] = at::autocast::is_autocast_enabled(dev);
+    ctx->saved_data["autocast_dtype"] = at::autocast::get_autocast_dtype(dev);
     return call.layer->forward(x, call.cos, call.sin, call.mask);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -50,6 +55,8 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     at::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     {
       torch::AutoGradMode enable(true);
+      AutocastScope autocast(x.device().type(), ctx->saved_data["autocast"].toBool(),
+                             ctx->saved_data["autocast_dtype"].toScalarType());
       at::Tensor out = layer->forward(x, ctx->saved_data["cos"].toTensor(),
                                       ctx->saved_data["sin"].toTensor(),
                                       ctx->saved_data["mask"].toTensor());

@@ -2,13 +2,13 @@
 #include "train/loop.h"
 
 #include <ATen/core/grad_mode.h>
-#include <ATen/autocast_mode.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 
 #include "io/safetensors.h"
+#include "model/autocast.h"
 #include "model/loss.h"
 
 namespace ftune::train {
@@ -23,7 +23,7 @@ double seconds_since(Clock::time_point t0) {
 // Loss sum (fp32 scalar, differentiable) and its target count for one micro-batch.
 model::LossSum forward_loss(model::LlamaForCausalLM& m, const data::Batch& b, bool bf16,
                             at::Device device) {
-  AutocastScope autocast(bf16, device.type());
+  model::AutocastScope autocast(device.type(), bf16);
   model::ForwardOptions fo;
   fo.positions = b.positions.to(device);
   fo.attn_mask = b.attn_mask.to(device);
@@ -55,23 +55,6 @@ std::string step_line(double loss, double lr, double gnorm, double tok_s) {
 }
 
 }  // namespace
-
-AutocastScope::AutocastScope(bool enabled, at::DeviceType device)
-    : enabled_(enabled), device_(device) {
-  if (!enabled_) return;
-  prev_enabled_ = at::autocast::is_autocast_enabled(device_);
-  prev_dtype_ = at::autocast::get_autocast_dtype(device_);
-  at::autocast::set_autocast_enabled(device_, true);
-  at::autocast::set_autocast_dtype(device_, at::kBFloat16);
-  at::autocast::increment_nesting();
-}
-
-AutocastScope::~AutocastScope() {
-  if (!enabled_) return;
-  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(device_, prev_enabled_);
-  at::autocast::set_autocast_dtype(device_, prev_dtype_);
-}
 
 EvalResult evaluate(model::LlamaForCausalLM& m, const std::vector<data::Batch>& batches,
                     bool bf16_autocast, at::Device device) {

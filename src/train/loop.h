@@ -3,7 +3,7 @@
 // accumulation equals one larger batch), then the strategy syncs, clips and steps. Around it:
 // warmup + schedule, bf16 autocast, periodic evaluation, checkpoints, metrics and progress.
 // Everything the loop does to the model goes through Strategy, so DDP/FSDP/LoRA reuse it as is.
-// Defines LoopOptions, EvalResult, evaluate, train_loop, AutocastScope.
+// Defines LoopOptions, EvalResult, evaluate, train_loop.
 #pragma once
 
 #include <filesystem>
@@ -39,22 +39,6 @@ struct LoopOptions {
   nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
 };
 
-// Enables bf16 autocast for `device` in scope and restores the previous state after, clearing the
-// cast-weight cache when the outermost scope ends (as torch.autocast does), so a scope never sees
-// casts of weights from before an optimizer step.
-class AutocastScope {
- public:
-  AutocastScope(bool enabled, at::DeviceType device);
-  ~AutocastScope();
-  AutocastScope(const AutocastScope&) = delete;
-  AutocastScope& operator=(const AutocastScope&) = delete;
-
- private:
-  bool enabled_;
-  at::DeviceType device_;
-  bool prev_enabled_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
-};
 
 struct EvalResult {
   double loss = 0;     // mean NLL over target tokens

@@ -253,6 +253,18 @@ def test_bf16_autocast_close_to_fp32(tmp_path):
     assert all(v.dtype == torch.float32 for v in w.values())  # fp32 master weights
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_grad_checkpointing_trains_identically(tmp_path, dtype):
+    # Recomputation in backward must run under the forward's autocast state, so checkpointed
+    # training equals plain training bit for bit (same ops, same dtypes, same order).
+    sets = ["training.steps=4", "training.micro_batch=4", "logging.log_every=1", f"model.dtype={dtype}"]
+    train(tmp_path / "plain", *sets)
+    train(tmp_path / "ckpt", *sets, "model.grad_checkpointing=true")
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ckpt")
+    assert [x["loss"] for x in a] == [y["loss"] for y in b]
+    assert [x["grad_norm"] for x in a] == [y["grad_norm"] for y in b]
+
+
 def test_progress_bar_on_terminal_and_lines_otherwise(tmp_path):
     sets = ["training.steps=3", "training.micro_batch=1"]
     p = train(tmp_path / "lines", *sets, "logging.log_every=1")
