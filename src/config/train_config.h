@@ -64,6 +64,7 @@ struct TrainingOptions {
   int64_t seed = 0;             // data order and preset initialization
   std::string output_dir = "runs/ftune";  // checkpoints, metrics.jsonl, config.yaml, final/
   int64_t eval_every = 0;       // evaluate every N steps (and after the last); 0 = only at the end
+  bool eval_at_start = false;   // also evaluate before the first step (logged as step 0)
   int64_t save_every = 0;       // checkpoint every N steps (and after the last); 0 = never
   int64_t keep_last = 2;        // checkpoints to keep; older ones go once a newer one is complete
   std::string resume = "auto";  // auto = latest complete checkpoint in output_dir if any;
@@ -89,6 +90,7 @@ struct TrainingOptions {
     v("seed", seed);
     v("output_dir", output_dir);
     v("eval_every", eval_every);
+    v("eval_at_start", eval_at_start);
     v("save_every", save_every);
     v("keep_last", keep_last);
     v("resume", resume);

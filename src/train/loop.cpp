@@ -85,6 +85,27 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   if (o.dump_batches && main) std::filesystem::create_directories(batch_dir);
   m->train();
 
+  // Evaluates on the validation rows and adds eval_loss/eval_ppl to `rec`.
+  auto run_eval = [&](int64_t step, nlohmann::json& rec) {
+    const auto te = Clock::now();
+    EvalResult ev = evaluate(m, valid, o.bf16_autocast, o.device);
+    state.last_eval_loss = ev.loss;
+    rec["eval_loss"] = ev.loss;
+    rec["eval_ppl"] = ev.ppl;
+    if (main) {
+      char buf[160];
+      std::snprintf(buf, sizeof(buf), "eval step %lld: loss %.4f ppl %.3f (%lld tokens, %.1f s)",
+                    static_cast<long long>(step), ev.loss, ev.ppl,
+                    static_cast<long long>(ev.tokens), seconds_since(te));
+      progress.message(buf);
+    }
+  };
+  if (o.eval_at_start && state.step == 0 && !valid.empty()) {
+    nlohmann::json rec = {{"step", 0}};
+    run_eval(0, rec);
+    if (main) metrics.write(rec);
+  }
+
   // Throughput over the interval since the last metrics line.
   int64_t interval_tokens = 0;
   double interval_s = 0;
@@ -151,20 +172,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       interval_tokens = 0;
       interval_s = 0;
     }
-    if (do_eval) {
-      const auto te = Clock::now();
-      EvalResult ev = evaluate(m, valid, o.bf16_autocast, o.device);
-      state.last_eval_loss = ev.loss;
-      rec["eval_loss"] = ev.loss;
-      rec["eval_ppl"] = ev.ppl;
-      if (main) {
-        char buf[160];
-        std::snprintf(buf, sizeof(buf), "eval step %lld: loss %.4f ppl %.3f (%lld tokens, %.1f s)",
-                      static_cast<long long>(step), ev.loss, ev.ppl,
-                      static_cast<long long>(ev.tokens), seconds_since(te));
-        progress.message(buf);
-      }
-    }
+    if (do_eval) run_eval(step, rec);
     if (do_log && main) metrics.write(rec);
 
     const bool stopping = step == end && end < o.total_steps;

@@ -26,6 +26,7 @@ struct LoopOptions {
   optim::LrScheduleOptions schedule;
   int64_t log_every = 1;          // metrics line every N steps (and on eval steps, and the last)
   int64_t eval_every = 0;         // 0 = evaluate only after the last step
+  bool eval_at_start = false;     // evaluate before the first step of a fresh run (step 0)
   int64_t save_every = 0;         // 0 = no checkpoints (except when stopping early)
   int64_t keep_last = 2;
   int64_t stop_after = 0;         // stop after this step (checkpointed); 0 = run to the end

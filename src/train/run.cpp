@@ -16,6 +16,7 @@
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
 #include "train/loop.h"
+#include "train/loss_plot.h"
 
 namespace ftune::train {
 namespace fs = std::filesystem;
@@ -197,6 +198,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   lo.schedule.total_steps = total_steps;
   lo.log_every = cfg.logging.log_every;
   lo.eval_every = t.eval_every;
+  lo.eval_at_start = t.eval_at_start;
   lo.save_every = t.save_every;
   lo.keep_last = t.keep_last;
   lo.stop_after = t.stop_after;
@@ -242,6 +244,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
     replace_dir_atomic(tmp, out / "final");
     s.final_dir = out / "final";
   }
+  if (main) write_loss_plot(metrics.path(), out / "loss_curve.svg");
   if (main) {
     std::ostringstream os;
     os << (s.finished ? "done: " : "stopped: ") << s.steps << "/" << s.total_steps << " steps, "
@@ -255,7 +258,8 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
     os << "\n";
     if (!s.final_dir.empty()) os << "model: " << s.final_dir.string() << "\n";
     if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
-    os << "metrics: " << metrics.path().string() << "\n";
+    os << "metrics: " << metrics.path().string() << " (plot: "
+       << (out / "loss_curve.svg").string() << ")\n";
     if (!s.finished) os << "resume with training.resume: auto (same output_dir)\n";
     std::cout << os.str() << std::flush;
   }

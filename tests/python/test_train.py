@@ -362,3 +362,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     assert "training.resume: /nonexistent/step-3: not a complete checkpoint" in line
     line = run_cfg(good + "lora:\n  r: 8\n")
     assert "lora: section not supported yet" in line
+
+
+def test_eval_at_start_and_loss_plot(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "run"
+    train(out, "training.steps=6", "training.eval_every=3", "training.eval_at_start=true",
+          "data.valid=data/sample_valid.jsonl",
+          "logging.log_every=1")
+    m = metrics(out)
+    assert m[0]["step"] == 0 and "eval_loss" in m[0] and "loss" not in m[0]
+    evals = [r["eval_loss"] for r in m if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    svg = ET.parse(out / "loss_curve.svg").getroot()
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2  # train loss and eval loss
+    assert len(lines[0].get("points").split()) == 6
