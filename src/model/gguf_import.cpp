@@ -93,22 +93,21 @@ double meta_number(const io::GgufFile& f, const Meta& meta, const std::string& k
 // Strict UTF-8 check (no overlong forms, surrogates or code points above U+10FFFF): the JSON
 // writer rejects anything else, so a bad token must fail here with its index.
 bool valid_utf8(const std::string& s) {
+  static const uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};  // smallest code point per length
   for (size_t i = 0; i < s.size();) {
     const auto c = static_cast<unsigned char>(s[i]);
-    int n;
-    uint32_t cp;
-    if (c < 0x80) { ++i; continue; }
-    if ((c >> 5) == 0x6) { n = 1; cp = c & 0x1F; }
-    else if ((c >> 4) == 0xE) { n = 2; cp = c & 0x0F; }
-    else if ((c >> 3) == 0x1E) { n = 3; cp = c & 0x07; }
-    else return false;
-    if (i + n >= s.size()) return false;
+    const int n = c < 0x80           ? 0
+                  : (c >> 5) == 0x6  ? 1
+                  : (c >> 4) == 0xE  ? 2
+                  : (c >> 3) == 0x1E ? 3
+                                     : -1;
+    if (n < 0 || i + n >= s.size()) return false;  // bad lead byte or cut short
+    uint32_t cp = n == 0 ? c : c & (0x3F >> n);
     for (int k = 1; k <= n; ++k) {
       const auto cc = static_cast<unsigned char>(s[i + k]);
       if ((cc & 0xC0) != 0x80) return false;
       cp = (cp << 6) | (cc & 0x3F);
     }
-    static const uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};
     if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
     i += n + 1;
   }
@@ -254,7 +253,9 @@ json added_token(int64_t id, const std::string& content, bool special) {
 json added_tokens(const Vocab& v) {
   json out = json::array();
   for (size_t i = 0; i < v.types.size(); ++i) {
-    if (v.types[i] == kTokenControl) out.push_back(added_token(static_cast<int64_t>(i), v.tokens[i], true));
+    if (v.types[i] == kTokenControl) {
+      out.push_back(added_token(static_cast<int64_t>(i), v.tokens[i], /*special=*/true));
+    }
   }
   return out;
 }
@@ -409,7 +410,9 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
   c.attention_bias = f.contains("blk.0.attn_q.bias");
   c.mlp_bias = f.contains("blk.0.ffn_up.bias");
   c.torch_dtype = "float32";
-  if (meta.has("tokenizer.ggml.bos_token_id")) c.bos_token_id = meta.integer("tokenizer.ggml.bos_token_id");
+  if (meta.has("tokenizer.ggml.bos_token_id")) {
+    c.bos_token_id = meta.integer("tokenizer.ggml.bos_token_id");
+  }
   for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                           "tokenizer.ggml.eom_token_id"}) {
     if (!meta.has(key)) continue;
@@ -494,7 +497,8 @@ json gguf_tokenizer_json(const json& metadata, const std::string& origin) {
     const bool add_space_prefix = meta.boolean("tokenizer.ggml.add_space_prefix", true);
     json norm = json::array();
     if (add_space_prefix) norm.push_back({{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}});
-    norm.push_back({{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}});
+    norm.push_back(
+        {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}});
     tj["normalizer"] = {{"type", "Sequence"}, {"normalizers", norm}};
     tj["pre_tokenizer"] = nullptr;
     tj["post_processor"] = template_post_processor(

@@ -26,7 +26,7 @@ struct GgufImport {
   LlamaConfig config;                         // torch_dtype "float32"
   std::map<std::string, at::Tensor> weights;  // HF name -> float32 tensor, HF layout
   nlohmann::json tokenizer_json;              // an HF tokenizers tokenizer.json
-  nlohmann::json tokenizer_config;            // tokenizer_config.json (special tokens, chat template)
+  nlohmann::json tokenizer_config;            // tokenizer_config.json: specials, chat template
   nlohmann::json generation_config;           // generation_config.json (bos/eos/pad ids)
 };
 

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/safetensors.h"
+#include "tokenizer/unicode.h"
 
 namespace ftune::model {
 namespace fs = std::filesystem;
@@ -94,33 +95,10 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
   }
 }
 
-namespace {
-// GPT-2's reversible byte -> printable-unicode mapping used by byte-level BPE vocabularies.
-std::string byte_to_unicode(int b) {
-  int cp = b;
-  bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-  if (!printable) {
-    int n = 0;
-    for (int x = 0; x < b; ++x) {
-      bool px = (x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255);
-      if (!px) ++n;
-    }
-    cp = 256 + n;
-  }
-  std::string s;
-  if (cp < 0x80) {
-    s += static_cast<char>(cp);
-  } else {
-    s += static_cast<char>(0xC0 | (cp >> 6));
-    s += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-  return s;
-}
-}  // namespace
-
 void write_byte_level_tokenizer(const fs::path& dir) {
   json vocab = json::object();
-  for (int b = 0; b < 256; ++b) vocab[byte_to_unicode(b)] = b;
+  const auto& alphabet = tok::byte_to_unicode_table();
+  for (int b = 0; b < 256; ++b) vocab[alphabet[b]] = b;
   const char* specials[] = {"<s>", "</s>", "<pad>"};
   json added = json::array();
   for (int i = 0; i < 3; ++i) {

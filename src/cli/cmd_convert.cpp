@@ -1,0 +1,94 @@
+// `ftune convert --gguf FILE --out DIR`: turns a llama.cpp GGUF file of a Llama model into a
+// standard HF model dir (config.json, model.safetensors, generation_config.json, tokenizer.json,
+// tokenizer_config.json with the chat template) that ftune and transformers both load.
+// The dir is written under a temporary name and renamed into place, so an interrupted convert
+// never leaves a half-written model where a cached one is expected. The tokenizer is loaded back
+// with ftune's own tokenizer before anything is written, so a vocabulary ftune cannot run fails
+// here rather than at the first training step.
+#include <iostream>
+#include <unistd.h>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/fs.h"
+#include "model/gguf_import.h"
+#include "model/hf_io.h"
+#include "tokenizer/tokenizer.h"
+
+namespace ftune::cli {
+namespace {
+namespace fs = std::filesystem;
+
+struct ConvertArgs {
+  std::string gguf, out, dtype = "fp32";
+  bool force = false;
+};
+
+void run_convert(const ConvertArgs& a) {
+  const at::ScalarType dtype = model::dtype_from_name(a.dtype, "--dtype");
+  FTUNE_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "--dtype: expected fp32 or bf16, got \"", a.dtype, "\"");
+  const fs::path out = a.out;
+  FTUNE_CHECK(!out.empty(), "--out: expected a directory");
+  if (fs::exists(out)) {
+    FTUNE_CHECK(fs::is_directory(out), out.string(), ": --out: exists and is not a directory");
+    FTUNE_CHECK(a.force || fs::is_empty(out), out.string(),
+                ": --out: directory exists and is not empty (pass --force to replace it)");
+  }
+  FTUNE_CHECK(fs::is_regular_file(a.gguf), a.gguf, ": --gguf: no such file");
+
+  model::GgufImport imp = model::import_gguf(a.gguf);
+  // Self-check: ftune must be able to load and run the tokenizer it is about to write.
+  tok::Tokenizer tok = tok::Tokenizer::from_json(imp.tokenizer_json, imp.tokenizer_config,
+                                                 a.gguf + " (converted tokenizer)");
+  FTUNE_CHECK(tok.vocab_size() <= imp.config.vocab_size, a.gguf, ": tokenizer has ",
+              tok.vocab_size(), " tokens, more than the model's vocab_size ",
+              imp.config.vocab_size);
+  tok.encode("Hello, world! 123");
+  if (!tok.chat_template().empty()) {
+    try {
+      tok.apply_chat_template(
+          nlohmann::json::array({{{"role", "user"}, {"content", "Hi"}}}), true);
+    } catch (const ftune::Error& e) {
+      std::cerr << "ftune: warning: the chat template does not render with ftune: " << e.what()
+                << "\n";
+    }
+  }
+
+  fs::path tmp = out;
+  tmp += ".tmp-" + std::to_string(::getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  try {
+    model::write_gguf_import(imp, tmp, dtype);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  replace_dir_atomic(tmp, out);
+  const auto& c = imp.config;
+  std::cout << "wrote " << out.string() << ": llama, " << c.num_hidden_layers << " layers, hidden "
+            << c.hidden_size << ", " << c.num_attention_heads << " heads (" << c.num_key_value_heads
+            << " kv), vocab " << c.vocab_size << ", " << c.num_parameters() << " parameters, "
+            << model::dtype_name(dtype) << (c.tie_word_embeddings ? ", tied embeddings" : "")
+            << "\n";
+}
+
+}  // namespace
+
+void register_convert(CLI::App& app) {
+  auto a = std::make_shared<ConvertArgs>();
+  auto* cmd =
+      app.add_subcommand("convert", "Convert a llama.cpp GGUF Llama model to an HF model dir");
+  cmd->add_option("--gguf", a->gguf, "GGUF file (general.architecture \"llama\")")
+      ->required()
+      ->type_name("FILE");
+  cmd->add_option("--out", a->out, "Output HF model directory")->required()->type_name("DIR");
+  cmd->add_option("--dtype", a->dtype,
+                  "Weight dtype of model.safetensors: fp32 (default, exact dequantized values) "
+                  "or bf16");
+  cmd->add_flag("--force", a->force, "Replace --out if it exists and is not empty");
+  cmd->callback([a] { run_convert(*a); });
+}
+
+}  // namespace ftune::cli
