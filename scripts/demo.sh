@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 FT=${FTUNE_BIN:-build/bin/ftune}
 OUT=results/demo
 MODEL=${FTUNE_DEMO_MODEL:-$HOME/.cache/ftune/models/smollm2-135m-instruct}
-STEPS=${FTUNE_DEMO_STEPS:-}   # default: one epoch (configs/smollm2_full.yaml)
+STEPS=${FTUNE_DEMO_STEPS:-}   # default: training.steps of configs/smollm2_full.yaml
 
 GGUF=$(find -L .venv/lib -name 'SmolLM2-135M-Instruct.Q4_1.gguf' | head -n 1)
 [ -n "$GGUF" ] || { echo "demo: SmolLM2 GGUF not found in .venv (run scripts/setup.sh)" >&2; exit 1; }
@@ -50,7 +50,7 @@ answers "$MODEL" | tee "$OUT/answers_before.txt"
 
 echo "== fine-tuning (full, bf16 autocast) on data/sample_train.jsonl"
 extra=()
-[ -n "$STEPS" ] && extra=(--set training.epochs=0 --set "training.steps=$STEPS")
+[ -n "$STEPS" ] && extra=(--set "training.steps=$STEPS")
 "$FT" train --config configs/smollm2_full.yaml --set "model.path=$MODEL" \
   --set "training.output_dir=$OUT" "${extra[@]}"
 
