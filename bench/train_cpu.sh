@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Full fine-tuning throughput of `ftune train` vs the transformers Trainer (bench/hf_train.py) and a
+# plain torch loop over transformers' LlamaForCausalLM (bench/torch_train.py): same model dirs
+# (written once by `ftune init-model`), data, threads, torch, in one invocation.
+#   1. equal shapes, packed fixed-length rows: tiny (seq 512, batch 4) and SmolLM2-135M (seq 256,
+#      batch 2); tokens = batch * seq_len per step, first (warm-up) step excluded everywhere;
+#   2. one epoch of data/sample_train.jsonl, tiny: ftune packing vs the Trainer padding each
+#      micro-batch to its longest example; wall time of the training loop.
+# The machine may be shared, so each case runs ROUNDS times in alternating order and the report
+# uses per-step medians; MFU is against the best `ftune bench gemm` rate measured during the run.
+# Usage: bench/train_cpu.sh [--report]   (repo root, after `make build`; env THREADS=2 ROUNDS=2
+#        FTUNE_BIN=build/bin/ftune; --report reprints the tables of the last run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${THREADS:-2}
+ROUNDS=${ROUNDS:-2}
+PY=${PYTHON:-.venv/bin/python}
+FT=${FTUNE_BIN:-build/bin/ftune}
+W=runs/bench_train
+DATA=data/sample_train.jsonl
+export OMP_NUM_THREADS=$T
+mkdir -p "$W/models" "$W/out"
+RES=$W/out/results.jsonl
+
+gemm() { $FT bench gemm --threads "$T" | tee -a "$W/out/gemm.jsonl"; }
+
+now() { date +%s.%N; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# record CASE ROUND IMPL START JSON: appends JSON + case/round/process_s/load to results.jsonl.
+record() {
+  $PY - "$1" "$2" "$3" "$4" "$(now)" "$(load1)" "$5" >>"$RES" <<'PYEOF'
+import json, sys
+case, rnd, impl, t0, t1, load, rec = sys.argv[1:8]
+r = json.loads(rec)
+r.update(case=case, round=int(rnd), impl=impl, process_s=float(t1) - float(t0), load1=float(load))
+print(json.dumps(r))
+PYEOF
+}
+
+# ftune CASE ROUND CONFIG --set ...: runs ftune train, turns its metrics.jsonl into a record.
+ftune() {
+  local c=$1 r=$2 cfg=$3 out=$W/out/ftune_$1 t0
+  shift 3
+  t0=$(now)
+  $FT train --config "$cfg" --set training.output_dir="$out" --set training.threads="$T" \
+    --set logging.peak_flops="$PEAK" "$@" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
+  record "$c" "$r" ftune "$t0" "$($PY - "$out/metrics.jsonl" <<'PYEOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+prev, step_s, step_tokens = 0, [], []
+for m in rows:  # log_every 1: one line per step; tokens are cumulative
+    n = m["tokens"] - prev
+    prev = m["tokens"]
+    step_tokens.append(n)
+    step_s.append(n / m["tokens_per_s"])
+print(json.dumps({"step_s": step_s, "step_tokens": step_tokens, "mfu_logged": rows[-1]["mfu"],
+                  "final_loss": rows[-1]["loss"]}))
+PYEOF
+)"
+}
+
+peer() {  # CASE ROUND IMPL SCRIPT ARGS...
+  local c=$1 r=$2 i=$3 s=$4 t0 out
+  shift 4
+  t0=$(now)
+  out=$($PY "bench/$s" --threads "$T" --data "$DATA" "$@" 2>"$W/out/$c.$i.log" | tail -1) ||
+    { cat "$W/out/$c.$i.log"; exit 1; }
+  record "$c" "$r" "$i" "$t0" "$out"
+}
+
+TINY=$W/models/tiny
+M135=$W/models/smollm2-135m
+tiny_ft() { ftune tiny "$1" bench/configs/train_packed.yaml --set model.path=$TINY \
+  --set data.seq_len=512 --set training.micro_batch=4 --set training.steps=30; }
+tiny_hf() { peer tiny "$1" hf_trainer hf_train.py --mode packed --model $TINY --seq-len 512 \
+  --micro-batch 4 --steps 30; }
+tiny_pt() { peer tiny "$1" torch_loop torch_train.py --model $TINY --seq-len 512 --micro-batch 4 \
+  --steps 30; }
+tiny_pb() { peer tiny "$1" torch_loop_blockmask torch_train.py --model $TINY --seq-len 512 \
+  --micro-batch 4 --steps 30 --block-mask; }
+m135_ft() { ftune 135m "$1" bench/configs/train_packed.yaml --set model.path=$M135 \
+  --set data.seq_len=256 --set training.micro_batch=2 --set training.steps=6; }
+m135_hf() { peer 135m "$1" hf_trainer hf_train.py --mode packed --model $M135 --seq-len 256 \
+  --micro-batch 2 --steps 6; }
+m135_pt() { peer 135m "$1" torch_loop torch_train.py --model $M135 --seq-len 256 --micro-batch 2 \
+  --steps 6; }
+epoch_ft() { ftune epoch "$1" bench/configs/train_epoch.yaml --set model.path=$TINY; }
+epoch_hf() { peer epoch "$1" hf_trainer hf_train.py --mode padded --model $TINY --seq-len 512 \
+  --micro-batch 4 --epochs 1; }
+
+run_all() {
+  : >"$RES"
+  : >"$W/out/gemm.jsonl"
+  echo "# $(date -u +%F) threads=$T rounds=$ROUNDS nproc=$(nproc)" \
+    "torch=$($PY -c 'import torch;print(torch.__version__)')" \
+    "transformers=$($PY -c 'import transformers;print(transformers.__version__)')"
+  for p in tiny smollm2-135m; do
+    [ -f "$W/models/$p/model.safetensors" ] ||
+      $FT init-model --preset "$p" --out "$W/models/$p" --dtype fp32 >/dev/null
+  done
+  gemm
+  PEAK=$($PY -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["fp32_flops_per_s"])' \
+    "$W/out/gemm.jsonl")
+  local r order i
+  for r in $(seq 1 "$ROUNDS"); do  # alternating order, so drifting load hits every side
+    echo "round $r/$ROUNDS (load $(load1))"
+    if ((r % 2)); then order="ft hf pt pb"; else order="pb pt hf ft"; fi
+    for i in $order; do tiny_$i "$r"; done
+    for i in ${order/pb/}; do m135_$i "$r"; done
+    if ((r % 2)); then epoch_ft "$r"; epoch_hf "$r"; else epoch_hf "$r"; epoch_ft "$r"; fi
+    gemm
+  done
+}
+[ "${1:-}" = --report ] || run_all  # --report: reprint the tables of the last run only
+
+$PY - "$RES" "$W/out/gemm.jsonl" <<'PYEOF'
+import json, statistics as st, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+peak = max(json.loads(l)["fp32_flops_per_s"] for l in open(sys.argv[2]))
+print(f"\nfp32 GEMM rate, best of the run: {peak / 1e9:.1f} GFLOP/s (MFU denominator)")
+fpt = {r["case"]: r["flops_per_token"] for r in recs if "flops_per_token" in r}
+
+# Equal shapes, first (warm-up) step of each run dropped. Headline: the median step of each
+# round, best round (a round that shared the CPUs with other work is slower as a whole); the
+# fastest single step approximates the machine with no other load.
+print("\n| shape | impl | rounds | median step tok/s (best round) | fastest step tok/s |"
+      " ftune / impl (median) | ftune / impl (fastest) | MFU (median) |")
+print("|---|---|---|---|---|---|---|---|")
+for case in ("tiny", "135m"):
+    by = {}
+    for r in recs:
+        if r["case"] == case:
+            by.setdefault(r["impl"], []).append(
+                [n / d for n, d in zip(r["step_tokens"][1:], r["step_s"][1:])])
+    med = {i: max(st.median(run) for run in runs) for i, runs in by.items()}
+    top = {i: max(max(run) for run in runs) for i, runs in by.items()}
+    for i in by:
+        print(f"| {case} | {i} | {len(by[i])} | {med[i]:.1f} | {top[i]:.1f} |"
+              f" {med['ftune'] / med[i]:.2f}x | {top['ftune'] / top[i]:.2f}x |"
+              f" {med[i] * fpt[case] / peak * 100:.1f}% |")
+
+# Epoch: loop time = sum of all step times (first step included); steps x median step time is
+# the same estimate with other processes' bursts filtered out.
+print("\n| epoch (tiny) | round | steps | tokens incl. padding | loop s | steps x median step s |"
+      " process s | load1 |")
+print("|---|---|---|---|---|---|---|---|")
+ep = [r for r in recs if r["case"] == "epoch"]
+loop, robust, proc = {}, {}, {}
+for r in ep:
+    i = r["impl"]
+    ls, rb = sum(r["step_s"]), len(r["step_s"]) * st.median(r["step_s"])
+    loop[i] = min(loop.get(i, 1e9), ls)
+    robust[i] = min(robust.get(i, 1e9), rb)
+    proc[i] = min(proc.get(i, 1e9), r["process_s"])
+    print(f"| {i} | {r['round']} | {len(r['step_s'])} | {sum(r['step_tokens'])} | {ls:.1f} | {rb:.1f} |"
+          f" {r['process_s']:.1f} | {r['load1']} |")
+f, h = "ftune", "hf_trainer"
+print(f"\nepoch, Trainer time / ftune time (best round): loop {loop[h] / loop[f]:.2f}x,"
+      f" steps x median {robust[h] / robust[f]:.2f}x, whole process {proc[h] / proc[f]:.2f}x")
+print("load1 at the end of each run:", [r["load1"] for r in recs])
+PYEOF
