@@ -60,6 +60,8 @@ struct TrainingOptions {
   double adam_beta1 = 0.9;
   double adam_beta2 = 0.999;
   double adam_eps = 1e-8;
+  bool adam_fused = true;       // fused multi-tensor AdamW kernel (torch fused=True); false =
+                                // per-tensor ops equal to torch foreach=False bit for bit
   double max_grad_norm = 1.0;   // clip the total L2 gradient norm to this; 0 = no clipping
   int64_t seed = 0;             // data order and preset initialization
   std::string output_dir = "runs/ftune";  // checkpoints, metrics.jsonl, config.yaml, final/
@@ -86,6 +88,7 @@ struct TrainingOptions {
     v("adam_beta1", adam_beta1);
     v("adam_beta2", adam_beta2);
     v("adam_eps", adam_eps);
+    v("adam_fused", adam_fused);
     v("max_grad_norm", max_grad_norm);
     v("seed", seed);
     v("output_dir", output_dir);

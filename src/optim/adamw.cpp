@@ -1,10 +1,13 @@
-// AdamW update mirroring torch/optim/adam.py _single_tensor_adam (decoupled_weight_decay=True,
-// amsgrad=False, maximize=False, capturable=False); see adamw.h.
+// AdamW: fused (at::_fused_adamw_, torch fused=True) or mirroring torch/optim/adam.py
+// _single_tensor_adam (decoupled_weight_decay=True, amsgrad=False, maximize=False,
+// capturable=False); see adamw.h.
 #include "optim/adamw.h"
 
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <map>
+#include <tuple>
 
 #include "core/error.h"
 
@@ -21,6 +24,40 @@ AdamW::AdamW(NamedTensors params, AdamWOptions opts) : params_(std::move(params)
 
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
+  if (opts_.fused) {
+    step_fused(lr);
+  } else {
+    step_unfused(lr);
+  }
+}
+
+void AdamW::step_fused(double lr) {
+  // One kernel call per (weight decay, device, dtype) group, like torch's _fused_adamw grouping.
+  // The kernel reads each step count from a float32 scalar tensor that the caller has advanced.
+  struct Group {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+  };
+  std::map<std::tuple<bool, std::string, at::ScalarType>, Group> groups;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& param = params_[i].second;
+    if (!param.grad().defined()) continue;
+    Group& g = groups[{decay_[i], param.device().str(), param.scalar_type()}];
+    g.params.push_back(param);
+    g.grads.push_back(param.grad());
+    g.exp_avgs.push_back(exp_avg_[i]);
+    g.exp_avg_sqs.push_back(exp_avg_sq_[i]);
+    g.steps.push_back(at::scalar_tensor(static_cast<double>(++steps_[i]),
+                                        at::TensorOptions().dtype(at::kFloat).device(param.device())));
+  }
+  for (auto& [key, g] : groups) {
+    const double wd = std::get<0>(key) ? opts_.weight_decay : 0.0;
+    at::_fused_adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, /*max_exp_avg_sqs=*/{}, g.steps,
+                      lr, opts_.beta1, opts_.beta2, wd, opts_.eps, /*amsgrad=*/false,
+                      /*maximize=*/false);
+  }
+}
+
+void AdamW::step_unfused(double lr) {
   const double beta1 = opts_.beta1, beta2 = opts_.beta2;
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor param = params_[i].second;

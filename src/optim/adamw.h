@@ -1,5 +1,8 @@
-// AdamW with decoupled weight decay, op for op torch.optim.AdamW(foreach=False): the same ATen
-// calls with the same scalars in the same order, so fp32 updates match PyTorch bit for bit.
+// AdamW with decoupled weight decay, as torch.optim.AdamW. Two implementations: fused (default)
+// runs ATen's multi-tensor kernel at::_fused_adamw_ once per weight-decay group, as
+// torch.optim.AdamW(fused=True) and the HF Trainer's default "adamw_torch_fused" do (~7x faster
+// on CPU than a per-tensor loop for 135M params); unfused repeats torch.optim.AdamW(foreach=False)
+// op for op (the same ATen calls and scalars in the same order), so updates match it bit for bit.
 // Parameters with fewer than 2 dims (norm weights, biases) get no weight decay, as the HF Trainer
 // groups them. State (exp_avg, exp_avg_sq, step) is exposed by parameter name for checkpoints.
 // Defines AdamWOptions, AdamW.
@@ -22,6 +25,7 @@ struct AdamWOptions {
   double beta2 = 0.999;        // decay of the second-moment average
   double eps = 1e-8;           // added to sqrt(v_hat)
   double weight_decay = 0.0;   // decoupled: p *= 1 - lr * wd, for params with dim >= 2 only
+  bool fused = true;           // at::_fused_adamw_ (fused=True); false = foreach=False op for op
 };
 
 class AdamW {
@@ -50,6 +54,9 @@ class AdamW {
   std::vector<bool> decay_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   std::vector<int64_t> steps_;
+
+  void step_unfused(double lr);
+  void step_fused(double lr);
 };
 
 }  // namespace ftune::optim

@@ -169,6 +169,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   ao.beta1 = t.adam_beta1;
   ao.beta2 = t.adam_beta2;
   ao.eps = t.adam_eps;
+  ao.fused = t.adam_fused;
   ao.weight_decay = t.weight_decay;
   optim::AdamW opt(strategy.prepare(m), ao);
 

@@ -32,8 +32,11 @@ struct RefAdamW {
 
 }  // namespace
 
-TEST(AdamW, MatchesHandComputationWithDecayOnMatricesOnly) {
+class AdamWImpl : public ::testing::TestWithParam<bool> {};
+
+TEST_P(AdamWImpl, MatchesHandComputationWithDecayOnMatricesOnly) {
   AdamWOptions o;
+  o.fused = GetParam();
   o.beta1 = 0.8;
   o.beta2 = 0.95;
   o.eps = 1e-6;
@@ -60,6 +63,31 @@ TEST(AdamW, MatchesHandComputationWithDecayOnMatricesOnly) {
   auto wf = w.detach().flatten();
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(wf[i].item<double>(), ref_w[i], 1e-12) << i;
   for (int i = 0; i < 2; ++i) EXPECT_NEAR(b[i].item<double>(), ref_b[i], 1e-12) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(FusedAndUnfused, AdamWImpl, ::testing::Bool());
+
+TEST(AdamW, FusedEqualsUnfusedWithinFp32Rounding) {
+  auto run = [](bool fused) {
+    at::manual_seed(0);
+    at::Tensor w = at::randn({16, 8}).requires_grad_();
+    at::Tensor b = at::randn({8}).requires_grad_();
+    AdamWOptions o;
+    o.weight_decay = 0.1;
+    o.fused = fused;
+    AdamW opt({{"w", w}, {"b", b}}, o);
+    for (int s = 0; s < 6; ++s) {
+      w.mutable_grad() = at::randn({16, 8});
+      b.mutable_grad() = at::randn({8});
+      opt.step(1e-2);
+    }
+    return at::cat({w.detach().flatten(), b.detach()});
+  };
+  at::Tensor a = run(true), u = run(false);
+  at::manual_seed(0);
+  at::Tensor init = at::cat({at::randn({16, 8}).flatten(), at::randn({8})});
+  EXPECT_GT((a - init).abs().max().item<double>(), 1e-2);  // the updates did move the weights
+  EXPECT_LT((a - u).abs().max().item<double>(), 1e-6);
 }
 
 TEST(AdamW, Fp32WithinRoundingOfDoubleReference) {

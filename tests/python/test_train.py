@@ -1,7 +1,8 @@
 """`ftune train` against independent oracles, on the tiny preset and the bundled sample data.
 
 - Parity: 20 steps of full fine-tuning equal a plain PyTorch/transformers loop (torch.optim.AdamW
-  with foreach=False, transformers' warmup schedules, clip_grad_norm_) fed the same batches that
+  fused=True like ftune's default training.adam_fused, transformers' warmup schedules,
+  clip_grad_norm_) fed the same batches that
   ftune dumped, within 1e-4 relative per step; the final weights agree too and load in transformers.
 - Gradient accumulation 4 x micro-batch 1 equals micro-batch 4, with uneven target counts.
 - Resume is bit-exact, and a kill -9 during a checkpoint write leaves the previous one loadable.
@@ -59,7 +60,7 @@ def reference_run(base: Path, batch_dir: Path, steps: int, *, lr, schedule, warm
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=betas, eps=eps, foreach=False)
+                            lr=lr, betas=betas, eps=eps, fused=True)
     make = {
         "cosine": lambda: transformers.get_cosine_schedule_with_warmup(opt, warmup, steps),
         "linear": lambda: transformers.get_linear_schedule_with_warmup(opt, warmup, steps),
