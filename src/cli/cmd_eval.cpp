@@ -38,11 +38,10 @@ void run_eval(const EvalArgs& a) {
   const int64_t n = all.size(0);
   const int64_t full = n / a.seq_len;
   torch::NoGradGuard no_grad;
-  auto dev = parse_device(a.device);
   double nll_sum = 0;
   int64_t count = 0;
   auto run = [&](const at::Tensor& batch) {
-    at::Tensor x = batch.to(dev);
+    at::Tensor x = batch.to(m.device);
     auto loss = model::causal_lm_loss_sum(m.model->forward(x), x);
     nll_sum += loss.sum.item<double>();
     count += loss.count;

@@ -21,7 +21,7 @@ InferenceModel load_inference_model(const std::string& dir, const std::string& d
   opts.device = parse_device(device);
   // Tokenizer first: it is cheap, and a missing tokenizer should not wait for a multi-GB load.
   tok::Tokenizer tok = tok::Tokenizer::load(dir);
-  InferenceModel out{model::load_model(dir, opts), std::move(tok)};
+  InferenceModel out{model::load_model(dir, opts), std::move(tok), opts.device};
   out.model->eval();
   return out;
 }

@@ -14,6 +14,7 @@ at::Device parse_device(const std::string& s);  // "cpu", "cuda", "cuda:N"
 struct InferenceModel {
   model::LlamaForCausalLM model{nullptr};
   tok::Tokenizer tokenizer;
+  at::Device device = at::kCPU;  // where the weights live; inputs go there
 };
 
 // Loads `dir` (weights in `dtype`, "" = config's torch_dtype) plus its tokenizer, in eval mode.
