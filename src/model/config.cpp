@@ -198,6 +198,15 @@ json LlamaConfig::to_json() const {
   return j;
 }
 
+json LlamaConfig::generation_config_json() const {
+  json gen = {{"_from_model_config", true}};
+  if (bos_token_id) gen["bos_token_id"] = *bos_token_id;
+  if (eos_token_ids.size() == 1) gen["eos_token_id"] = eos_token_ids[0];
+  if (eos_token_ids.size() > 1) gen["eos_token_id"] = eos_token_ids;
+  if (pad_token_id) gen["pad_token_id"] = *pad_token_id;
+  return gen;
+}
+
 int64_t LlamaConfig::num_parameters() const {
   int64_t h = hidden_size, hd = dim_head();
   int64_t attn = h * num_attention_heads * hd * 2 + h * num_key_value_heads * hd * 2;

@@ -50,6 +50,8 @@ struct LlamaConfig {
   // Parses config.json contents; `origin` names the file in errors ("<origin>: <key>: ...").
   static LlamaConfig from_json(const nlohmann::json& j, const std::string& origin);
   nlohmann::json to_json() const;
+  // generation_config.json as transformers writes it from a model config (bos/eos/pad ids).
+  nlohmann::json generation_config_json() const;
   // Checks internal consistency (positive sizes, heads divide, GQA ratio integral).
   void validate(const std::string& origin) const;
 };

@@ -569,12 +569,7 @@ GgufImport import_gguf(const fs::path& path) {
   const int64_t n_tokens = static_cast<int64_t>(imp.tokenizer_json["model"]["vocab"].size());
   FTUNE_CHECK(n_tokens <= imp.config.vocab_size, f.origin(), ": tokenizer.ggml.tokens: ", n_tokens,
               " tokens exceed the model's vocab_size ", imp.config.vocab_size);
-  json gen = {{"_from_model_config", true}};
-  if (imp.config.bos_token_id) gen["bos_token_id"] = *imp.config.bos_token_id;
-  if (imp.config.eos_token_ids.size() == 1) gen["eos_token_id"] = imp.config.eos_token_ids[0];
-  if (imp.config.eos_token_ids.size() > 1) gen["eos_token_id"] = imp.config.eos_token_ids;
-  if (imp.config.pad_token_id) gen["pad_token_id"] = *imp.config.pad_token_id;
-  imp.generation_config = gen;
+  imp.generation_config = imp.config.generation_config_json();
   return imp;
 }
 

@@ -77,12 +77,7 @@ void save_model(const fs::path& dir, LlamaForCausalLM& m, int64_t max_shard_byte
   cfg.torch_dtype = dtype_name(dtype);
   io::save_weights(dir, tensors, max_shard_bytes);
   write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
-  json gen = {{"_from_model_config", true}};
-  if (cfg.bos_token_id) gen["bos_token_id"] = *cfg.bos_token_id;
-  if (cfg.eos_token_ids.size() == 1) gen["eos_token_id"] = cfg.eos_token_ids[0];
-  if (cfg.eos_token_ids.size() > 1) gen["eos_token_id"] = cfg.eos_token_ids;
-  if (cfg.pad_token_id) gen["pad_token_id"] = *cfg.pad_token_id;
-  write_file_atomic(dir / "generation_config.json", gen.dump(2) + "\n");
+  write_file_atomic(dir / "generation_config.json", cfg.generation_config_json().dump(2) + "\n");
 }
 
 void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
