@@ -21,6 +21,7 @@ build: configure
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -LE slow -j$(JOBS) $(CTEST_ARGS)
 
+# The long tests: the real-model fine-tune, big-checkpoint loading, the fuzzers (30 s each).
 test-slow: build
 	ctest --test-dir $(BUILD) --output-on-failure -L slow $(CTEST_ARGS)
 
@@ -29,12 +30,8 @@ demo: build
 
 # libFuzzer on the GGUF and safetensors readers (clang, ASan + UBSan), FUZZ_SECONDS each.
 fuzz: setup
-	@cmake -S . -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DFTUNE_BUILD_FUZZERS=ON \
-	  -DFTUNE_BUILD_TESTS=OFF >/dev/null
-	@cmake --build build-fuzz --target gguf_fuzz safetensors_fuzz
-	@for f in gguf safetensors; do mkdir -p tests/fuzz/corpus/$$f; \
-	  ASAN_OPTIONS=detect_leaks=0 build-fuzz/bin/$${f}_fuzz -max_total_time=$(FUZZ_SECONDS) \
-	    -rss_limit_mb=4096 -print_final_stats=1 tests/fuzz/corpus/$$f tests/fuzz/seeds/$$f; done
+	@bash scripts/fuzz.sh build build-fuzz
+	@bash scripts/fuzz.sh run build-fuzz $(FUZZ_SECONDS) tests/fuzz/corpus gguf safetensors
 
 clean:
 	rm -rf $(BUILD)

@@ -36,3 +36,18 @@ function(ftune_add_pytest name)
     set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
   endif()
 endfunction()
+
+# The libFuzzer targets, built with clang into build/fuzz once (fixture fuzz_build), then each run
+# for FTUNE_FUZZ_SECONDS on the seeds (scripts/fuzz.sh). Labelled slow: `make test-slow` and CI.
+set(FTUNE_FUZZ_SECONDS 30 CACHE STRING "Seconds each fuzzer runs in ctest")
+set(_fuzz_sh ${PROJECT_SOURCE_DIR}/scripts/fuzz.sh)
+add_test(NAME fuzz_build COMMAND bash ${_fuzz_sh} build ${PROJECT_BINARY_DIR}/fuzz)
+set_tests_properties(fuzz_build PROPERTIES TIMEOUT 900 LABELS "slow;fuzz" FIXTURES_SETUP fuzz
+  RESOURCE_LOCK fuzz_build_dir)
+foreach(_t gguf safetensors)
+  add_test(NAME fuzz_${_t} COMMAND bash ${_fuzz_sh} run ${PROJECT_BINARY_DIR}/fuzz
+    ${FTUNE_FUZZ_SECONDS} ${PROJECT_BINARY_DIR}/fuzz/corpus ${_t})
+  math(EXPR _timeout "${FTUNE_FUZZ_SECONDS} + 120")
+  set_tests_properties(fuzz_${_t} PROPERTIES TIMEOUT ${_timeout} LABELS "slow;fuzz"
+    FIXTURES_REQUIRED fuzz)
+endforeach()
