@@ -235,6 +235,8 @@ std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_
       config::parse_train_config(info.meta.at("config").get<std::string>(), origin + " (config)");
   std::string changed, notes, first_key;
   for (const auto& c : config::diff_configs(saved, cfg)) {
+    // How a run is stopped and resumed is expected to change between its parts: no note.
+    if (c.key == "training.resume" || c.key == "training.stop_after") continue;
     const std::string item = c.key + " " + c.before + " -> " + c.after;
     if (c.key == "training.steps" || c.key == "training.epochs" ||
         config::keeps_run_on_resume(c.key)) {

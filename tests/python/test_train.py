@@ -2,10 +2,15 @@
 
 - Parity: 20 steps of full fine-tuning equal a plain PyTorch/transformers loop (torch.optim.AdamW
   fused=True like ftune's default training.adam_fused, transformers' warmup schedules,
-  clip_grad_norm_) fed the same batches that
-  ftune dumped, within 1e-4 relative per step; the final weights agree too and load in transformers.
-- Gradient accumulation 4 x micro-batch 1 equals micro-batch 4, with uneven target counts.
-- Resume is bit-exact, and a kill -9 during a checkpoint write leaves the previous one loadable.
+  clip_grad_norm_) fed the same batches that ftune dumped. Measured (CPU, fp32, torch 2.11): per
+  step loss and grad norm within 1.9e-7 relative, final weights within 1.9e-7; bounds 1e-6.
+- Gradient accumulation 4 x micro-batch 1 equals micro-batch 4, with uneven target counts
+  (measured: loss, grad norm and weights within 1.3e-7; bounds 1e-6).
+- AdamW alone equals torch.optim.AdamW bit for bit (unfused vs foreach=False, fused vs fused=True).
+- Resume is bit-exact; resume refuses a changed config (unless forced), fewer steps than done, and
+  a corrupt trainer_state.json; a checkpoint left half-written is skipped.
+- epochs gives the documented step count; MFU is model FLOPs over the peak; the resolved
+  config.yaml is a valid input; checkpoints are model dirs for `ftune eval`.
 - Bad input is one clear stderr line naming file/line/key, with a non-zero exit.
 """
 import json
@@ -116,8 +121,8 @@ def test_matches_plain_pytorch_loop(tmp_path, schedule, accum, packing):
     for g, r in zip(got, ref):
         assert g["target_tokens"] == r["targets"]
         assert rel(g["lr"], r["lr"]) < 1e-12 or (g["lr"] == 0 and r["lr"] == 0), (g, r)
-        assert rel(g["loss"], r["loss"]) < 1e-4, (g, r)
-        assert rel(g["grad_norm"], r["grad_norm"]) < 1e-4, (g, r)
+        assert rel(g["loss"], r["loss"]) < 1e-6, (g, r)
+        assert rel(g["grad_norm"], r["grad_norm"]) < 1e-6, (g, r)
         clipped += r["grad_norm"] > max_norm
     assert clipped >= 3, "clipping should be active in this test"
     assert got[-1]["loss"] < got[0]["loss"] - 0.5, "the model should learn"
@@ -130,7 +135,7 @@ def test_matches_plain_pytorch_loop(tmp_path, schedule, accum, packing):
     ref_sd = model.state_dict()
     for name, p in final.state_dict().items():
         d = (p - ref_sd[name]).norm() / ref_sd[name].norm().clamp_min(1e-12)
-        assert d < 1e-4, name
+        assert d < 1e-6, (name, d)
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert tok("hello")["input_ids"]
     summary = (out / "config.yaml").read_text()
@@ -149,8 +154,8 @@ def test_grad_accum_equals_bigger_batch(tmp_path, packing):
     big, acc = metrics(tmp_path / "big"), metrics(tmp_path / "acc")
     for b, a in zip(big, acc):
         assert b["target_tokens"] == a["target_tokens"]
-        assert rel(a["loss"], b["loss"]) < 2e-6, (a, b)
-        assert rel(a["grad_norm"], b["grad_norm"]) < 1e-5, (a, b)
+        assert rel(a["loss"], b["loss"]) < 1e-6, (a, b)
+        assert rel(a["grad_norm"], b["grad_norm"]) < 1e-6, (a, b)
     # The four micro-batches of a step really carry different numbers of targets.
     t = load_file(tmp_path / "acc" / "batches" / "step-1.safetensors")
     counts = {int((t[f"mb{i}.labels"][:, 1:] != -100).sum()) for i in range(4)}
@@ -158,7 +163,7 @@ def test_grad_accum_equals_bigger_batch(tmp_path, packing):
     wa = load_file(tmp_path / "acc" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "big" / "final" / "model.safetensors")
     for k in wb:
-        assert ((wa[k] - wb[k]).norm() / wb[k].norm()) < 1e-4, k
+        assert ((wa[k] - wb[k]).norm() / wb[k].norm()) < 1e-6, k
 
 
 # --- resume and crash safety -------------------------------------------------------------------
@@ -505,8 +510,10 @@ def test_resume_with_raised_steps_or_force_continues(tmp_path, stopped_run):
     out = copy_run(stopped_run, tmp_path / "raised")
     p = train(out, *SHORT, "training.steps=8", "logging.log_every=2", resume="auto")
     assert "resuming from" in p.stderr
-    assert "changes that keep the run the same: logging.log_every 1 -> 2, training.steps 6 -> 8" \
-        in p.stderr, p.stderr
+    note = [l for l in p.stderr.splitlines() if "changes that keep the run the same" in l]
+    assert len(note) == 1, p.stderr
+    assert "logging.log_every 1 -> 2" in note[0] and "training.steps 6 -> 8" in note[0], note
+    assert "training.output_dir" in note[0] and "stop_after" not in note[0], note  # a copied run
     assert "done: 8/8 steps" in p.stdout
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 6, 8]
 
@@ -581,7 +588,8 @@ def test_summary_never_shows_a_stale_eval_loss(tmp_path):
 # --- data without targets, a broken model --------------------------------------------------------
 
 def test_data_without_targets(tmp_path):
-    long_prompt = {"instruction": "x" * 300, "input": "", "output": "short"}
+    # Byte-level tokens: the alpaca template alone is ~150, so "ok" needs seq_len 256.
+    long_prompt = {"instruction": "x" * 400, "input": "", "output": "short"}
     ok = {"instruction": "hi", "input": "", "output": "a short answer"}
     path = write(tmp_path / "long.jsonl", "\n".join(json.dumps(long_prompt) for _ in range(5)))
     p = train(tmp_path / "a", "training.steps=2", f"data.train={path}", "data.packing=false",
@@ -602,9 +610,9 @@ def test_data_without_targets(tmp_path):
     mixed = write(tmp_path / "mixed.jsonl",
                   "\n".join(json.dumps(r) for r in [long_prompt, ok, long_prompt, ok, ok]))
     p = train(tmp_path / "c", "training.steps=2", f"data.train={mixed}", "data.packing=false",
-              "training.micro_batch=1")
+              "training.micro_batch=1", "data.seq_len=256")
     assert ("data.train: 2 of 5 examples give no target token and add no loss (2 with every "
-            "target beyond data.seq_len 128, 0 with no target tokens at all (empty response or "
+            "target beyond data.seq_len 256, 0 with no target tokens at all (empty response or "
             "text)); 2 truncated to data.seq_len") in p.stderr, p.stderr
 
 
@@ -620,8 +628,10 @@ def test_nan_weights_fail_at_step_one(tmp_path):
     w["model.norm.weight"][0] = float("nan")
     save_file(w, model / "model.safetensors", metadata={"format": "pt"})
     p = train(tmp_path / "run", "training.steps=3", f"model.path={model}", check=False)
-    line = one_error_line(p)
-    assert "step 1: loss is " in line and "nan: check the model weights (model.path)" in line, line
+    # Found only once training has started (after its "training ..." line): the error ends it.
+    assert p.returncode == 1
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("ftune: error: step 1: loss is ") and "nan: check the model weights (model.path)" in line, line
 
 
 def test_output_dir_and_input_paths_that_cannot_work(tmp_path):
