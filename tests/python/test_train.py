@@ -287,10 +287,10 @@ def test_epochs_give_the_documented_number_of_steps(tmp_path):
     # Padding mode: one example per row, so an epoch is the file's line count.
     rows = len((SOURCE_DIR / "data" / "sample_train.jsonl").read_text().splitlines())
     out = tmp_path / "run"
-    p = train(out, "training.steps=0", "training.epochs=0.25", "training.micro_batch=4",
+    p = train(out, "training.steps=0", "training.epochs=0.15", "training.micro_batch=4",
               "training.grad_accum=2", "data.packing=false", "data.seq_len=256",
               "logging.log_every=1")
-    steps = math.ceil(0.25 * rows / (4 * 2))
+    steps = math.ceil(0.15 * rows / (4 * 2))
     assert f"done: {steps}/{steps} steps" in p.stdout
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, steps + 1))
