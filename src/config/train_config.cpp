@@ -39,6 +39,9 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
 
 TrainConfig load_train_config(const std::filesystem::path& file,
                               const std::vector<std::string>& overrides) {
+  std::error_code ec;
+  FTUNE_CHECK(!std::filesystem::is_directory(file, ec), file.string(),
+              ": --config: is a directory, expected a YAML config file");
   YAML::Node root = load_yaml_file(file);
   Origins origins;
   for (const auto& o : overrides) apply_override(root, o, origins);
@@ -47,14 +50,7 @@ TrainConfig load_train_config(const std::filesystem::path& file,
 
 TrainConfig parse_train_config(const std::string& yaml, const std::string& origin,
                                const std::vector<std::string>& overrides) {
-  YAML::Node root;
-  try {
-    root = YAML::Load(yaml);
-  } catch (const YAML::Exception& e) {
-    fail(origin, ":", e.mark.line + 1, ":", e.mark.column + 1, ": malformed YAML: ", e.msg);
-  }
-  if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
-  FTUNE_CHECK(root.IsMap(), origin, ": expected a mapping of sections (model, data, ...)");
+  YAML::Node root = parse_yaml_text(yaml, origin);
   Origins origins;
   for (const auto& o : overrides) apply_override(root, o, origins);
   return parse_root(root, origin, std::move(origins));
@@ -118,7 +114,8 @@ void TrainConfig::validate() const {
   check("training.eval_every", t.eval_every >= 0, "expected at least 0, got ", t.eval_every);
   check("training.save_every", t.save_every >= 0, "expected at least 0, got ", t.save_every);
   check("training.keep_last", t.keep_last >= 1, "expected at least 1, got ", t.keep_last);
-  check("training.resume", !t.resume.empty(), "expected auto, none or a checkpoint directory");
+  check("training.resume", !t.resume.empty(),
+        "expected auto, none, force or a checkpoint directory");
   check("training.threads", t.threads >= 0, "expected at least 0, got ", t.threads);
   check("training.stop_after", t.stop_after >= 0, "expected at least 0, got ", t.stop_after);
 
@@ -134,9 +131,42 @@ std::string TrainConfig::to_yaml() const {
   os << "# resolved ftune train config (every key, defaults included)\n";
   emit_section(os, "model", model);
   emit_section(os, "data", data);
-  emit_section(os, "training", training);
+  // Exactly one of steps and epochs, so the file is a valid input again.
+  std::set<std::string> skip;
+  if (training.steps > 0 || training.epochs > 0.0) skip.insert(training.steps > 0 ? "epochs" : "steps");
+  emit_section(os, "training", training, skip);
   emit_section(os, "logging", logging);
   return os.str();
+}
+
+std::map<std::string, std::string> TrainConfig::flatten() const {
+  std::map<std::string, std::string> out;
+  flatten_section(out, "model", model);
+  flatten_section(out, "data", data);
+  flatten_section(out, "training", training);
+  flatten_section(out, "logging", logging);
+  return out;
+}
+
+std::vector<ConfigChange> diff_configs(const TrainConfig& before, const TrainConfig& after) {
+  std::vector<ConfigChange> out;
+  const auto a = before.flatten(), b = after.flatten();
+  for (const auto& [key, value] : a) {
+    const std::string& now = b.at(key);
+    if (value != now) out.push_back({key, value, now});
+  }
+  return out;
+}
+
+bool keeps_run_on_resume(const std::string& key) {
+  // What is logged and when, where files go and how often, how many CPU threads or which device
+  // compute it: none of these changes which updates the model gets.
+  static const std::set<std::string> kSameRun = {
+      "model.device",        "training.eval_every", "training.eval_at_start",
+      "training.save_every", "training.keep_last",  "training.stop_after",
+      "training.resume",     "training.output_dir", "training.threads",
+      "training.dump_batches"};
+  return key.rfind("logging.", 0) == 0 || kSameRun.count(key) > 0;
 }
 
 }  // namespace ftune::config

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -69,8 +70,9 @@ struct TrainingOptions {
   bool eval_at_start = false;   // also evaluate before the first step (logged as step 0)
   int64_t save_every = 0;       // checkpoint every N steps (and after the last); 0 = never
   int64_t keep_last = 2;        // checkpoints to keep; older ones go once a newer one is complete
-  std::string resume = "auto";  // auto = latest complete checkpoint in output_dir if any;
-                                // none = start fresh; else a checkpoint directory
+  std::string resume = "auto";  // auto = latest complete checkpoint in output_dir if any, whose
+                                // config must match (see keeps_run_on_resume); force = the same
+                                // without that check; none = start fresh; else a checkpoint dir
   int64_t threads = 0;          // CPU threads for intra-op parallelism; 0 = LibTorch's default
   int64_t stop_after = 0;       // stop after this step as if interrupted (checkpoint, no final
                                 // model); 0 = run to the end. For job time limits and tests
@@ -126,11 +128,24 @@ struct TrainConfig {
 
   // Checks every value and the cross-field rules; errors are "<origin>: section.key: ...".
   void validate() const;
-  // The resolved config as YAML (every key, defaults included).
+  // The resolved config as YAML (every key, defaults included, but only the one of training.steps
+  // and training.epochs that is set), readable again by load_train_config.
   std::string to_yaml() const;
+  // "section.key" -> value text, for every key.
+  std::map<std::string, std::string> flatten() const;
   // "<file>:<line>" (or the --set) where `key` ("section.key") was given, else the file name.
   std::string where(const std::string& key) const;
 };
+
+struct ConfigChange {
+  std::string key, before, after;  // "section.key" and the two values as text
+};
+// The keys whose values differ, in key order.
+std::vector<ConfigChange> diff_configs(const TrainConfig& before, const TrainConfig& after);
+// Whether changing `key` between a checkpoint and its resumption keeps it the same run (logging,
+// eval/save cadence, output place, threads, device). training.steps/epochs are judged by the
+// caller (raising them is fine, going below the checkpoint's step is not).
+bool keeps_run_on_resume(const std::string& key);
 
 // Reads `file`, applies `overrides` ("section.key=value", in order) and parses every section.
 // Does not validate (callers call validate() once everything is known).

@@ -3,6 +3,7 @@
 
 #include <charconv>
 #include <cmath>
+#include <map>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -25,18 +26,38 @@ std::string mark_of(const std::string& file, const YAML::Node& n) {
 
 }  // namespace
 
-YAML::Node load_yaml_file(const std::filesystem::path& path) {
-  const std::string text = read_file(path);
+// Rejects a key given twice in one mapping (yaml-cpp keeps both and lookups see the first, while
+// PyYAML keeps the last: either way one of them would be silently ignored).
+void check_unique_keys(const YAML::Node& map, const std::string& origin, const std::string& prefix) {
+  std::map<std::string, int> first_line;
+  for (auto it = map.begin(); it != map.end(); ++it) {
+    if (!it->first.IsScalar()) continue;
+    const std::string key = it->first.Scalar();
+    const int line = it->first.Mark().line + 1;
+    auto [seen, fresh] = first_line.emplace(key, line);
+    const bool section = prefix.empty() && it->second.IsMap();
+    FTUNE_CHECK(fresh, origin, ":", line, ": ", prefix, key, ": duplicate ",
+                section ? "section" : "key", " (first at line ", seen->second, ")");
+    if (it->second.IsMap()) check_unique_keys(it->second, origin, prefix + key + ".");
+  }
+}
+
+YAML::Node parse_yaml_text(const std::string& text, const std::string& origin) {
   YAML::Node root;
   try {
     root = YAML::Load(text);
   } catch (const YAML::Exception& e) {
-    fail(path.string(), ":", e.mark.line + 1, ":", e.mark.column + 1, ": malformed YAML: ", e.msg);
+    fail(origin, ":", e.mark.line + 1, ":", e.mark.column + 1, ": malformed YAML: ", e.msg);
   }
   if (root.IsNull()) return YAML::Node(YAML::NodeType::Map);  // an empty file: all defaults
-  FTUNE_CHECK(root.IsMap(), path.string(), ": expected a mapping of sections (model, data, ...), got ",
+  FTUNE_CHECK(root.IsMap(), origin, ": expected a mapping of sections (model, data, ...), got ",
               describe(root));
+  check_unique_keys(root, origin, "");
   return root;
+}
+
+YAML::Node load_yaml_file(const std::filesystem::path& path) {
+  return parse_yaml_text(read_file(path), path.string());
 }
 
 void apply_override(YAML::Node& root, const std::string& assignment, Origins& origins) {
@@ -161,6 +182,7 @@ void SectionReader::finish() const {
 }
 
 void SectionEmitter::operator()(const char* key, const std::string& v) {
+  if (skip_.count(key)) return;
   YAML::Emitter e;
   e << v;  // quotes the string when YAML would read it as something else
   os_ << "  " << key << ": " << (v.empty() ? "\"\"" : e.c_str()) << "\n";

@@ -22,8 +22,11 @@ namespace ftune::config {
 using Origins = std::map<std::string, std::string>;
 
 // Parses `path` as a YAML mapping of sections. Errors: "<file>: cannot read: ...",
-// "<file>:<line>:<col>: malformed YAML: ...", "<file>: expected a mapping of sections".
+// "<file>:<line>:<col>: malformed YAML: ...", "<file>: expected a mapping of sections",
+// "<file>:<line>: section.key: duplicate key (first at line N)".
 YAML::Node load_yaml_file(const std::filesystem::path& path);
+// The same from text; `origin` names it in errors.
+YAML::Node parse_yaml_text(const std::string& text, const std::string& origin);
 
 // Applies one "section.key=value" override to `root` (the value is parsed as a YAML scalar, so
 // `true`, `3`, `1e-4` keep their types) and records its origin. Errors name the override.
@@ -57,21 +60,40 @@ class SectionReader {
   std::set<std::string> known_;
 };
 
-// Writes "key: value" lines (two-space indent) for every field of a struct.
+// Writes "key: value" lines (two-space indent) for every field of a struct but `skip`.
 class SectionEmitter {
  public:
-  explicit SectionEmitter(std::ostringstream& os) : os_(os) {}
-  void operator()(const char* key, const int64_t& v) { os_ << "  " << key << ": " << v << "\n"; }
+  SectionEmitter(std::ostringstream& os, std::set<std::string> skip)
+      : os_(os), skip_(std::move(skip)) {}
+  void operator()(const char* key, const int64_t& v) {
+    if (!skip_.count(key)) os_ << "  " << key << ": " << v << "\n";
+  }
   void operator()(const char* key, const double& v) {
-    os_ << "  " << key << ": " << format_double(v) << "\n";
+    if (!skip_.count(key)) os_ << "  " << key << ": " << format_double(v) << "\n";
   }
   void operator()(const char* key, const bool& v) {
-    os_ << "  " << key << ": " << (v ? "true" : "false") << "\n";
+    if (!skip_.count(key)) os_ << "  " << key << ": " << (v ? "true" : "false") << "\n";
   }
   void operator()(const char* key, const std::string& v);
 
  private:
   std::ostringstream& os_;
+  std::set<std::string> skip_;
+};
+
+// Collects "section.key" -> value text (as emit_section writes it) for every field of a struct.
+class SectionFlattener {
+ public:
+  SectionFlattener(std::map<std::string, std::string>& out, std::string section)
+      : out_(out), prefix_(std::move(section) + ".") {}
+  void operator()(const char* key, const int64_t& v) { out_[prefix_ + key] = std::to_string(v); }
+  void operator()(const char* key, const double& v) { out_[prefix_ + key] = format_double(v); }
+  void operator()(const char* key, const bool& v) { out_[prefix_ + key] = v ? "true" : "false"; }
+  void operator()(const char* key, const std::string& v) { out_[prefix_ + key] = "\"" + v + "\""; }
+
+ private:
+  std::map<std::string, std::string>& out_;
+  std::string prefix_;
 };
 
 // Reads `section` of `root` into `opts` (a struct with fields(V&)), rejecting unknown keys.
@@ -83,12 +105,20 @@ void read_section(const YAML::Node& root, const char* section, const std::string
   r.finish();
 }
 
-// Appends "section:\n  key: value\n..." for `opts` to `os`.
+// Appends "section:\n  key: value\n..." for `opts` to `os`, leaving out the keys in `skip`.
 template <class Options>
-void emit_section(std::ostringstream& os, const char* section, Options opts) {
+void emit_section(std::ostringstream& os, const char* section, Options opts,
+                  std::set<std::string> skip = {}) {
   os << section << ":\n";
-  SectionEmitter e(os);
+  SectionEmitter e(os, std::move(skip));
   opts.fields(e);
+}
+
+// Adds "section.key" -> value text for every field of `opts` to `out`.
+template <class Options>
+void flatten_section(std::map<std::string, std::string>& out, const char* section, Options opts) {
+  SectionFlattener f(out, section);
+  opts.fields(f);
 }
 
 }  // namespace ftune::config

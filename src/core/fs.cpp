@@ -1,8 +1,11 @@
-// Atomic file writes (temp + fsync + rename) and whole-file reads; see fs.h.
+// Atomic file writes (temp + fsync + rename), directory swaps and whole-file reads; see fs.h.
 #include "core/fs.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2 (glibc >= 2.28, _GNU_SOURCE)
 #include <unistd.h>
+
+#include <atomic>
 
 #include <cerrno>
 #include <cstring>
@@ -15,13 +18,35 @@ namespace ftune {
 namespace fs = std::filesystem;
 
 namespace {
+
+std::atomic<CrashHook> g_crash_hook{nullptr};
+std::atomic<bool> g_force_fallback{false};
+
 void fsync_path(const fs::path& p, bool dir) {
   int fd = ::open(p.c_str(), dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
   if (fd < 0) return;  // best effort: durability, not correctness, depends on it
   ::fsync(fd);
   ::close(fd);
 }
+
+fs::path parent_of(const fs::path& p) {
+  return p.parent_path().empty() ? fs::path(".") : p.parent_path();
+}
+
+// Where the fallback keeps the old dir: hidden, and named so no user's own "x.old" is touched.
+fs::path aside_of(const fs::path& dir) {
+  return parent_of(dir) / ("." + dir.filename().string() + ".ftune-old");
+}
+
 }  // namespace
+
+void set_crash_hook(CrashHook hook) { g_crash_hook.store(hook); }
+
+void crash_point(const char* point) {
+  if (CrashHook hook = g_crash_hook.load()) hook(point);
+}
+
+void set_replace_dir_fallback_for_testing(bool force) { g_force_fallback.store(force); }
 
 void write_file_atomic(const fs::path& path, const std::function<void(std::ostream&)>& write) {
   fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
@@ -53,30 +78,72 @@ void write_file_atomic(const fs::path& path, const std::string& content) {
 }
 
 std::string read_file(const fs::path& path) {
+  std::error_code ec;
+  FTUNE_CHECK(!fs::is_directory(path, ec), path.string(), ": cannot read: is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
   FTUNE_CHECK(in, path.string(), ": cannot read: ",
-              fs::exists(path) ? std::strerror(errno) : "no such file");
+              fs::exists(path, ec) ? std::strerror(errno) : "no such file");
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
 }
 
-void replace_dir_atomic(const fs::path& tmp_dir, const fs::path& dir) {
+bool recover_replaced_dir(const fs::path& dir) {
+  const fs::path old = aside_of(dir);
   std::error_code ec;
-  fs::path old = dir;
-  old += ".old-" + std::to_string(::getpid());
-  bool had_old = fs::exists(dir);
-  if (had_old) {
-    fs::rename(dir, old, ec);
-    FTUNE_CHECK(!ec, dir.string(), ": cannot move aside: ", ec.message());
+  if (!fs::is_directory(old, ec)) return false;
+  if (fs::exists(dir, ec)) {
+    fs::remove_all(old, ec);  // the switch completed; only the cleanup was cut short
+  } else {
+    fs::rename(old, dir, ec);  // cut between the two renames: the old dir is the complete one
+    FTUNE_CHECK(!ec, dir.string(), ": cannot restore ", old.string(), ": ", ec.message());
   }
+  fsync_path(parent_of(dir), true);
+  return true;
+}
+
+void replace_dir_atomic(const fs::path& tmp_dir, const fs::path& dir) {
+  recover_replaced_dir(dir);
+  std::error_code ec;
+  const fs::path parent = parent_of(dir);
+  crash_point("replace_dir:before_switch");
+  if (!fs::exists(dir, ec)) {
+    fs::rename(tmp_dir, dir, ec);
+    FTUNE_CHECK(!ec, dir.string(), ": cannot rename ", tmp_dir.string(), " into place: ",
+                ec.message());
+    fsync_path(parent, true);
+    crash_point("replace_dir:after_switch");
+    return;
+  }
+  if (!g_force_fallback.load()) {
+    // One atomic step: afterwards `dir` holds the new content and `tmp_dir` the old.
+    if (::renameat2(AT_FDCWD, tmp_dir.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+      fsync_path(parent, true);
+      crash_point("replace_dir:after_switch");
+      fs::remove_all(tmp_dir, ec);
+      crash_point("replace_dir:after_cleanup");
+      return;
+    }
+    const int err = errno;
+    FTUNE_CHECK(err == EINVAL || err == ENOSYS || err == ENOTSUP || err == EOPNOTSUPP,
+                dir.string(), ": cannot swap in ", tmp_dir.string(), ": ", std::strerror(err));
+  }
+  // Fallback for filesystems without RENAME_EXCHANGE: keep the old dir beside as <dir>.old until
+  // the new one is in place (recover_replaced_dir restores it if we die in between).
+  const fs::path old = aside_of(dir);
+  fs::rename(dir, old, ec);
+  FTUNE_CHECK(!ec, dir.string(), ": cannot move aside: ", ec.message());
+  crash_point("replace_dir:fallback_between_renames");
   fs::rename(tmp_dir, dir, ec);
   if (ec) {
-    if (had_old) fs::rename(old, dir, ec);
-    fail(dir.string(), ": cannot rename ", tmp_dir.string(), " into place");
+    const std::string why = ec.message();
+    fs::rename(old, dir, ec);
+    fail(dir.string(), ": cannot rename ", tmp_dir.string(), " into place: ", why);
   }
-  if (had_old) fs::remove_all(old, ec);
-  fsync_path(dir.parent_path().empty() ? fs::path(".") : dir.parent_path(), true);
+  fsync_path(parent, true);
+  crash_point("replace_dir:after_switch");
+  fs::remove_all(old, ec);
+  crash_point("replace_dir:after_cleanup");
 }
 
 }  // namespace ftune

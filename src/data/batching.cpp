@@ -202,6 +202,28 @@ std::vector<Batch> BatchStream::all_batches(int64_t micro_batch) const {
   return batches;
 }
 
+TargetStats target_stats(const std::vector<Example>& examples, const BatchOptions& opts) {
+  TargetStats st;
+  st.examples = static_cast<int64_t>(examples.size());
+  for (const Example& ex : examples) {
+    const auto n = static_cast<int64_t>(ex.labels.size());
+    // Padding keeps the first seq_len tokens; packing keeps every token (a document cut at a row
+    // end continues in the next row). labels[0] is never a target: nothing precedes it.
+    const int64_t kept = opts.packing ? n : std::min(n, opts.seq_len);
+    int64_t all = 0, in_row = 0;
+    for (int64_t i = 1; i < n; ++i) {
+      if (ex.labels[static_cast<size_t>(i)] == kIgnoreIndex) continue;
+      ++all;
+      in_row += i < kept;
+    }
+    st.targets += in_row;
+    st.truncated += kept < n;
+    st.no_targets += in_row == 0;
+    st.cut_to_nothing += in_row == 0 && all > 0;
+  }
+  return st;
+}
+
 std::pair<std::vector<Example>, std::vector<Example>> split_validation(
     std::vector<Example> examples, double fraction, uint64_t seed) {
   FTUNE_CHECK(fraction >= 0.0 && fraction < 1.0,

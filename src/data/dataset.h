@@ -51,6 +51,17 @@ struct BatchOptions {
   uint64_t seed = 0;
 };
 
+// How many target tokens (labels after the causal shift) a dataset gives once cut into rows.
+struct TargetStats {
+  int64_t examples = 0;
+  int64_t targets = 0;          // target tokens per epoch (packing: before the <= 1 per row that
+                                // a document cut at a row end loses)
+  int64_t no_targets = 0;       // examples that give no target token at all, of which:
+  int64_t cut_to_nothing = 0;   //   padding: every target lies beyond seq_len (a long prompt)
+  int64_t truncated = 0;        // padding: examples longer than seq_len (tokens cut off)
+};
+TargetStats target_stats(const std::vector<Example>& examples, const BatchOptions& opts);
+
 // Deterministic epoch-ordered stream of micro-batches over a dataset.
 class BatchStream {
  public:

@@ -6,12 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <map>
 #include <mutex>
-#include <thread>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -66,29 +63,48 @@ json TrainState::to_json() const {
               {"tokens_seen", tokens_seen},
               {"elapsed_s", elapsed_s},
               {"last_loss", std::isfinite(last_loss) ? json(last_loss) : json(nullptr)},
-              {"last_eval_loss", std::isfinite(last_eval_loss) ? json(last_eval_loss) : json(nullptr)}};
+              {"last_eval_loss", std::isfinite(last_eval_loss) ? json(last_eval_loss) : json(nullptr)},
+              {"last_eval_step", last_eval_step >= 0 ? json(last_eval_step) : json(nullptr)}};
 }
 
 TrainState TrainState::from_json(const json& j, const std::string& origin) {
+  FTUNE_CHECK(j.is_object(), origin, ": state: expected an object");
   TrainState s;
-  auto get_int = [&](const char* key) {
-    FTUNE_CHECK(j.contains(key) && j.at(key).is_number_integer(), origin, ": ", key,
-                ": expected an integer");
-    return j.at(key).get<int64_t>();
+  // A count: an integer in [0, max]. A hand-edited or corrupted file must not start a run at
+  // step -1 (lr -1e-3) or 2^62.
+  auto get_count = [&](const char* key, int64_t max, bool required = true) -> int64_t {
+    if (!required && (!j.contains(key) || j.at(key).is_null())) return -1;
+    FTUNE_CHECK(j.contains(key), origin, ": state.", key, ": missing");
+    const json& v = j.at(key);
+    FTUNE_CHECK(v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() >
+                                                                        static_cast<uint64_t>(max)),
+                origin, ": state.", key, ": expected an integer in [0, ", max, "], got ", v.dump());
+    const int64_t n = v.get<int64_t>();
+    FTUNE_CHECK(n >= 0 && n <= max, origin, ": state.", key, ": expected an integer in [0, ", max,
+                "], got ", n);
+    return n;
   };
-  auto get_num = [&](const char* key) {
+  // A number that is finite (or null/absent = NaN when `optional`), and >= 0 when `nonneg`.
+  auto get_num = [&](const char* key, bool nonneg) {
     if (!j.contains(key) || j.at(key).is_null()) return std::numeric_limits<double>::quiet_NaN();
-    FTUNE_CHECK(j.at(key).is_number(), origin, ": ", key, ": expected a number");
-    return j.at(key).get<double>();
+    const json& v = j.at(key);
+    FTUNE_CHECK(v.is_number(), origin, ": state.", key, ": expected a number, got ", v.dump());
+    const double x = v.get<double>();
+    FTUNE_CHECK(std::isfinite(x) && (!nonneg || x >= 0), origin, ": state.", key, ": expected a ",
+                nonneg ? "finite number >= 0" : "finite number", ", got ", v.dump());
+    return x;
   };
-  s.step = get_int("step");
-  s.epoch = get_int("epoch");
-  s.position = get_int("position");
-  s.tokens_seen = get_int("tokens_seen");
-  s.elapsed_s = get_num("elapsed_s");
+  s.step = get_count("step", kMaxSteps);
+  s.epoch = get_count("epoch", kMaxSteps);
+  s.position = get_count("position", std::numeric_limits<int64_t>::max() / 2);
+  s.tokens_seen = get_count("tokens_seen", std::numeric_limits<int64_t>::max() / 2);
+  s.elapsed_s = get_num("elapsed_s", true);
   if (!std::isfinite(s.elapsed_s)) s.elapsed_s = 0;
-  s.last_loss = get_num("last_loss");
-  s.last_eval_loss = get_num("last_eval_loss");
+  s.last_loss = get_num("last_loss", false);
+  s.last_eval_loss = get_num("last_eval_loss", false);
+  s.last_eval_step = get_count("last_eval_step", kMaxSteps, /*required=*/false);
+  FTUNE_CHECK(s.last_eval_step <= s.step, origin, ": state.last_eval_step: ", s.last_eval_step,
+              " is after state.step ", s.step);
   return s;
 }
 
@@ -98,7 +114,7 @@ fs::path checkpoint_dir(const fs::path& output_dir, int64_t step) {
 
 fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
                          const optim::AdamW& opt, const TrainState& state, int64_t keep_last,
-                         const json& meta) {
+                         const json& meta, const fs::path& tokenizer_dir) {
   const fs::path root = output_dir / "checkpoints";
   const fs::path final_dir = checkpoint_dir(output_dir, state.step);
   const fs::path tmp = root / (".tmp-step-" + std::to_string(state.step) + "-" +
@@ -110,10 +126,8 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
   model::save_model(tmp, m);
   io::save_safetensors(tmp / "optimizer.safetensors", opt.state());
 
-  if (const char* slow = std::getenv("FTUNE_TEST_SLOW_CHECKPOINT_WRITE")) {
-    // Test hook: widen the window in which a kill lands mid-write.
-    std::this_thread::sleep_for(std::chrono::duration<double>(std::atof(slow)));
-  }
+  if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
+  crash_point("checkpoint:after_weights");  // test seam: a kill in the middle of the write
 
   io::TensorList rng;
   {
@@ -167,21 +181,39 @@ void remove_stale_checkpoint_temps(const fs::path& output_dir) {
   for (const auto& p : doomed) fs::remove_all(p, ec);
 }
 
-TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt) {
-  const fs::path state_path = dir / kStateFile;
-  FTUNE_CHECK(fs::exists(state_path), dir.string(), ": not a complete checkpoint (no ",
-              kStateFile, ")");
+CheckpointInfo read_checkpoint_info(const fs::path& dir) {
+  CheckpointInfo info;
+  info.state_file = dir / kStateFile;
+  const std::string origin = info.state_file.string();
+  FTUNE_CHECK(fs::is_regular_file(info.state_file), dir.string(),
+              ": not a complete checkpoint (no ", kStateFile, ")");
   json j;
   try {
-    j = json::parse(read_file(state_path));
+    j = json::parse(read_file(info.state_file));
   } catch (const json::parse_error& e) {
-    fail(state_path.string(), ": not valid JSON: ", e.what());
+    fail(origin, ": not valid JSON: ", e.what());
   }
-  FTUNE_CHECK(j.is_object() && j.contains("state"), state_path.string(), ": state: missing");
-  FTUNE_CHECK(j.value("format_version", 0) == kFormatVersion, state_path.string(),
-              ": format_version: expected ", kFormatVersion);
-  TrainState state = TrainState::from_json(j.at("state"), state_path.string());
+  FTUNE_CHECK(j.is_object() && j.contains("state"), origin, ": state: missing");
+  FTUNE_CHECK(j.contains("format_version") && j.at("format_version").is_number_integer() &&
+                  j.at("format_version").get<int64_t>() == kFormatVersion,
+              origin, ": format_version: expected ", kFormatVersion);
+  info.state = TrainState::from_json(j.at("state"), origin);
+  j.erase("state");
+  j.erase("format_version");
+  if (j.contains("total_steps")) {
+    const json& t = j.at("total_steps");
+    FTUNE_CHECK(t.is_number_integer() && t.get<int64_t>() >= info.state.step, origin,
+                ": total_steps: expected an integer >= state.step ", info.state.step, ", got ",
+                t.dump());
+  }
+  FTUNE_CHECK(!j.contains("config") || j.at("config").is_string(), origin,
+              ": config: expected the resolved config as a YAML string");
+  info.meta = std::move(j);
+  return info;
+}
 
+TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt) {
+  const TrainState state = read_checkpoint_info(dir).state;
   {
     auto weights = io::load_weights(dir);
     torch::NoGradGuard no_grad;

@@ -18,6 +18,9 @@
 
 namespace ftune::train {
 
+// Steps beyond this in a trainer_state.json are rejected as corrupt (2^40: decades of steps).
+constexpr int64_t kMaxSteps = int64_t{1} << 40;
+
 // Everything besides tensors needed to continue a run exactly.
 struct TrainState {
   int64_t step = 0;         // optimizer steps completed
@@ -27,8 +30,11 @@ struct TrainState {
   double elapsed_s = 0.0;   // training wall time so far (excludes start-up)
   double last_loss = std::numeric_limits<double>::quiet_NaN();
   double last_eval_loss = std::numeric_limits<double>::quiet_NaN();
+  int64_t last_eval_step = -1;  // the step last_eval_loss was measured at; -1 = none
+
 
   nlohmann::json to_json() const;
+  // Rejects negative or absurd counts and non-finite numbers: "<origin>: state.step: ...".
   static TrainState from_json(const nlohmann::json& j, const std::string& origin);
 };
 
@@ -36,12 +42,23 @@ std::filesystem::path checkpoint_dir(const std::filesystem::path& output_dir, in
 
 // Writes checkpoints/step-<state.step> atomically, then deletes all but the newest `keep_last`
 // checkpoints. `meta` is stored in trainer_state.json beside the state (config, total steps).
-// Env FTUNE_TEST_SLOW_CHECKPOINT_WRITE=<seconds> sleeps midway (after the weights), so tests can
-// kill -9 a run during a write.
+// The tokenizer files of `tokenizer_dir` (if given) are copied in, so the checkpoint is a model
+// dir that eval/generate take as is. Test seam: crash_point("checkpoint:after_weights") (core/fs.h)
+// runs midway, after the weights and optimizer state, before the RNG and trainer_state.json.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       model::LlamaForCausalLM& m, const optim::AdamW& opt,
                                       const TrainState& state, int64_t keep_last,
-                                      const nlohmann::json& meta = nlohmann::json::object());
+                                      const nlohmann::json& meta = nlohmann::json::object(),
+                                      const std::filesystem::path& tokenizer_dir = {});
+
+// The parsed trainer_state.json of a checkpoint dir (format checked, not the tensors): the
+// state, and the meta stored beside it ("config", "total_steps").
+struct CheckpointInfo {
+  TrainState state;
+  nlohmann::json meta;
+  std::filesystem::path state_file;
+};
+CheckpointInfo read_checkpoint_info(const std::filesystem::path& dir);
 
 // The complete checkpoint with the highest step in output_dir, if any (temp dirs are ignored).
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
@@ -50,7 +67,7 @@ std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::pa
 void remove_stale_checkpoint_temps(const std::filesystem::path& output_dir);
 
 // Restores model weights, optimizer state and the CPU (and CUDA) RNG states from `dir`; returns
-// the saved TrainState. Errors name the checkpoint file.
+// the saved TrainState (as read_checkpoint_info). Errors name the checkpoint file.
 TrainState load_checkpoint(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
                            optim::AdamW& opt);
 

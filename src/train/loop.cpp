@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "core/error.h"
 #include "io/safetensors.h"
 #include "model/autocast.h"
 #include "model/loss.h"
@@ -90,6 +91,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     const auto te = Clock::now();
     EvalResult ev = evaluate(m, valid, o.bf16_autocast, o.device);
     state.last_eval_loss = ev.loss;
+    state.last_eval_step = step;
     rec["eval_loss"] = ev.loss;
     rec["eval_ppl"] = ev.ppl;
     if (main) {
@@ -106,6 +108,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     if (main) metrics.write(rec);
   }
 
+  const int64_t first_step = state.step + 1;
   // Throughput over the interval since the last metrics line.
   int64_t interval_tokens = 0;
   double interval_s = 0;
@@ -140,6 +143,10 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     strategy.after_backward(opt.params());
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
     const double loss = loss_sum / denom;
+    // Later NaNs can be a divergence worth logging; one on the first step is always a setup fault.
+    FTUNE_CHECK(step != first_step || std::isfinite(loss), "step ", step, ": loss is ", loss,
+                ": check the model weights (model.path) for NaN/inf values, model.dtype, and that "
+                "the data gives target tokens");
 
     state.step = step;
     state.epoch = train.epoch();
@@ -179,7 +186,8 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
       if (main) {
         const auto tc = Clock::now();
-        auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta);
+        auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta,
+                                   o.tokenizer_dir);
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
         progress.message("saved checkpoint " + dir.string() + buf);

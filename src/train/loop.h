@@ -38,8 +38,8 @@ struct LoopOptions {
   at::Device device = at::kCPU;
   std::filesystem::path output_dir;
   nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
+  std::filesystem::path tokenizer_dir;  // its tokenizer files go into each checkpoint
 };
-
 
 struct EvalResult {
   double loss = 0;     // mean NLL over target tokens
@@ -52,7 +52,8 @@ EvalResult evaluate(model::LlamaForCausalLM& m, const std::vector<data::Batch>& 
                     bool bf16_autocast, at::Device device);
 
 // Runs steps state.step+1 .. total_steps (or stop_after). `train` must already be positioned at
-// state.epoch/position. Returns the state after the last step run.
+// state.epoch/position. Returns the state after the last step run. A non-finite loss on the first
+// step it runs is an error (naming the step).
 TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::AdamW& opt,
                       data::BatchStream& train, const std::vector<data::Batch>& valid,
                       TrainState state, const LoopOptions& o, MetricsLog& metrics);

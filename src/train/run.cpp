@@ -3,11 +3,15 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "core/error.h"
@@ -47,61 +51,117 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
-}  // namespace
+// Where the model comes from: an HF dir or preset:NAME, its config, and its tokenizer's dir.
+struct ModelSource {
+  model::LlamaConfig config;
+  std::string origin;  // "preset tiny" or "<dir>/config.json", for messages
+  bool preset = false;
+  fs::path dir;        // the HF dir, or <output_dir>/base for a preset (written by build_model)
+};
 
-RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
-  cfg.validate();
-  SingleDevice single_device;
-  Strategy& strategy = strategy_in ? *strategy_in : single_device;
-  const bool main = strategy.is_main();
-  const auto& mo = cfg.model;
-  const auto& d = cfg.data;
-  const auto& t = cfg.training;
-  const fs::path out = t.output_dir;
-
-  // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
-  const bool preset = mo.path.rfind(kPresetPrefix, 0) == 0;
-  const std::string preset_name = preset ? mo.path.substr(sizeof(kPresetPrefix) - 1) : "";
-  model::LlamaConfig mc;
-  std::string model_origin;
-  if (preset) {
+ModelSource resolve_model_config(const config::TrainConfig& cfg) {
+  const auto& path = cfg.model.path;
+  ModelSource src;
+  src.preset = path.rfind(kPresetPrefix, 0) == 0;
+  if (src.preset) {
+    const std::string name = path.substr(sizeof(kPresetPrefix) - 1);
     try {
-      mc = model::preset_config(preset_name);
+      src.config = model::preset_config(name);
     } catch (const Error& e) {
       fail(cfg.where("model.path"), ": model.path: ", e.what());
     }
-    model_origin = "preset " + preset_name;
+    src.origin = "preset " + name;
+    src.dir = fs::path(cfg.training.output_dir) / "base";
   } else {
-    FTUNE_CHECK(fs::is_directory(mo.path), cfg.where("model.path"), ": model.path: ", mo.path,
+    FTUNE_CHECK(fs::is_directory(path), cfg.where("model.path"), ": model.path: ", path,
                 ": no such directory (an HF model dir or preset:NAME)");
-    mc = model::load_config(mo.path);
-    model_origin = (fs::path(mo.path) / "config.json").string();
+    src.config = model::load_config(path);
+    src.origin = (fs::path(path) / "config.json").string();
+    src.dir = path;
   }
-  FTUNE_CHECK(d.seq_len <= mc.max_position_embeddings, cfg.where("data.seq_len"),
-              ": data.seq_len: ", d.seq_len, " exceeds max_position_embeddings ",
-              mc.max_position_embeddings, " of ", model_origin);
-  const data::Format format = data::parse_format(d.format, cfg.where("data.format"));
-  FTUNE_CHECK(fs::is_regular_file(d.train), cfg.where("data.train"), ": data.train: ", d.train,
+  FTUNE_CHECK(cfg.data.seq_len <= src.config.max_position_embeddings, cfg.where("data.seq_len"),
+              ": data.seq_len: ", cfg.data.seq_len, " exceeds max_position_embeddings ",
+              src.config.max_position_embeddings, " of ", src.origin);
+  return src;
+}
+
+void check_input_file(const config::TrainConfig& cfg, const char* key, const std::string& path) {
+  std::error_code ec;
+  FTUNE_CHECK(!fs::is_directory(path, ec), cfg.where(key), ": ", key, ": ", path,
+              ": is a directory, expected a JSONL file");
+  FTUNE_CHECK(fs::is_regular_file(path, ec), cfg.where(key), ": ", key, ": ", path,
               ": no such file");
-  FTUNE_CHECK(d.valid.empty() || fs::is_regular_file(d.valid), cfg.where("data.valid"),
-              ": data.valid: ", d.valid, ": no such file");
-  std::optional<fs::path> resume_from;
-  if (t.resume != "none" && t.resume != "auto") {
+}
+
+// training.output_dir must be (or become) a writable directory: checked, and created, before
+// anything is loaded, so a typo does not surface after a long tokenization.
+void prepare_output_dir(const config::TrainConfig& cfg) {
+  const fs::path out = cfg.training.output_dir;
+  const std::string where = cfg.where("training.output_dir") + ": training.output_dir: " +
+                            out.string();
+  std::error_code ec;
+  for (fs::path p = out; !p.empty(); p = p.parent_path()) {
+    if (fs::exists(p, ec)) {
+      FTUNE_CHECK(fs::is_directory(p, ec), where, ": ", p == out ? "exists and" : p.string(),
+                  " is not a directory");
+      break;
+    }
+    if (p == p.parent_path()) break;
+  }
+  fs::create_directories(out, ec);
+  FTUNE_CHECK(!ec, where, ": cannot create: ", ec.message());
+  const fs::path probe = out / (".ftune-probe-" + std::to_string(::getpid()));
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  FTUNE_CHECK(fd >= 0, where, ": cannot write there: ", std::strerror(errno));
+  ::close(fd);
+  fs::remove(probe, ec);
+}
+
+void check_inputs(const config::TrainConfig& cfg) {
+  const auto& t = cfg.training;
+  check_input_file(cfg, "data.train", cfg.data.train);
+  if (!cfg.data.valid.empty()) check_input_file(cfg, "data.valid", cfg.data.valid);
+  if (t.resume != "none" && t.resume != "auto" && t.resume != "force") {
     FTUNE_CHECK(fs::exists(fs::path(t.resume) / "trainer_state.json"), cfg.where("training.resume"),
                 ": training.resume: ", t.resume,
-                ": not a complete checkpoint (expected auto, none or a checkpoints/step-N dir)");
-    resume_from = t.resume;
+                ": not a complete checkpoint (expected auto, force, none or a checkpoints/step-N "
+                "dir)");
   }
-  const at::Device device = parse_train_device(cfg);
-  const bool bf16 = mo.dtype == "bf16";
+  prepare_output_dir(cfg);
+}
 
-  if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
-  at::manual_seed(static_cast<uint64_t>(t.seed));
+// Reports examples that give no target token (one stderr line); fails when none is left.
+void check_targets(const config::TrainConfig& cfg, const char* key,
+                   const std::vector<data::Example>& examples, const data::BatchOptions& bo,
+                   bool main) {
+  if (examples.empty()) return;
+  const data::TargetStats st = data::target_stats(examples, bo);
+  const std::string cut = std::to_string(st.cut_to_nothing) + " with every target beyond data.seq_len " +
+                          std::to_string(bo.seq_len) + ", " +
+                          std::to_string(st.no_targets - st.cut_to_nothing) +
+                          " with no target tokens at all (empty response or text)";
+  FTUNE_CHECK(st.targets > 0, cfg.where(key), ": ", key, ": no example gives a target token to "
+              "train on (", st.examples, " examples: ", cut, "); raise data.seq_len or check "
+              "data.format and the data");
+  if (main && (st.no_targets > 0 || st.truncated > 0)) {
+    std::fprintf(stderr, "%s: %lld of %lld examples give no target token and add no loss (%s); "
+                 "%lld truncated to data.seq_len\n",
+                 key, static_cast<long long>(st.no_targets), static_cast<long long>(st.examples),
+                 cut.c_str(), static_cast<long long>(st.truncated));
+  }
+}
 
-  // 2. Tokenizer and data (before the model: data errors should not wait for a big load).
-  const fs::path tok_dir = preset ? out / "base" : fs::path(mo.path);
-  if (preset && main) model::write_byte_level_tokenizer(tok_dir);
-  tok::Tokenizer tokenizer = tok::Tokenizer::load(tok_dir);
+struct TrainData {
+  data::BatchStream train;
+  std::vector<data::Batch> valid;
+  size_t train_docs = 0, valid_docs = 0;
+};
+
+TrainData load_data(const config::TrainConfig& cfg, const ModelSource& src,
+                    const tok::Tokenizer& tokenizer, bool main) {
+  const auto& d = cfg.data;
+  const auto& t = cfg.training;
+  const data::Format format = data::parse_format(d.format, cfg.where("data.format"));
   std::vector<data::Example> train_examples = data::load_jsonl(d.train, format, tokenizer);
   std::vector<data::Example> valid_examples;
   if (!d.valid.empty()) {
@@ -112,11 +172,12 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
     FTUNE_CHECK(!train_examples.empty(), cfg.where("data.valid_fraction"),
                 ": data.valid_fraction: leaves no training examples");
   }
+  const int64_t vocab = src.config.vocab_size;
   for (const auto* set : {&train_examples, &valid_examples}) {
     for (const auto& ex : *set) {
       for (int64_t id : ex.ids) {
-        FTUNE_CHECK(id >= 0 && id < mc.vocab_size, mo.path, ": token id ", id,
-                    " is outside the model's vocab_size ", mc.vocab_size, " (", model_origin,
+        FTUNE_CHECK(id >= 0 && id < vocab, cfg.model.path, ": token id ", id,
+                    " is outside the model's vocab_size ", vocab, " (", src.origin,
                     "): tokenizer and model do not match");
       }
     }
@@ -126,68 +187,114 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   bo.packing = d.packing;
   bo.pad_id = tokenizer.pad_id().value_or(tokenizer.eos_id().value_or(0));
   bo.seed = static_cast<uint64_t>(t.seed);
-  const size_t n_train_docs = train_examples.size(), n_valid_docs = valid_examples.size();
-  data::BatchStream train(std::move(train_examples), bo);
-  std::vector<data::Batch> valid;
+  check_targets(cfg, "data.train", train_examples, bo, main);
+  check_targets(cfg, d.valid.empty() ? "data.valid_fraction" : "data.valid", valid_examples, bo,
+                main);
+  const size_t train_docs = train_examples.size(), valid_docs = valid_examples.size();
+  TrainData out{data::BatchStream(std::move(train_examples), bo), {}, train_docs, valid_docs};
   if (!valid_examples.empty()) {
-    valid = data::BatchStream(std::move(valid_examples), bo).all_batches(t.micro_batch);
+    out.valid = data::BatchStream(std::move(valid_examples), bo).all_batches(t.micro_batch);
   }
-  const int64_t rows = train.rows_per_epoch();
-  FTUNE_CHECK(rows > 0, cfg.where("data.train"), ": data.train: ", d.train,
+  FTUNE_CHECK(out.train.rows_per_epoch() > 0, cfg.where("data.train"), ": data.train: ", d.train,
               ": no training rows after tokenization");
-  const int64_t per_step = t.micro_batch * t.grad_accum;
-  const int64_t total_steps =
-      t.steps > 0 ? t.steps
-                  : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
-                                             t.epochs * static_cast<double>(rows) / per_step)));
+  return out;
+}
 
-  // 3. Inputs are good: the resolved config goes next to the outputs, and to stdout.
-  const std::string yaml = cfg.to_yaml();
-  if (main) {
-    fs::create_directories(out);
-    write_file_atomic(out / "config.yaml", yaml);
-    std::cout << yaml << std::flush;
+int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows) {
+  const auto& t = cfg.training;
+  if (t.steps > 0) return t.steps;
+  const double per_step = static_cast<double>(t.micro_batch * t.grad_accum);
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(t.epochs * rows / per_step)));
+}
+
+// The checkpoint to resume from, if any, after checking that it continues this same run: the
+// config stored in it may differ only in keys that keep the run the same (else an error that
+// names the keys; training.resume: force skips this), and its step must not exceed the run's.
+std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_t total_steps,
+                                          int64_t rows, bool main) {
+  const auto& t = cfg.training;
+  const fs::path out = t.output_dir;
+  std::optional<fs::path> dir;
+  if (t.resume == "auto" || t.resume == "force") {
+    dir = latest_checkpoint(out);
+  } else if (t.resume != "none") {
+    dir = t.resume;
   }
+  if (!dir) return std::nullopt;
+  CheckpointInfo info = read_checkpoint_info(*dir);
+  const std::string origin = info.state_file.string();
+  const char* steps_key = t.steps > 0 ? "training.steps" : "training.epochs";
+  FTUNE_CHECK(info.state.step <= total_steps, cfg.where(steps_key), ": ", steps_key, ": the run "
+              "would end at step ", total_steps, ", before the step ", info.state.step,
+              " of the checkpoint it resumes (", dir->string(), "); raise it, or start fresh "
+              "(a new training.output_dir, or training.resume: none)");
+  FTUNE_CHECK(info.state.position < rows, origin, ": state.position: ", info.state.position,
+              " is beyond the ", rows, " rows of an epoch of this run's data");
+  if (!info.meta.contains("config")) return info;
+  const config::TrainConfig saved =
+      config::parse_train_config(info.meta.at("config").get<std::string>(), origin + " (config)");
+  std::string changed, notes, first_key;
+  for (const auto& c : config::diff_configs(saved, cfg)) {
+    // How a run is stopped and resumed is expected to change between its parts: no note.
+    if (c.key == "training.resume" || c.key == "training.stop_after") continue;
+    const std::string item = c.key + " " + c.before + " -> " + c.after;
+    if (c.key == "training.steps" || c.key == "training.epochs" ||
+        config::keeps_run_on_resume(c.key)) {
+      notes += (notes.empty() ? "" : ", ") + item;
+    } else {
+      if (first_key.empty()) first_key = c.key;
+      changed += (changed.empty() ? "" : ", ") + item;
+    }
+  }
+  if (!changed.empty() && t.resume != "force") {
+    fail(cfg.where(first_key), ": ", first_key, ": the config differs from the one of checkpoint ",
+         dir->string(), " in ", changed, "; to start fresh use a new training.output_dir or "
+         "training.resume: none; to continue anyway set training.resume: force");
+  }
+  if (main && !changed.empty()) {
+    std::fprintf(stderr, "resume: training.resume is force: continuing despite %s\n",
+                 changed.c_str());
+  }
+  if (main && !notes.empty()) {
+    std::fprintf(stderr, "resume: changes that keep the run the same: %s\n", notes.c_str());
+  }
+  return info;
+}
 
-  // 4. Model, strategy, optimizer.
+model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelSource& src,
+                                    at::Device device, bool main) {
   model::LlamaForCausalLM m{nullptr};
-  if (preset) {
-    m = model::LlamaForCausalLM(mc);
-    model::init_weights(m, static_cast<uint64_t>(t.seed));
+  if (src.preset) {
+    m = model::LlamaForCausalLM(src.config);
+    model::init_weights(m, static_cast<uint64_t>(cfg.training.seed));
     m->to(at::kFloat);
     // The initial weights in HF layout: the base a resumed or replayed run starts from.
-    if (main) model::save_model(tok_dir, m);
+    if (main) model::save_model(src.dir, m);
     m->to(device);
   } else {
     model::LoadOptions lo;
     lo.dtype = at::kFloat;  // fp32 master weights; bf16 compute comes from autocast
     lo.device = device;
-    m = model::load_model(mo.path, lo);
+    m = model::load_model(src.dir, lo);
   }
-  m->set_grad_checkpointing(mo.grad_checkpointing);
+  m->set_grad_checkpointing(cfg.model.grad_checkpointing);
+  return m;
+}
+
+optim::AdamWOptions adamw_options(const config::TrainingOptions& t) {
   optim::AdamWOptions ao;
   ao.beta1 = t.adam_beta1;
   ao.beta2 = t.adam_beta2;
   ao.eps = t.adam_eps;
   ao.fused = t.adam_fused;
   ao.weight_decay = t.weight_decay;
-  optim::AdamW opt(strategy.prepare(m), ao);
+  return ao;
+}
 
-  // 5. Resume.
-  TrainState state;
-  if (main) remove_stale_checkpoint_temps(out);
-  if (t.resume == "auto") resume_from = latest_checkpoint(out);
-  if (resume_from) {
-    state = load_checkpoint(*resume_from, m, opt);
-    train.restore(state.epoch, state.position);
-    if (main) {
-      std::fprintf(stderr, "resuming from %s (step %lld)\n", resume_from->c_str(),
-                   static_cast<long long>(state.step));
-    }
-  }
-  MetricsLog metrics(out / "metrics.jsonl", state.step);
-
-  // 6. Loop.
+LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
+                         int64_t total_steps, at::Device device, const std::string& yaml) {
+  const auto& t = cfg.training;
+  const bool bf16 = cfg.model.dtype == "bf16";
   LoopOptions lo;
   lo.total_steps = total_steps;
   lo.micro_batch = t.micro_batch;
@@ -210,22 +317,18 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   lo.peak_flops = cfg.logging.peak_flops > 0
                       ? cfg.logging.peak_flops
                       : measure_matmul_flops(device, bf16 ? at::kBFloat16 : at::kFloat);
-  lo.flops_per_token = train_flops_per_token(mc, d.seq_len);
+  lo.flops_per_token = train_flops_per_token(src.config, cfg.data.seq_len);
   lo.device = device;
-  lo.output_dir = out;
+  lo.output_dir = t.output_dir;
   lo.checkpoint_meta = {{"total_steps", total_steps}, {"config", yaml}};
-  if (main) {
-    std::fprintf(stderr,
-                 "training %s (%lld parameters) on %s: %zu train / %zu valid documents, %lld rows "
-                 "per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
-                 model_origin.c_str(), static_cast<long long>(mc.num_parameters()),
-                 device.str().c_str(), n_train_docs, n_valid_docs, static_cast<long long>(rows),
-                 static_cast<long long>(total_steps), static_cast<long long>(per_step),
-                 lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
-  }
-  state = train_loop(m, strategy, opt, train, valid, state, lo, metrics);
+  lo.tokenizer_dir = src.dir;
+  return lo;
+}
 
-  // 7. Final model and summary.
+// Saves final/ (when the run finished) and the loss plot, prints the summary.
+RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaForCausalLM& m,
+                    const ModelSource& src, const fs::path& out, const fs::path& metrics_path,
+                    bool main) {
   RunSummary s;
   s.steps = state.step;
   s.total_steps = total_steps;
@@ -233,38 +336,119 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   s.train_seconds = state.elapsed_s;
   s.final_loss = state.last_loss;
   s.eval_loss = state.last_eval_loss;
+  s.eval_step = state.last_eval_step;
   s.finished = state.step >= total_steps;
   s.output_dir = out;
   if (auto ck = latest_checkpoint(out)) s.last_checkpoint = *ck;
-  if (s.finished && main) {
+  if (!main) return s;
+  if (s.finished) {
     const fs::path tmp = out / (".tmp-final-" + std::to_string(::getpid()));
     std::error_code ec;
     fs::remove_all(tmp, ec);
     model::save_model(tmp, m);
-    model::copy_tokenizer_files(tok_dir, tmp);
+    model::copy_tokenizer_files(src.dir, tmp);
     replace_dir_atomic(tmp, out / "final");
     s.final_dir = out / "final";
   }
-  if (main) write_loss_plot(metrics.path(), out / "loss_curve.svg");
-  if (main) {
-    std::ostringstream os;
-    os << (s.finished ? "done: " : "stopped: ") << s.steps << "/" << s.total_steps << " steps, "
-       << s.tokens << " tokens in " << format_duration(s.train_seconds) << " ("
-       << fmt("%.0f", s.train_seconds > 0 ? s.tokens / s.train_seconds : 0) << " tok/s)\n";
-    os << "final loss " << fmt("%.4f", s.final_loss);
-    if (std::isfinite(s.eval_loss)) {
-      os << ", eval loss " << fmt("%.4f", s.eval_loss) << " (ppl "
-         << fmt("%.3f", std::exp(s.eval_loss)) << ")";
-    }
-    os << "\n";
-    if (!s.final_dir.empty()) os << "model: " << s.final_dir.string() << "\n";
-    if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
-    os << "metrics: " << metrics.path().string() << " (plot: "
-       << (out / "loss_curve.svg").string() << ")\n";
-    if (!s.finished) os << "resume with training.resume: auto (same output_dir)\n";
-    std::cout << os.str() << std::flush;
+  write_loss_plot(metrics_path, out / "loss_curve.svg");
+  std::ostringstream os;
+  os << (s.finished ? "done: " : "stopped: ") << s.steps << "/" << s.total_steps << " steps, "
+     << s.tokens << " tokens in " << format_duration(s.train_seconds) << " ("
+     << fmt("%.0f", s.train_seconds > 0 ? s.tokens / s.train_seconds : 0) << " tok/s)\n";
+  os << "final loss " << fmt("%.4f", s.final_loss);
+  if (std::isfinite(s.eval_loss)) {
+    // An evaluation from an earlier step (stop_after between evals) says which step it was.
+    os << (s.eval_step == s.steps ? ", eval loss " : ", last eval loss ")
+       << fmt("%.4f", s.eval_loss) << " (ppl " << fmt("%.3f", std::exp(s.eval_loss));
+    if (s.eval_step != s.steps && s.eval_step >= 0) os << ", at step " << s.eval_step;
+    os << ")";
   }
+  os << "\n";
+  if (!s.final_dir.empty()) os << "model: " << s.final_dir.string() << "\n";
+  if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
+  os << "metrics: " << metrics_path.string() << " (plot: " << (out / "loss_curve.svg").string()
+     << ")\n";
+  if (!s.finished) os << "resume with training.resume: auto (same output_dir)\n";
+  std::cout << os.str() << std::flush;
   return s;
+}
+
+// Files a run killed mid-write left in output_dir: checkpoint temps, a final/ switch cut short.
+void clean_up_interrupted_writes(const fs::path& out) {
+  remove_stale_checkpoint_temps(out);
+  recover_replaced_dir(out / "final");
+  std::error_code ec;
+  std::vector<fs::path> doomed;
+  for (const auto& e : fs::directory_iterator(out, ec)) {
+    if (e.path().filename().string().rfind(".tmp-final-", 0) == 0) doomed.push_back(e.path());
+  }
+  for (const auto& p : doomed) fs::remove_all(p, ec);
+}
+
+}  // namespace
+
+RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
+  cfg.validate();
+  SingleDevice single_device;
+  Strategy& strategy = strategy_in ? *strategy_in : single_device;
+  const bool main = strategy.is_main();
+  const auto& t = cfg.training;
+  const fs::path out = t.output_dir;
+
+  // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
+  const ModelSource src = resolve_model_config(cfg);
+  check_inputs(cfg);
+  const at::Device device = parse_train_device(cfg);
+  if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
+  at::manual_seed(static_cast<uint64_t>(t.seed));
+
+  // 2. Tokenizer and data (before the model: data errors should not wait for a big load).
+  if (src.preset && main) model::write_byte_level_tokenizer(src.dir);
+  const tok::Tokenizer tokenizer = tok::Tokenizer::load(src.dir);
+  TrainData data = load_data(cfg, src, tokenizer, main);
+  const int64_t rows = data.train.rows_per_epoch();
+  const int64_t total_steps = total_steps_of(cfg, rows);
+  if (main) clean_up_interrupted_writes(out);
+  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, main);
+
+  // 3. Inputs are good: the resolved config goes next to the outputs, and to stdout.
+  const std::string yaml = cfg.to_yaml();
+  if (main) {
+    write_file_atomic(out / "config.yaml", yaml);
+    std::cout << yaml << std::flush;
+  }
+
+  // 4. Model, strategy, optimizer; then the checkpoint's state over them.
+  model::LlamaForCausalLM m = build_model(cfg, src, device, main);
+  optim::AdamW opt(strategy.prepare(m), adamw_options(t));
+  TrainState state;
+  if (resume) {
+    const fs::path dir = resume->state_file.parent_path();
+    state = load_checkpoint(dir, m, opt);
+    data.train.restore(state.epoch, state.position);
+    if (main) {
+      std::fprintf(stderr, "resuming from %s (step %lld)\n", dir.c_str(),
+                   static_cast<long long>(state.step));
+    }
+  }
+  MetricsLog metrics(out / "metrics.jsonl", state.step);
+
+  // 5. Loop.
+  const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml);
+  if (main) {
+    std::fprintf(stderr,
+                 "training %s (%lld parameters) on %s: %zu train / %zu valid documents, %lld rows "
+                 "per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
+                 src.origin.c_str(), static_cast<long long>(src.config.num_parameters()),
+                 device.str().c_str(), data.train_docs, data.valid_docs,
+                 static_cast<long long>(rows), static_cast<long long>(total_steps),
+                 static_cast<long long>(t.micro_batch * t.grad_accum), lo.peak_flops,
+                 cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
+  }
+  state = train_loop(m, strategy, opt, data.train, data.valid, state, lo, metrics);
+
+  // 6. Final model and summary.
+  return finalize(state, total_steps, m, src, out, metrics.path(), main);
 }
 
 }  // namespace ftune::train

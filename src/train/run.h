@@ -1,6 +1,6 @@
 // One `ftune train` run from a validated config: resolve the model (dir or preset:NAME), tokenize
-// the data, build the strategy/optimizer/schedule, resume if asked, run the loop, save the final
-// model in HF layout and report. Each component gets only its own options, built here from the
+// the data, check a checkpoint to resume against the config, build the model/optimizer/schedule,
+// resume, run the loop, save the final model in HF layout and report. Each component gets only its own options, built here from the
 // config sections. Defines RunSummary, run_training.
 #pragma once
 
@@ -18,7 +18,8 @@ struct RunSummary {
   int64_t tokens = 0;
   double train_seconds = 0;
   double final_loss = 0;
-  double eval_loss = 0;       // NaN when there was no evaluation
+  double eval_loss = 0;       // of the last evaluation; NaN when there was none
+  int64_t eval_step = -1;     // the step eval_loss was measured at
   bool finished = false;      // false when stopped early (training.stop_after)
   std::filesystem::path output_dir, final_dir, last_checkpoint;
 };

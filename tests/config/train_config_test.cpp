@@ -198,3 +198,75 @@ TEST(TrainConfig, FileErrors) {
   }
   fs::remove_all(dir);
 }
+
+TEST(TrainConfig, DuplicateKeyOrSectionNamesBothLines) {
+  // yaml-cpp would silently use the first and PyYAML the last: neither is what the user meant.
+  std::string e = error_of("training:\n  steps: 3\n  lr: 1e-3\n  seed: 1\n  lr: 2e-3\n");
+  EXPECT_NE(e.find("cfg.yaml:5: training.lr: duplicate key (first at line 3)"), std::string::npos)
+      << e;
+  e = error_of(std::string(kGood) + "training:\n  lr: 1\n");
+  EXPECT_NE(e.find("cfg.yaml:29: training: duplicate section (first at line 12)"),
+            std::string::npos) << e;
+  // The same key in two different sections is fine.
+  EXPECT_EQ(error_of("model:\n  path: preset:tiny\n  dtype: fp32\ndata:\n  train: x.jsonl\n"
+                     "training:\n  steps: 3\nlogging:\n  log_every: 1\n"),
+            "");
+}
+
+TEST(TrainConfig, ResolvedYamlHoldsOnlyTheGivenOfStepsAndEpochs) {
+  TrainConfig a = parse_train_config(kGood, "cfg.yaml");
+  const std::string ya = a.to_yaml();
+  EXPECT_NE(ya.find("  steps: 20\n"), std::string::npos) << ya;
+  EXPECT_EQ(ya.find("\n  epochs:"), std::string::npos) << ya;
+  TrainConfig b = parse_train_config(kGood, "cfg.yaml", {"training.steps=0", "training.epochs=1.5"});
+  b.validate();
+  const std::string yb = b.to_yaml();
+  EXPECT_NE(yb.find("  epochs: 1.5\n"), std::string::npos) << yb;
+  EXPECT_EQ(yb.find("\n  steps:"), std::string::npos) << yb;
+  // Both read back as valid configs equal to the originals.
+  for (const TrainConfig* c : {&a, &b}) {
+    TrainConfig back = parse_train_config(c->to_yaml(), "resolved.yaml");
+    back.validate();
+    EXPECT_EQ(back.flatten(), c->flatten());
+  }
+}
+
+TEST(TrainConfig, DiffAndWhichChangesKeepTheRun) {
+  TrainConfig a = parse_train_config(kGood, "cfg.yaml");
+  TrainConfig b = parse_train_config(kGood, "cfg.yaml",
+                                     {"training.lr=2e-4", "logging.log_every=7", "data.seq_len=64"});
+  const auto d = ftune::config::diff_configs(a, b);
+  ASSERT_EQ(d.size(), 3u);
+  EXPECT_EQ(d[0].key, "data.seq_len");
+  EXPECT_EQ(d[0].before, "128");
+  EXPECT_EQ(d[0].after, "64");
+  EXPECT_EQ(d[1].key, "logging.log_every");
+  EXPECT_EQ(d[2].key, "training.lr");
+  EXPECT_EQ(d[2].before, "1e-04");  // format_double: the shortest text that reads back exactly
+  EXPECT_EQ(d[2].after, "2e-04");
+  EXPECT_TRUE(ftune::config::diff_configs(a, a).empty());
+  using ftune::config::keeps_run_on_resume;
+  for (const char* k : {"logging.log_every", "logging.progress", "training.eval_every",
+                        "training.save_every", "training.keep_last", "training.stop_after",
+                        "training.output_dir", "training.resume"}) {
+    EXPECT_TRUE(keeps_run_on_resume(k)) << k;
+  }
+  for (const char* k : {"training.lr", "data.seq_len", "data.train", "model.path", "training.seed",
+                        "training.micro_batch", "model.dtype", "training.adam_fused"}) {
+    EXPECT_FALSE(keeps_run_on_resume(k)) << k;
+  }
+}
+
+TEST(TrainConfig, ConfigThatIsADirectoryNamesTheFlag) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("ftune_cfg_dir_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  try {
+    ftune::config::load_train_config(dir);
+    FAIL() << "no error for a directory";
+  } catch (const ftune::Error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              dir.string() + ": --config: is a directory, expected a YAML config file");
+  }
+  fs::remove_all(dir);
+}

@@ -284,5 +284,44 @@ TEST(SplitValidation, SizesDisjointAndDeterministic) {
   EXPECT_THROW(split_validation(docs(10), -0.1, 1), Error);
 }
 
+TEST(TargetStats, CountsExamplesThatTrainNothing) {
+  // Prompt lengths chosen so that: 0 keeps 3 targets; 1 has its targets only beyond seq_len;
+  // 2 has none at all; 3 is truncated but keeps 5 (positions 3..7).
+  const std::vector<Example> ex = {doc(0, 5, 2), doc(1, 12, 10), doc(2, 4, 4), doc(3, 10, 3)};
+  BatchOptions o;
+  o.seq_len = 8;
+  o.packing = false;
+  o.pad_id = kPad;
+  TargetStats st = target_stats(ex, o);
+  EXPECT_EQ(st.examples, 4);
+  EXPECT_EQ(st.targets, 8);
+  EXPECT_EQ(st.no_targets, 2);
+  EXPECT_EQ(st.cut_to_nothing, 1);
+  EXPECT_EQ(st.truncated, 2);
+  // The oracle: the targets the batches really carry.
+  int64_t in_batches = 0;
+  for (const Batch& b : BatchStream(ex, o).all_batches(3)) in_batches += b.target_tokens;
+  EXPECT_EQ(in_batches, st.targets);
+
+  // Packing cuts nothing: every target after a document's first token counts, less at most one
+  // per row where a document continues.
+  o.packing = true;
+  st = target_stats(ex, o);
+  EXPECT_EQ(st.targets, 3 + 2 + 0 + 7);
+  EXPECT_EQ(st.no_targets, 1);
+  EXPECT_EQ(st.cut_to_nothing, 0);
+  EXPECT_EQ(st.truncated, 0);
+  in_batches = 0;
+  BatchStream packed(ex, o);
+  for (const Batch& b : packed.all_batches(1)) in_batches += b.target_tokens;
+  EXPECT_LE(in_batches, st.targets);
+  EXPECT_GE(in_batches, st.targets - packed.rows_per_epoch());
+
+  // Only prompts: nothing to train on.
+  st = target_stats({doc(0, 6, 6), doc(1, 3, 3)}, o);
+  EXPECT_EQ(st.targets, 0);
+  EXPECT_EQ(st.no_targets, 2);
+}
+
 }  // namespace
 }  // namespace ftune::data

@@ -2,20 +2,23 @@
 
 - Parity: 20 steps of full fine-tuning equal a plain PyTorch/transformers loop (torch.optim.AdamW
   fused=True like ftune's default training.adam_fused, transformers' warmup schedules,
-  clip_grad_norm_) fed the same batches that
-  ftune dumped, within 1e-4 relative per step; the final weights agree too and load in transformers.
-- Gradient accumulation 4 x micro-batch 1 equals micro-batch 4, with uneven target counts.
-- Resume is bit-exact, and a kill -9 during a checkpoint write leaves the previous one loadable.
-- Bad input is one clear stderr line naming file/line/key, with a non-zero exit.
+  clip_grad_norm_) fed the same batches that ftune dumped. Measured (CPU, fp32, torch 2.11): per
+  step loss and grad norm within 1.9e-7 relative, final weights within 1.9e-7; bounds 1e-6.
+- Gradient accumulation 4 x micro-batch 1 equals micro-batch 4, with uneven target counts
+  (measured: loss, grad norm and weights within 1.3e-7; bounds 1e-6).
+- Resume is bit-exact, also after a kill mid-checkpoint-write left a half-written dir.
+- epochs gives the documented step count; MFU is model FLOPs over the peak; the resolved
+  config.yaml is a valid input; checkpoints are model dirs for `ftune eval`; the summary never
+  shows a stale eval loss.
+Bad input, resume checks and AdamW alone: test_train_inputs.py (fast). This file takes several
+minutes on two cores: ctest label `slow`.
 """
 import json
 import math
 import os
 import pty
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,27 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin
-
-CONFIG = SOURCE_DIR / "configs" / "tiny_full.yaml"
-# Small rows and no validation file unless a test needs them: each run takes a few seconds.
-FAST = ["logging.peak_flops=1e10", "training.threads=2", "data.seq_len=128", "data.valid=",
-        "training.resume=none"]
-
-
-def train(out: Path, *sets, check=True, env=None, resume="none"):
-    args = ["train", "--config", CONFIG, "--set", f"training.output_dir={out}"]
-    for s in [*FAST[:-1], f"training.resume={resume}", *sets]:
-        args += ["--set", s]
-    return ftune(*args, check=check, cwd=SOURCE_DIR, env=env, timeout=300)
-
-
-def metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
+from train_testing import CONFIG, FAST, metrics, rel, train
 
 # --- parity with a plain PyTorch/transformers loop --------------------------------------------
 
@@ -116,8 +99,8 @@ def test_matches_plain_pytorch_loop(tmp_path, schedule, accum, packing):
     for g, r in zip(got, ref):
         assert g["target_tokens"] == r["targets"]
         assert rel(g["lr"], r["lr"]) < 1e-12 or (g["lr"] == 0 and r["lr"] == 0), (g, r)
-        assert rel(g["loss"], r["loss"]) < 1e-4, (g, r)
-        assert rel(g["grad_norm"], r["grad_norm"]) < 1e-4, (g, r)
+        assert rel(g["loss"], r["loss"]) < 1e-6, (g, r)
+        assert rel(g["grad_norm"], r["grad_norm"]) < 1e-6, (g, r)
         clipped += r["grad_norm"] > max_norm
     assert clipped >= 3, "clipping should be active in this test"
     assert got[-1]["loss"] < got[0]["loss"] - 0.5, "the model should learn"
@@ -130,7 +113,7 @@ def test_matches_plain_pytorch_loop(tmp_path, schedule, accum, packing):
     ref_sd = model.state_dict()
     for name, p in final.state_dict().items():
         d = (p - ref_sd[name]).norm() / ref_sd[name].norm().clamp_min(1e-12)
-        assert d < 1e-4, name
+        assert d < 1e-6, (name, d)
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert tok("hello")["input_ids"]
     summary = (out / "config.yaml").read_text()
@@ -149,8 +132,8 @@ def test_grad_accum_equals_bigger_batch(tmp_path, packing):
     big, acc = metrics(tmp_path / "big"), metrics(tmp_path / "acc")
     for b, a in zip(big, acc):
         assert b["target_tokens"] == a["target_tokens"]
-        assert rel(a["loss"], b["loss"]) < 2e-6, (a, b)
-        assert rel(a["grad_norm"], b["grad_norm"]) < 1e-5, (a, b)
+        assert rel(a["loss"], b["loss"]) < 1e-6, (a, b)
+        assert rel(a["grad_norm"], b["grad_norm"]) < 1e-6, (a, b)
     # The four micro-batches of a step really carry different numbers of targets.
     t = load_file(tmp_path / "acc" / "batches" / "step-1.safetensors")
     counts = {int((t[f"mb{i}.labels"][:, 1:] != -100).sum()) for i in range(4)}
@@ -158,7 +141,7 @@ def test_grad_accum_equals_bigger_batch(tmp_path, packing):
     wa = load_file(tmp_path / "acc" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "big" / "final" / "model.safetensors")
     for k in wb:
-        assert ((wa[k] - wb[k]).norm() / wb[k].norm()) < 1e-4, k
+        assert ((wa[k] - wb[k]).norm() / wb[k].norm()) < 1e-6, k
 
 
 # --- resume and crash safety -------------------------------------------------------------------
@@ -201,40 +184,25 @@ def test_resume_is_bit_exact(tmp_path, uninterrupted):
     assert_same_run(uninterrupted, out2, first_step=6)  # a new output_dir: metrics from step 6
 
 
-def test_kill_during_checkpoint_write_keeps_previous(tmp_path, uninterrupted):
+def test_resume_after_a_kill_mid_checkpoint_write(tmp_path, uninterrupted):
+    # A kill in the middle of a checkpoint write (tests/train/checkpoint_test.cpp kills a real
+    # writer at that point) leaves a temp dir with the weights but no trainer_state.json. Resume
+    # must ignore it, remove it, continue from the previous checkpoint and finish exactly.
     out = tmp_path / "run"
     train(out, *RESUME_SETS, "training.save_every=2", "training.stop_after=4")
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-2", "step-4"]
-    before = {p.name: p.read_bytes() for p in (ck / "step-4").iterdir()}
-
-    env = dict(os.environ, FTUNE_TEST_SLOW_CHECKPOINT_WRITE="60")
-    args = [ftune_bin(), "train", "--config", CONFIG, "--set", f"training.output_dir={out}"]
-    for s in [*FAST[:-1], "training.resume=auto", *RESUME_SETS, "training.save_every=2"]:
-        args += ["--set", s]
-    proc = subprocess.Popen([str(a) for a in args], cwd=SOURCE_DIR, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        tmp_dirs = []
-        while time.time() < deadline:  # wait until step 6's checkpoint is half written
-            tmp_dirs = [p for p in ck.glob(".tmp-step-6-*") if (p / "optimizer.safetensors").exists()]
-            if tmp_dirs:
-                break
-            assert proc.poll() is None, "ftune exited before the checkpoint write"
-            time.sleep(0.05)
-        assert tmp_dirs, "never saw the checkpoint being written"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (ck / "step-6").exists()
-    assert {p.name: p.read_bytes() for p in (ck / "step-4").iterdir()} == before
-    # The surviving checkpoint is a loadable HF model dir...
-    from transformers import LlamaForCausalLM
+    half = ck / ".tmp-step-6-99999"
+    half.mkdir()
+    for name in ("model.safetensors", "config.json", "optimizer.safetensors"):
+        (half / name).write_bytes(b"\0" * 64)  # garbage: must never be read
+    # The surviving checkpoint is a loadable HF model dir, tokenizer included...
+    from transformers import AutoTokenizer, LlamaForCausalLM
     LlamaForCausalLM.from_pretrained(ck / "step-4")
+    assert AutoTokenizer.from_pretrained(ck / "step-4")("hello")["input_ids"]
     # ...and resume auto picks it (not the half-written one) and finishes the run exactly.
     p = train(out, *RESUME_SETS, "training.save_every=2", resume="auto")
-    assert "step-4" in p.stderr
+    assert "resuming from" in p.stderr and "step-4" in p.stderr
     assert not list(ck.glob(".tmp-*"))
     assert sorted(q.name for q in ck.iterdir()) == ["step-10", "step-8"]  # keep_last=2
     assert_same_run(uninterrupted, out)
@@ -293,77 +261,7 @@ def test_progress_bar_on_terminal_and_lines_otherwise(tmp_path):
     assert b"done: 3/3 steps" in proc.stdout
 
 
-# --- bad input -----------------------------------------------------------------------------------
-
-def one_error_line(p):
-    assert p.returncode != 0
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("ftune: error: "), lines[0]
-    return lines[0]
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
-def test_bad_inputs_give_one_clear_line(tmp_path):
-    good = CONFIG.read_text()
-    out = f"training.output_dir={tmp_path / 'out'}"
-
-    def run_cfg(text, *sets):
-        cfg = write(tmp_path / "cfg.yaml", text)
-        args = ["train", "--config", cfg, "--set", out]
-        for s in sets:
-            args += ["--set", s]
-        return one_error_line(ftune(*args, check=False, cwd=SOURCE_DIR))
-
-    line = run_cfg("model:\n  path: [preset:tiny\n")
-    assert "cfg.yaml:" in line and "malformed YAML" in line
-
-    bad = good.replace("  lr_schedule: cosine", "  lr_schedule: cosine\n  lr_shedule: linear")
-    n = bad.splitlines().index("  lr_shedule: linear") + 1
-    assert f"cfg.yaml:{n}: training.lr_shedule: unknown key" in run_cfg(bad)
-
-    bad = re.sub(r"(?m)^  steps: \d+", "  steps: thirty", good)
-    n = bad.splitlines().index("  steps: thirty") + 1
-    assert f"cfg.yaml:{n}: training.steps: expected an integer, got \"thirty\"" in run_cfg(bad)
-
-    line = one_error_line(ftune("train", "--config", tmp_path / "nope.yaml", check=False))
-    assert "nope.yaml: cannot read: no such file" in line
-
-    line = run_cfg(good, "data.train=missing.jsonl")
-    assert "--set data.train=missing.jsonl: data.train: missing.jsonl: no such file" in line
-
-    rows = [{"instruction": "a", "input": "", "output": "b"}] * 3
-    bad_json = write(tmp_path / "bad.jsonl",
-                     json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
-    line = run_cfg(good, f"data.train={bad_json}")
-    assert f"{bad_json}:2:" in line, line
-
-    no_field = write(tmp_path / "nofield.jsonl",
-                     json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n"
-                     + json.dumps({"instruction": "x", "input": ""}) + "\n")
-    line = run_cfg(good, f"data.train={no_field}")
-    assert f"{no_field}:3:" in line and "output" in line, line
-
-    empty = write(tmp_path / "empty.jsonl", "")
-    line = run_cfg(good, f"data.train={empty}")
-    assert str(empty) in line and "empty" in line, line
-
-    line = run_cfg(good, "data.seq_len=1024")
-    assert "--set data.seq_len=1024: data.seq_len: 1024 exceeds max_position_embeddings 512" in line
-
-    bad = re.sub(r"(?m)^  micro_batch: \d+", "  micro_batch: 0", good)
-    n = bad.splitlines().index("  micro_batch: 0") + 1
-    assert f"cfg.yaml:{n}: training.micro_batch: expected at least 1, got 0" in run_cfg(bad)
-
-    line = run_cfg(good, "training.resume=/nonexistent/step-3")
-    assert "training.resume: /nonexistent/step-3: not a complete checkpoint" in line
-    line = run_cfg(good + "lora:\n  r: 8\n")
-    assert "lora: section not supported yet" in line
-
+# --- evaluation --------------------------------------------------------------------------------
 
 def test_eval_at_start_and_loss_plot(tmp_path):
     import xml.etree.ElementTree as ET
@@ -380,3 +278,84 @@ def test_eval_at_start_and_loss_plot(tmp_path):
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
     assert len(lines) == 2  # train loss and eval loss
     assert len(lines[0].get("points").split()) == 6
+
+
+
+# --- epochs, MFU -------------------------------------------------------------------------------
+
+def test_epochs_give_the_documented_number_of_steps(tmp_path):
+    # Padding mode: one example per row, so an epoch is the file's line count.
+    rows = len((SOURCE_DIR / "data" / "sample_train.jsonl").read_text().splitlines())
+    out = tmp_path / "run"
+    p = train(out, "training.steps=0", "training.epochs=0.15", "training.micro_batch=4",
+              "training.grad_accum=2", "data.packing=false", "data.seq_len=256",
+              "logging.log_every=1")
+    steps = math.ceil(0.15 * rows / (4 * 2))
+    assert f"done: {steps}/{steps} steps" in p.stdout
+    m = metrics(out)
+    assert [r["step"] for r in m] == list(range(1, steps + 1))
+    assert f"{rows} rows per epoch" in p.stderr
+    assert "\n  steps:" not in (out / "config.yaml").read_text()
+
+
+def test_mfu_is_model_flops_over_peak(tmp_path):
+    out = tmp_path / "run"
+    seq = 128
+    train(out, "training.steps=3", "training.micro_batch=2", "logging.log_every=1")
+    cfg = json.loads((out / "base" / "config.json").read_text())
+    w = load_file(out / "final" / "model.safetensors")
+    n_params = sum(t.numel() for t in w.values())
+    if not cfg.get("tie_word_embeddings"):
+        n_params -= w["model.embed_tokens.weight"].numel()  # a lookup, not a matmul
+    fpt = 6 * n_params + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq
+    for r in metrics(out):
+        assert r["mfu"] > 0
+        assert rel(r["mfu"], fpt * r["tokens_per_s"] / 1e10) < 1e-12, r  # FAST sets peak 1e10
+    # Without logging.peak_flops the peak is a measured matmul rate, printed at start-up.
+    p = train(tmp_path / "measured", "training.steps=2", "logging.log_every=1",
+              "logging.peak_flops=0")
+    peak = float(re.search(r"peak (\S+) FLOP/s \(measured matmul\)", p.stderr).group(1))
+    assert peak > 1e8
+    for r in metrics(tmp_path / "measured"):
+        assert rel(r["mfu"], fpt * r["tokens_per_s"] / peak) < 1e-2, r  # peak printed with %.3g
+
+
+# --- resolved config, checkpoints as models ---------------------------------------------------
+
+def test_resolved_config_is_a_valid_input(tmp_path):
+    a = tmp_path / "a"
+    train(a, "training.steps=3", "training.micro_batch=2", "logging.log_every=1")
+    b = tmp_path / "b"
+    ftune("train", "--config", a / "config.yaml", "--set", f"training.output_dir={b}",
+          cwd=SOURCE_DIR, timeout=300)
+    ya, yb = (a / "config.yaml").read_text(), (b / "config.yaml").read_text()
+    assert ya.replace(str(a), str(b)) == yb
+    assert [r["loss"] for r in metrics(a)] == [r["loss"] for r in metrics(b)]  # the same run
+
+
+def test_checkpoint_dir_is_a_model_for_eval(tmp_path):
+    out = tmp_path / "run"
+    train(out, "training.steps=4", "training.save_every=4", "training.micro_batch=2")
+    ck = out / "checkpoints" / "step-4"
+    text = SOURCE_DIR / "data" / "sample_text.jsonl"  # any UTF-8 text
+    got = json.loads(ftune("eval", "--model", ck, "--text", text, "--seq-len", "128",
+                           "--json").stdout)
+    ref = json.loads(ftune("eval", "--model", out / "final", "--text", text, "--seq-len", "128",
+                           "--json").stdout)
+    assert got == ref  # step 4 is the last step: the same weights as final/
+    assert (ck / "tokenizer.json").read_bytes() == (out / "final" / "tokenizer.json").read_bytes()
+
+
+# --- the summary after stop_after --------------------------------------------------------------
+
+def test_summary_never_shows_a_stale_eval_loss(tmp_path):
+    out = tmp_path / "run"
+    sets = ["training.steps=8", "training.eval_every=4", "data.valid=data/sample_valid.jsonl",
+            "logging.log_every=1"]
+    p = train(out, *sets, "training.stop_after=6")
+    evals = {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r}
+    assert list(evals) == [4]
+    assert f"last eval loss {evals[4]:.4f} (ppl {math.exp(evals[4]):.3f}, at step 4)" in p.stdout
+    p = train(out, *sets, resume="auto")
+    evals = {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r}
+    assert f", eval loss {evals[8]:.4f} (ppl" in p.stdout and "at step" not in p.stdout

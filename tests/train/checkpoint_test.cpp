@@ -1,11 +1,19 @@
 // Checkpoint mechanics without a training loop: a save/load round trip restores weights, optimizer
 // state and the RNG exactly; latest_checkpoint ignores temp and incomplete dirs; keep_last prunes
-// only older checkpoints; metrics.jsonl keeps the lines up to the resumed step.
+// only older checkpoints; trainer_state.json values out of range are errors naming the field;
+// metrics.jsonl keeps the lines up to the resumed step. Crash safety: a forked child is killed
+// (SIGKILL, through the crash_point seam of core/fs.h) at every step of replace_dir_atomic and in
+// the middle of a checkpoint write; the parent then checks that a loadable final/ (or the
+// previous checkpoint) remains.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <fstream>
+#include <functional>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -137,4 +145,153 @@ TEST(Metrics, FlopsPerTokenAndDuration) {
   EXPECT_EQ(train::format_duration(3725), "1:02:05");
   EXPECT_EQ(train::format_duration(65), "01:05");
   EXPECT_GT(train::peak_memory_bytes(at::kCPU), 0);
+}
+
+namespace {
+
+const char* g_crash_at = nullptr;
+
+// Runs `body` in a forked child that is SIGKILLed when it reaches crash_point(point); returns
+// whether it died there (false: it finished or failed otherwise).
+bool killed_at(const char* point, const std::function<void()>& body) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    g_crash_at = point;
+    set_crash_hook([](const char* p) {
+      if (std::strcmp(p, g_crash_at) == 0) ::kill(::getpid(), SIGKILL);
+    });
+    try {
+      body();
+    } catch (...) {
+      ::_exit(2);
+    }
+    ::_exit(0);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+}
+
+bool same_weights(model::LlamaForCausalLM& a, model::LlamaForCausalLM& b) {
+  auto pb = b->named_parameters();
+  for (const auto& p : a->named_parameters()) {
+    if (!at::equal(p.value(), pb[p.key()])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST(ReplaceDir, AKillAtAnyPointLeavesALoadableFinalDir) {
+  auto old_model = tiny(1), new_model = tiny(2);
+  for (bool fallback : {false, true}) {
+    for (const char* point : {"replace_dir:before_switch", "replace_dir:fallback_between_renames",
+                              "replace_dir:after_switch", "replace_dir:after_cleanup"}) {
+      SCOPED_TRACE(std::string(fallback ? "fallback " : "exchange ") + point);
+      const bool between = std::strcmp(point, "replace_dir:fallback_between_renames") == 0;
+      if (between && !fallback) continue;
+      TempDir dir;
+      const fs::path final_dir = dir.path / "final", tmp = dir.path / ".tmp-final-1";
+      model::save_model(final_dir, old_model);
+      model::save_model(tmp, new_model);
+      set_replace_dir_fallback_for_testing(fallback);
+      EXPECT_TRUE(killed_at(point, [&] { replace_dir_atomic(tmp, final_dir); }));
+      set_replace_dir_fallback_for_testing(false);
+      // With RENAME_EXCHANGE final/ is complete at every instant. The fallback, killed between its
+      // renames, has final/ aside; the next replace (or a run's start) puts it back.
+      if (!between) EXPECT_TRUE(fs::exists(final_dir / "model.safetensors"));
+      recover_replaced_dir(final_dir);
+      auto loaded = model::load_model(final_dir);
+      const bool switched = std::strcmp(point, "replace_dir:after_switch") == 0 ||
+                            std::strcmp(point, "replace_dir:after_cleanup") == 0;
+      EXPECT_TRUE(same_weights(loaded, switched ? new_model : old_model));
+      // Only the dir and leftovers of the cut switch (removed by the next run) remain; a later
+      // replace works and leaves nothing else behind.
+      fs::remove_all(tmp);
+      model::save_model(tmp, new_model);
+      replace_dir_atomic(tmp, final_dir);
+      auto again = model::load_model(final_dir);
+      EXPECT_TRUE(same_weights(again, new_model));
+      std::vector<std::string> names;
+      for (const auto& e : fs::directory_iterator(dir.path)) names.push_back(e.path().filename());
+      EXPECT_EQ(names, std::vector<std::string>{"final"});
+    }
+  }
+}
+
+TEST(Checkpoint, AKillMidWriteKeepsThePreviousCheckpoint) {
+  TempDir dir;
+  auto m = tiny(0);
+  optim::AdamW opt(named(m), {});
+  const fs::path tok = dir.path / "tok";
+  model::write_byte_level_tokenizer(tok);
+  train::TrainState st;
+  st.step = 4;
+  const fs::path ck4 = train::save_checkpoint(dir.path, m, opt, st, 2, {}, tok);
+  // Checkpoints are model dirs with the tokenizer, so eval/generate take them as they are.
+  EXPECT_TRUE(fs::exists(ck4 / "tokenizer.json"));
+  const std::string state4 = read_file(ck4 / "trainer_state.json");
+  step(opt, 0.5);
+  st.step = 6;
+  EXPECT_TRUE(killed_at("checkpoint:after_weights",
+                        [&] { train::save_checkpoint(dir.path, m, opt, st, 1, {}, tok); }));
+  const fs::path root = dir.path / "checkpoints";
+  bool half_written = false;
+  for (const auto& e : fs::directory_iterator(root)) {
+    half_written |= e.path().filename().string().rfind(".tmp-step-6-", 0) == 0 &&
+                    fs::exists(e.path() / "optimizer.safetensors");
+  }
+  EXPECT_TRUE(half_written);
+  EXPECT_FALSE(fs::exists(root / "step-6"));
+  EXPECT_EQ(*train::latest_checkpoint(dir.path), ck4);
+  EXPECT_EQ(read_file(ck4 / "trainer_state.json"), state4);
+  auto b = tiny(3);
+  optim::AdamW opt_b(named(b), {});
+  EXPECT_EQ(train::load_checkpoint(ck4, b, opt_b).step, 4);
+  train::remove_stale_checkpoint_temps(dir.path);
+  EXPECT_EQ(std::distance(fs::directory_iterator(root), fs::directory_iterator()), 1);
+}
+
+TEST(Checkpoint, TrainerStateOutOfRangeNamesFileAndField) {
+  const nlohmann::json good = train::TrainState{}.to_json();
+  auto error_of = [&](const char* key, const nlohmann::json& v) -> std::string {
+    nlohmann::json j = good;
+    j[key] = v;
+    try {
+      train::TrainState::from_json(j, "ck/trainer_state.json");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_EQ(error_of("step", 3), "");
+  EXPECT_EQ(error_of("step", -1),
+            "ck/trainer_state.json: state.step: expected an integer in [0, 1099511627776], got -1");
+  EXPECT_NE(error_of("step", int64_t{1} << 50).find("state.step: expected an integer in [0, "),
+            std::string::npos);
+  EXPECT_NE(error_of("step", uint64_t{1} << 63).find("state.step: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of("step", 2.5).find("state.step: expected an integer"), std::string::npos);
+  EXPECT_NE(error_of("step", "3").find("state.step: expected an integer"), std::string::npos);
+  EXPECT_NE(error_of("epoch", -2).find("ck/trainer_state.json: state.epoch: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of("position", -1).find("state.position: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of("tokens_seen", -5).find("state.tokens_seen: expected an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of("elapsed_s", -1.0).find("state.elapsed_s: expected a finite number >= 0"),
+            std::string::npos);
+  EXPECT_NE(error_of("last_loss", std::numeric_limits<double>::infinity())
+                .find("state.last_loss: expected a finite number"),
+            std::string::npos);
+  EXPECT_NE(error_of("last_eval_step", 7).find("state.last_eval_step: 7 is after state.step 0"),
+            std::string::npos);
+  nlohmann::json j = good;
+  j.erase("position");
+  try {
+    train::TrainState::from_json(j, "f.json");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "f.json: state.position: missing");
+  }
 }
