@@ -102,6 +102,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   const fs::path tok_dir = preset ? out / "base" : fs::path(mo.path);
   if (preset && main) model::write_byte_level_tokenizer(tok_dir);
   tok::Tokenizer tokenizer = tok::Tokenizer::load(tok_dir);
+  tok::check_fits_vocab(tokenizer, mc.vocab_size, model_origin);
   std::vector<data::Example> train_examples = data::load_jsonl(d.train, format, tokenizer);
   std::vector<data::Example> valid_examples;
   if (!d.valid.empty()) {
