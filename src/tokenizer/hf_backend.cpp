@@ -312,8 +312,8 @@ class HfBackend final : public TokenizerBackend {
       if (!piece.text.empty()) out.push_back(std::move(piece));
       return;
     }
-    static const Regex word_end(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}]$)");
-    static const Regex word_start(R"(^[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])");
+    static const Regex word_end(std::string("[") + kOnigWordChars + "]$");
+    static const Regex word_start(std::string("^[") + kOnigWordChars + "]");
     const std::string& s = piece.text;
     size_t start_offset = 0, from = 0, start = 0, stop = 0;
     int64_t id = -1;
