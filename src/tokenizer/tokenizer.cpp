@@ -4,15 +4,15 @@
 // without added_tokens_decoder only), and chat_template.jinja overrides the config's template.
 #include "tokenizer/tokenizer.h"
 
+#include <algorithm>
+#include <unordered_map>
+
 #include "core/error.h"
 #include "core/fs.h"
 #include "tokenizer/backend.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/json_text.h"
 #include "tokenizer/unicode.h"
-
-#include <algorithm>
-#include <unordered_map>
 
 namespace ftune::tok {
 
@@ -107,7 +107,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& dir) {
     if (tok.bos_id_) tok.bos_token_ = *tok.backend_->id_to_token(*tok.bos_id_);
     if (tok.eos_id_) tok.eos_token_ = *tok.backend_->id_to_token(*tok.eos_id_);
     if (tok.pad_id_) tok.pad_token_ = *tok.backend_->id_to_token(*tok.pad_id_);
-    if (auto unk = tok.backend_->token_to_id("<unk>")) tok.unk_token_ = "<unk>";
+    tok.unk_token_ = "<unk>";  // LlamaTokenizer's default
     tok.add_bos_ = true;
   } else {
     fail(dir.string(), ": no tokenizer.json or tokenizer.model");
@@ -172,8 +172,8 @@ void Tokenizer::apply_config(const nlohmann::json& config, const std::string& or
   resolve("bos_token", bos_token_, bos_id_);
   resolve("eos_token", eos_token_, eos_id_);
   resolve("pad_token", pad_token_, pad_id_);
-  std::optional<int64_t> unk_id;
-  resolve("unk_token", unk_token_, unk_id);
+  // Only the chat template sees unk_token; transformers does not require it in the vocabulary.
+  if (config.contains("unk_token")) unk_token_ = token_string(config, "unk_token", origin).value_or("");
   for (const char* key : {"add_bos_token", "add_eos_token"}) {
     if (!config.contains(key) || config.at(key).is_null()) continue;
     FTUNE_CHECK(config.at(key).is_boolean(), origin, ": ", key, ": expected true or false");

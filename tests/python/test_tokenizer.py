@@ -684,3 +684,35 @@ def test_tokenizer_must_fit_the_model(tmp_path):
     data["added_tokens"].pop()
     (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     run([ftune_bin(), "generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2"])
+
+
+CONTEXT_TEMPLATE = ("{{ bos_token is defined }}{{ bos_token }}|{{ eos_token }}|{{ unk_token is defined }}"
+                    "{{ unk_token }}|{{ pad_token is defined }}|{{ tools is defined }}{{ tools is none }}|"
+                    "{{ documents is defined }}{{ documents is none }}|"
+                    "{% for m in messages %}{{ m | tojson }}{% endfor %}")
+
+
+def test_chat_template_context_matches_transformers(sp_model, tmp_path):
+    """The variables a template sees: tools/documents defined as None, only the special tokens
+    that are set (unk_token too), and messages as dicts in their given order."""
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    tok, config = build_llama3()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    tok.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "unk_token": "<|end_of_text|>", "chat_template": CONTEXT_TEMPLATE}))
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    (sp_dir / "tokenizer.model").write_bytes((sp_model[0] / "tokenizer.model").read_bytes())
+    (sp_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": CONTEXT_TEMPLATE}))
+    messages = [{"role": "user", "content": "hi", "name": "x"}, {"content": "yo", "role": "assistant"}]
+    f = tmp_path / "messages.json"
+    f.write_text(json.dumps(messages))
+    for d, ref in ((hf_dir, PreTrainedTokenizerFast.from_pretrained(str(hf_dir))),
+                   (sp_dir, LlamaTokenizer.from_pretrained(str(sp_dir), legacy=True))):
+        got = json.loads(run([tokenize_tool(), "chat", "--model", d, "--messages", f]).stdout)
+        want = ref.apply_chat_template(messages, tokenize=False)
+        assert got == want
+        assert '{"content": "yo", "role": "assistant"}' in got
