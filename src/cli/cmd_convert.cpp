@@ -48,7 +48,7 @@ void run_convert(const ConvertArgs& a) {
   if (!tok.chat_template().empty()) {
     try {
       tok.apply_chat_template(
-          nlohmann::json::array({{{"role", "user"}, {"content", "Hi"}}}), true);
+          nlohmann::ordered_json::array({{{"role", "user"}, {"content", "Hi"}}}), true);
     } catch (const ftune::Error& e) {
       std::cerr << "ftune: warning: the chat template does not render with ftune: " << e.what()
                 << "\n";

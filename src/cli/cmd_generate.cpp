@@ -27,7 +27,7 @@ void run_generate(const GenerateArgs& a, bool sampling_flags_given) {
   auto m = load_inference_model(a.model, a.dtype, a.device);
   std::vector<int64_t> prompt;
   if (a.chat) {
-    nlohmann::json messages = nlohmann::json::array({{{"role", "user"}, {"content", a.prompt}}});
+    auto messages = nlohmann::ordered_json::array({{{"role", "user"}, {"content", a.prompt}}});
     // transformers' apply_chat_template(tokenize=True) adds no special tokens of its own.
     prompt = m.tokenizer.encode(m.tokenizer.apply_chat_template(messages, true), false);
   } else {

@@ -22,6 +22,7 @@ InferenceModel load_inference_model(const std::string& dir, const std::string& d
   // Tokenizer first: it is cheap, and a missing tokenizer should not wait for a multi-GB load.
   tok::Tokenizer tok = tok::Tokenizer::load(dir);
   InferenceModel out{model::load_model(dir, opts), std::move(tok), opts.device};
+  tok::check_fits_vocab(out.tokenizer, out.model->config().vocab_size, dir + "/config.json");
   out.model->eval();
   return out;
 }

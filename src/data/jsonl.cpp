@@ -3,7 +3,8 @@
 // chat turns other than the assistant's). Chat spans come from rendering message prefixes with
 // the chat template and tokenizing them, which only works for prefix-stable templates; a template
 // that rewrites earlier turns (or tokenization that merges across a turn boundary) is reported as
-// an error rather than silently mislabelled.
+// an error rather than silently mislabelled. Lines are parsed as ordered_json: transformers sees
+// messages as Python dicts in file order, and templates that print them (tojson) show that order.
 #include <nlohmann/json.hpp>
 
 #include <string_view>
@@ -11,11 +12,12 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/dataset.h"
+#include "tokenizer/json_text.h"
 
 namespace ftune::data {
 namespace {
 
-using nlohmann::json;
+using json = nlohmann::ordered_json;
 constexpr int64_t kIgnore = kIgnoreIndex;
 
 // "<file>:<line>" prefix of every error about one line.
@@ -93,10 +95,10 @@ bool is_prefix(const std::vector<int64_t>& prefix, const std::vector<int64_t>& o
 }
 
 std::vector<int64_t> render_ids(const tok::Tokenizer& tokenizer, const json& messages,
-                                bool add_generation_prompt, const LineRef& at) {
+                                const json& tools, bool add_generation_prompt, const LineRef& at) {
   std::string text;
   try {
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt);
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt, tools);
   } catch (const Error& e) {
     fail_at(at, "messages: ", e.what());
   }
@@ -117,13 +119,23 @@ Example chat_example(const json& j, const tok::Tokenizer& tokenizer, const LineR
       fail_at(at, field, ": expected an object, got ", messages[i].type_name());
     }
     has_assistant |= require_string(messages[i], "role", field + ".role", at) == "assistant";
-    require_string(messages[i], "content", field + ".content", at);
+    // An assistant turn that only calls tools may have no content (OpenAI/HF tool-call format).
+    const auto content = messages[i].find("content");
+    const bool calls_tools = messages[i].contains("tool_calls");
+    if (!(calls_tools && (content == messages[i].end() || content->is_null()))) {
+      require_string(messages[i], "content", field + ".content", at);
+    }
+  }
+  json tools = nullptr;  // transformers passes tools=None when there are none
+  if (auto t = j.find("tools"); t != j.end() && !t->is_null()) {
+    if (!t->is_array()) fail_at(at, "tools: expected an array, got ", t->type_name());
+    tools = *t;
   }
   if (!has_assistant) fail_at(at, "messages: no assistant message to train on");
   if (tokenizer.chat_template().empty()) fail_at(at, "messages: the tokenizer has no chat template");
 
   Example ex;
-  ex.ids = render_ids(tokenizer, messages, false, at);
+  ex.ids = render_ids(tokenizer, messages, tools, false, at);
   ex.labels.assign(ex.ids.size(), kIgnore);
   for (size_t i = 0; i < messages.size(); ++i) {
     if (messages[i]["role"] != "assistant") continue;
@@ -131,8 +143,8 @@ Example chat_example(const json& j, const tok::Tokenizer& tokenizer, const LineR
     for (size_t k = 0; k < i; ++k) before.push_back(messages[k]);
     json upto = before;
     upto.push_back(messages[i]);
-    std::vector<int64_t> start = render_ids(tokenizer, before, true, at);
-    std::vector<int64_t> end = render_ids(tokenizer, upto, false, at);
+    std::vector<int64_t> start = render_ids(tokenizer, before, tools, true, at);
+    std::vector<int64_t> end = render_ids(tokenizer, upto, tools, false, at);
     if (!is_prefix(start, end) || !is_prefix(end, ex.ids)) {
       fail_at(at, "messages[", i,
               "]: chat template is not prefix-stable (rendering the conversation up to this "
@@ -172,6 +184,9 @@ std::vector<Example> load_jsonl(const std::filesystem::path& path, Format format
     ++line_no;
     if (is_blank(line)) continue;
     const LineRef at{file, line_no};
+    if (const auto bad = tok::find_invalid_utf8_in_json(line)) {
+      fail_at(at, tok::describe(*bad, /*with_line=*/false));
+    }
     json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded()) fail_at(at, "not valid JSON");
     if (!j.is_object()) fail_at(at, "expected a JSON object, got ", j.type_name());

@@ -15,6 +15,14 @@
 
 namespace ftune::tok {
 
+// An entry of tokenizer_config.json "added_tokens_decoder", its id already checked.
+struct ConfigToken {
+  int64_t id = 0;
+  std::string content;
+  bool lstrip = false, rstrip = false, special = true;
+  std::string field;  // "added_tokens_decoder.<id>", for error messages
+};
+
 class TokenizerBackend {
  public:
   virtual ~TokenizerBackend() = default;
@@ -28,8 +36,9 @@ class TokenizerBackend {
   // True when add_special_tokens is handled by encode() (tokenizer.json post_processor).
   virtual bool has_post_processor() const = 0;
   // Registers tokens declared in tokenizer_config.json "added_tokens_decoder" that the backend
-  // does not know yet (SentencePiece: pad tokens past the model's vocab). `origin` names the file.
-  virtual void add_config_tokens(const nlohmann::json& added_tokens_decoder,
+  // does not know yet (SentencePiece: pad tokens past the model's vocab), or checks them against
+  // its own (tokenizer.json). `origin` names the file.
+  virtual void add_config_tokens(const std::vector<ConfigToken>& tokens,
                                  const std::string& origin) = 0;
   // SentencePiece's own bos/eos/pad ids (when the model defines them), used without a config.
   virtual std::optional<int64_t> default_bos_id() const { return std::nullopt; }

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "tokenizer/unicode.h"
 
 namespace ftune::tok {
 namespace {
@@ -36,65 +37,9 @@ namespace {
 }
 
 // ---------------------------------------------------------------------------------- UTF-8
-// Invalid bytes decode to U+DC80..U+DCFF and encode back to the same byte (Python's
-// surrogateescape), so nothing is lost on a round trip.
-char32_t utf8_next(std::string_view s, size_t& i) {
-  const auto c = static_cast<unsigned char>(s[i]);
-  if (c < 0x80) {
-    ++i;
-    return c;
-  }
-  int n = 0;
-  char32_t cp = 0;
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 1;
-    cp = c & 0x1F;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 2;
-    cp = c & 0x0F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 3;
-    cp = c & 0x07;
-  } else {
-    ++i;
-    return 0xDC00 + c;
-  }
-  if (i + n >= s.size()) {
-    ++i;
-    return 0xDC00 + c;
-  }
-  for (int k = 1; k <= n; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if ((b & 0xC0) != 0x80) {
-      ++i;
-      return 0xDC00 + c;
-    }
-    cp = (cp << 6) | (b & 0x3F);
-  }
-  i += n + 1;
-  return cp;
-}
-
-void append_utf8(std::string& out, char32_t cp) {
-  if (cp >= 0xDC80 && cp <= 0xDCFF) {
-    out += static_cast<char>(cp - 0xDC00);
-  } else if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
+// The template and every context string are checked to be valid UTF-8 on entry (render()), so
+// the shared decoder of unicode.h applies. Escapes such as '\udc80' can still produce a lone
+// surrogate; utf8_append writes it as three bytes and utf8_next reads it back unchanged.
 std::u32string to_u32(std::string_view s) {
   std::u32string out;
   out.reserve(s.size());
@@ -105,7 +50,7 @@ std::u32string to_u32(std::string_view s) {
 std::string from_u32(std::u32string_view s) {
   std::string out;
   out.reserve(s.size());
-  for (char32_t c : s) append_utf8(out, c);
+  for (char32_t c : s) utf8_append(out, c);
   return out;
 }
 
@@ -178,14 +123,14 @@ std::string upper_str(std::string_view s) {
     if (c == 0xDF) {
       out += "SS";
     } else {
-      append_utf8(out, to_upper_cp(c));
+      utf8_append(out, to_upper_cp(c));
     }
   }
   return out;
 }
 std::string lower_str(std::string_view s) {
   std::string out;
-  for (size_t i = 0; i < s.size();) append_utf8(out, to_lower_cp(utf8_next(s, i)));
+  for (size_t i = 0; i < s.size();) utf8_append(out, to_lower_cp(utf8_next(s, i)));
   return out;
 }
 // Python's str.capitalize(): first character upper, the rest lower.
@@ -453,7 +398,7 @@ std::string py_str_repr(std::string_view s) {
       }
       out += buf;
     } else {
-      append_utf8(out, c);
+      utf8_append(out, c);
     }
   }
   out += q;
@@ -554,7 +499,7 @@ void json_string(std::string_view s, bool ensure_ascii, std::string& out) {
       }
       out += buf;
     } else {
-      append_utf8(out, c);
+      utf8_append(out, c);
     }
   }
   out += '"';
@@ -1015,12 +960,12 @@ class Lexer {
         case 'r': out += '\r'; break;
         case 't': out += '\t'; break;
         case 'v': out += '\v'; break;
-        case 'x': append_utf8(out, hex(2)); break;
-        case 'u': append_utf8(out, hex(4)); break;
+        case 'x': utf8_append(out, hex(2)); break;
+        case 'u': utf8_append(out, hex(4)); break;
         case 'U': {
           const char32_t v = hex(8);
           if (v > 0x10FFFF) fail_line(line_, "illegal Unicode character in string literal");
-          append_utf8(out, v);
+          utf8_append(out, v);
           break;
         }
         case 'N': fail_line(line_, "\\N{...} escapes are not supported");
@@ -1028,7 +973,7 @@ class Lexer {
           if (c >= '0' && c <= '7') {
             char32_t v = c - '0';
             for (int d = 0; d < 2 && k < body.size() && body[k] >= '0' && body[k] <= '7'; ++d) v = v * 8 + (body[k++] - '0');
-            append_utf8(out, v);
+            utf8_append(out, v);
           } else if (static_cast<unsigned char>(c) >= 0x80) {
             // jinja2 backslash-replaces non-ASCII text before decoding, so "\é" keeps the
             // backslash and spells the character as an escape.
@@ -2117,7 +2062,7 @@ std::string py_replace(const std::string& s, const std::string& old_s, const std
         out += new_s;
         ++done;
       }
-      append_utf8(out, c);
+      utf8_append(out, c);
     }
     if (count < 0 || done < count) out += new_s;
     return out;
@@ -2234,9 +2179,9 @@ std::string pad_str(const std::string& s, int64_t width, char32_t fill, int alig
   if (align == 1) left = marg;
   if (align == 0) left = marg / 2 + (marg & width & 1);
   std::string out;
-  for (int64_t k = 0; k < left; ++k) append_utf8(out, fill);
+  for (int64_t k = 0; k < left; ++k) utf8_append(out, fill);
   out += s;
-  for (int64_t k = 0; k < marg - left; ++k) append_utf8(out, fill);
+  for (int64_t k = 0; k < marg - left; ++k) utf8_append(out, fill);
   return out;
 }
 
@@ -2333,7 +2278,7 @@ std::string py_percent_format(const std::string& fmt, const Value& args, int lin
       case 'c': {
         if (!arg->is_number()) fail_line(line, "%" + std::string(1, conv) + " format: a real number is required, not " + py_type_name(*arg));
         if (conv == 'c') {
-          append_utf8(piece, static_cast<char32_t>(arg->is_int_like() ? arg->i : 0));
+          utf8_append(piece, static_cast<char32_t>(arg->is_int_like() ? arg->i : 0));
           break;
         }
         const long long v = arg->is_int_like() ? arg->i : static_cast<long long>(std::trunc(arg->f));
@@ -3852,27 +3797,40 @@ class Interp {
 };
 
 // ---------------------------------------------------------------------------------- entry
-template <typename Json>
-Value from_json(const Json& j) {
+// `path` names the value in errors ("messages[1].content").
+Value from_json(const nlohmann::ordered_json& j, const std::string& path) {
+  auto checked = [&](const std::string& s, const std::string& where) -> const std::string& {
+    if (const auto bad = utf8_invalid_at(s)) {
+      fail("chat template: ", where, ": invalid UTF-8 at byte ", *bad);
+    }
+    return s;
+  };
   switch (j.type()) {
     case nlohmann::json::value_t::null: return Value::none();
-    case nlohmann::json::value_t::boolean: return Value::boolean(j.template get<bool>());
-    case nlohmann::json::value_t::number_integer: return Value::integer(j.template get<int64_t>());
+    case nlohmann::json::value_t::boolean: return Value::boolean(j.get<bool>());
+    case nlohmann::json::value_t::number_integer: return Value::integer(j.get<int64_t>());
     case nlohmann::json::value_t::number_unsigned: {
-      const auto u = j.template get<uint64_t>();
+      const auto u = j.get<uint64_t>();
       if (u > static_cast<uint64_t>(INT64_MAX)) return Value::real(static_cast<double>(u));
       return Value::integer(static_cast<int64_t>(u));
     }
-    case nlohmann::json::value_t::number_float: return Value::real(j.template get<double>());
-    case nlohmann::json::value_t::string: return Value::str(j.template get<std::string>());
+    case nlohmann::json::value_t::number_float: return Value::real(j.get<double>());
+    case nlohmann::json::value_t::string:
+      return Value::str(checked(j.get_ref<const std::string&>(), path));
     case nlohmann::json::value_t::array: {
       ValueList items;
-      for (const auto& x : j) items.push_back(from_json(x));
+      for (size_t i = 0; i < j.size(); ++i) {
+        items.push_back(from_json(j[i], path + "[" + std::to_string(i) + "]"));
+      }
       return Value::make_list(std::move(items));
     }
     case nlohmann::json::value_t::object: {
       ValueDict d;
-      for (auto it = j.begin(); it != j.end(); ++it) d.emplace_back(Value::str(it.key()), from_json(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) {
+        const std::string child = path.empty() ? it.key() : path + "." + it.key();
+        checked(it.key(), (path.empty() ? std::string("(context)") : path) + " (a key)");
+        d.emplace_back(Value::str(it.key()), from_json(it.value(), child));
+      }
       return Value::make_dict(std::move(d));
     }
     default: return Value::none();
@@ -3960,6 +3918,10 @@ struct Program {
 std::shared_ptr<const Program> compile(const std::string& source) {
   thread_local std::shared_ptr<const Program> last;
   if (last && last->source == source) return last;
+  if (const auto bad = utf8_invalid_at(source)) {
+    const auto line = 1 + std::count(source.begin(), source.begin() + static_cast<std::ptrdiff_t>(*bad), '\n');
+    fail_line(static_cast<int>(line), "invalid UTF-8 at byte " + std::to_string(*bad));
+  }
   auto p = std::make_shared<Program>();
   p->source = source;
   p->body = Parser(Lexer(source).run()).parse();
@@ -3982,12 +3944,8 @@ std::string render(const std::string& source, const Value& context) {
 
 }  // namespace
 
-std::string render_chat_template(const std::string& source, const nlohmann::json& context) {
-  return render(source, from_json(context));
-}
-
-std::string render_chat_template_ordered(const std::string& source, const nlohmann::ordered_json& context) {
-  return render(source, from_json(context));
+std::string render_chat_template(const std::string& source, const nlohmann::ordered_json& context) {
+  return render(source, from_json(context, ""));
 }
 
 }  // namespace ftune::tok

@@ -15,14 +15,15 @@
 namespace ftune::tok {
 
 // Renders `source` with variables from `context` (a JSON object: messages, bos_token, eos_token,
-// add_generation_prompt, ...). Throws ftune::Error "chat template: <problem>" on a syntax error,
-// an unsupported construct, or raise_exception("...") in the template.
-std::string render_chat_template(const std::string& source, const nlohmann::json& context);
+// add_generation_prompt, ...). Objects keep their key order, as Python dicts do: `tojson` of a
+// message or tool schema and `message.items()` match transformers byte for byte only then.
+// Throws ftune::Error "chat template: <problem>" on a syntax error, an unsupported construct,
+// invalid UTF-8 in the template or a context string (naming the field), or
+// raise_exception("...") in the template.
+std::string render_chat_template(const std::string& source, const nlohmann::ordered_json& context);
 
-// Same, for a context whose objects keep their key order (nlohmann::json sorts keys). Python
-// dicts keep insertion order, so `tojson` of a tool schema or `message.items()` only match
-// transformers byte for byte when the caller parsed its JSON as ordered_json.
-std::string render_chat_template_ordered(const std::string& source,
-                                         const nlohmann::ordered_json& context);
+// nlohmann::json sorts object keys ({"content", "role"} where transformers has {"role",
+// "content"}); parse with nlohmann::ordered_json instead.
+std::string render_chat_template(const std::string& source, const nlohmann::json& context) = delete;
 
 }  // namespace ftune::tok

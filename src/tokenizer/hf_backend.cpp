@@ -35,6 +35,12 @@ class HfBackend final : public TokenizerBackend {
   HfBackend(const json& tj, const std::string& origin) {
     JsonReader p{origin};
     if (!tj.is_object()) p.bad("(top level)", "expected a JSON object");
+    // Ids index the model's embedding, so the id space must be dense: no real tokenizer has an
+    // id at or above its number of vocab entries plus added tokens. (HF tokenizers would accept
+    // any u32; a stray 2^31-1 would then cost a 2^31-row table here or in the model.)
+    if (tj.contains("added_tokens") && tj.at("added_tokens").is_array()) {
+      id_bound_ = static_cast<int64_t>(tj.at("added_tokens").size());
+    }
     parse_model(p, p.member(tj, "(top level)", "model"));
     if (tj.contains("normalizer") && !tj.at("normalizer").is_null()) {
       normalizer_ = parse_normalizer(p, tj.at("normalizer"), "normalizer");
@@ -139,7 +145,17 @@ class HfBackend final : public TokenizerBackend {
   }
 
   bool has_post_processor() const override { return true; }
-  void add_config_tokens(const json&, const std::string&) override {}  // tokenizer.json has them
+  // tokenizer.json lists its own added tokens; the config must agree with it.
+  void add_config_tokens(const std::vector<ConfigToken>& tokens,
+                         const std::string& origin) override {
+    for (const ConfigToken& t : tokens) {
+      const auto known = token_to_id(t.content);
+      if (known && *known != t.id) {
+        fail(origin, ": ", t.field, ": token '", t.content, "' has id ", *known,
+             " in tokenizer.json");
+      }
+    }
+  }
 
  private:
   void parse_model(const JsonReader& p, const json& m) {
@@ -157,13 +173,18 @@ class HfBackend final : public TokenizerBackend {
     }
     const json& vocab = p.member(m, "model", "vocab");
     if (!vocab.is_object()) p.bad("model.vocab", "expected an object {token: id}");
+    id_bound_ += static_cast<int64_t>(vocab.size());
     std::unordered_map<std::string, int32_t> v;
+    std::unordered_map<int64_t, const std::string*> token_of_id;
     v.reserve(vocab.size());
+    token_of_id.reserve(vocab.size());
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      if (!it.value().is_number_integer())
-        p.bad("model.vocab." + it.key(), "expected an integer id");
-      const int64_t id = it.value().get<int64_t>();
-      if (id < 0 || id > INT32_MAX) p.bad("model.vocab." + it.key(), "id out of range");
+      const std::string field = "model.vocab." + it.key();
+      const int64_t id = checked_id(p, it.value(), field, id_bound_);
+      auto [other, fresh] = token_of_id.emplace(id, &it.key());
+      if (!fresh) {
+        p.bad(field, std::to_string(id) + " is also the id of '" + *other->second + "'");
+      }
       v[it.key()] = static_cast<int32_t>(id);
     }
     std::vector<std::pair<std::string, std::string>> merges;
@@ -215,6 +236,8 @@ class HfBackend final : public TokenizerBackend {
       t.rstrip = p.get_bool_or(e, field, "rstrip", false);
       t.special = p.get_bool_or(e, field, "special", false);
       t.normalized = p.get_bool_or(e, field, "normalized", !t.special);
+      std::optional<int64_t> stated_id;
+      if (e.contains("id")) stated_id = checked_id(p, e.at("id"), field + ".id", id_bound_);
       if (t.content.empty()) continue;
       if (t.special && !special_set_.count(t.content)) {
         special_set_.insert(t.content);
@@ -232,6 +255,17 @@ class HfBackend final : public TokenizerBackend {
         id = max_added < 0
                  ? model_size
                  : (max_added >= model_size || model_size == 0 ? max_added + 1 : model_size);
+        // A vocab with holes makes tokenizers hand out an id a vocab token already has.
+        if (const auto taken = id_to_token(id)) {
+          p.bad(field, "tokenizers gives '" + t.content + "' the id " + std::to_string(id) +
+                           ", which " + (added_by_id_.count(id) ? "added_tokens" : "model.vocab") +
+                           " already gives to '" + *taken + "'");
+        }
+      }
+      if (stated_id && *stated_id != id) {
+        p.bad(field + ".id", std::to_string(*stated_id) + " differs from the id " +
+                                 std::to_string(id) + " that tokenizers assigns to '" + t.content +
+                                 "' (the next free id, or its id in model.vocab)");
       }
       added_by_content_[t.content] = id;
       added_by_id_[id] = t;
@@ -255,14 +289,31 @@ class HfBackend final : public TokenizerBackend {
     normalized_matcher_.finish();
   }
 
+  // A token id from the file: an integer in [0, bound).
+  static int64_t checked_id(const JsonReader& p, const json& v, const std::string& field,
+                            int64_t bound) {
+    if (!v.is_number_integer()) p.bad(field, "expected an integer id, got " + v.dump());
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+      p.bad(field, v.dump() + " is not below " + std::to_string(bound) +
+                       " (the number of vocab entries plus added tokens)");
+    }
+    const int64_t id = v.get<int64_t>();
+    if (id < 0) p.bad(field, std::to_string(id) + " is negative");
+    if (id >= bound) {
+      p.bad(field, std::to_string(id) + " is not below " + std::to_string(bound) +
+                       " (the number of vocab entries plus added tokens)");
+    }
+    return id;
+  }
+
   // AddedVocabulary::find_matches + split_with_indices for one piece.
   void split_added(Piece piece, const AddedMatcher& matcher, Pieces& out) const {
     if (matcher.empty()) {
       if (!piece.text.empty()) out.push_back(std::move(piece));
       return;
     }
-    static const Regex word_end(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}]$)");
-    static const Regex word_start(R"(^[\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])");
+    static const Regex word_end(std::string("[") + kOnigWordChars + "]$");
+    static const Regex word_start(std::string("^[") + kOnigWordChars + "]");
     const std::string& s = piece.text;
     size_t start_offset = 0, from = 0, start = 0, stop = 0;
     int64_t id = -1;
@@ -335,10 +386,9 @@ class HfBackend final : public TokenizerBackend {
           p.bad(field + ".special_tokens", "no entry for '" + name + "'");
         }
         const json& ids = p.get_array(specials.at(name), field + ".special_tokens." + name, "ids");
-        for (const json& id : ids) {
-          if (!id.is_number_integer())
-            p.bad(field + ".special_tokens." + name + ".ids", "expected integers");
-          (seen_sequence ? after : before).push_back(id.get<int64_t>());
+        for (size_t k = 0; k < ids.size(); ++k) {
+          const std::string f2 = field + ".special_tokens." + name + ".ids[" + std::to_string(k) + "]";
+          (seen_sequence ? after : before).push_back(checked_id(p, ids[k], f2, id_bound_));
         }
       }
       prefix_.insert(prefix_.begin(), before.begin(), before.end());
@@ -348,10 +398,8 @@ class HfBackend final : public TokenizerBackend {
     if (type == "BertProcessing" || type == "RobertaProcessing") {
       auto id_of = [&](const std::string& key) {
         const json& v = p.member(pp, field, key);
-        if (!v.is_array() || v.size() != 2 || !v[1].is_number_integer()) {
-          p.bad(field + "." + key, "expected [token, id]");
-        }
-        return v[1].get<int64_t>();
+        if (!v.is_array() || v.size() != 2) p.bad(field + "." + key, "expected [token, id]");
+        return checked_id(p, v[1], field + "." + key + "[1]", id_bound_);
       };
       prefix_.insert(prefix_.begin(), id_of("cls"));
       suffix_.push_back(id_of("sep"));
@@ -362,6 +410,7 @@ class HfBackend final : public TokenizerBackend {
                                "RobertaProcessing, Sequence)");
   }
 
+  int64_t id_bound_ = 0;  // vocab entries plus added tokens: every id in the file is below it
   std::unique_ptr<BpeModel> model_;
   Normalizer normalizer_;
   PreTokenizer pre_tokenizer_;

@@ -370,7 +370,9 @@ struct StageParser : JsonReader {
       };
     }
     if (type == "Whitespace") {
-      static const auto words = std::make_shared<const Regex>(R"(\w+|[^\w\s]+)");
+      // HF: \w+|[^\w\s]+ on Oniguruma.
+      static const auto words = std::make_shared<const Regex>(
+          std::string("[") + kOnigWordChars + "]+|[^" + kOnigWordChars + R"(\s]+)");
       const Pattern pat = Pattern::regex(words);
       return [pat](Pieces& pieces) {
         split_with(pieces, pat, SplitBehavior::kRemoved, /*invert=*/true);

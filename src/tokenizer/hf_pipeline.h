@@ -18,6 +18,11 @@
 
 namespace ftune::tok {
 
+// The characters of Oniguruma's Unicode \w, which HF tokenizers' regexes use: Alphabetic, marks,
+// decimal digits, connector punctuation and the joiners U+200C/U+200D. PCRE2's \w differs (it
+// takes every \p{N} and no joiners), so code that means HF's \w spells this class out.
+inline constexpr const char* kOnigWordChars = R"(\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D})";
+
 // A slice of the input moving through the pipeline: text still to be tokenized, or a matched
 // added token (token_id >= 0) that later stages leave alone.
 struct Piece {

@@ -144,34 +144,9 @@ class SpBackend final : public TokenizerBackend {
 
   bool has_post_processor() const override { return false; }
 
-  void add_config_tokens(const nlohmann::json& decoder, const std::string& origin) override {
-    if (!decoder.is_object())
-      fail(origin, ": added_tokens_decoder: expected an object {id: token}");
-    for (auto it = decoder.begin(); it != decoder.end(); ++it) {
-      const std::string field = "added_tokens_decoder." + it.key();
-      int64_t id = 0;
-      try {
-        size_t used = 0;
-        id = std::stoll(it.key(), &used);
-        if (used != it.key().size() || id < 0) throw std::invalid_argument("id");
-      } catch (const std::exception&) {
-        fail(origin, ": ", field, ": expected a non-negative integer id as key");
-      }
-      const nlohmann::json& v = it.value();
-      if (!v.is_object() || !v.contains("content") || !v.at("content").is_string()) {
-        fail(origin, ": ", field, ": expected {\"content\": ..., ...}");
-      }
-      auto flag = [&](const char* key, bool fallback) {
-        if (!v.contains(key) || v.at(key).is_null()) return fallback;
-        if (!v.at(key).is_boolean())
-          fail(origin, ": ", field, ".", key, ": expected true or false");
-        return v.at(key).get<bool>();
-      };
-      Flags f;
-      f.lstrip = flag("lstrip", false);
-      f.rstrip = flag("rstrip", false);
-      f.special = flag("special", true);
-      register_token(v.at("content").get<std::string>(), id, f);
+  void add_config_tokens(const std::vector<ConfigToken>& tokens, const std::string&) override {
+    for (const ConfigToken& t : tokens) {
+      register_token(t.content, t.id, Flags{t.lstrip, t.rstrip, t.special});
     }
     matcher_.finish();
   }

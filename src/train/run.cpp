@@ -405,6 +405,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   // 2. Tokenizer and data (before the model: data errors should not wait for a big load).
   if (src.preset && main) model::write_byte_level_tokenizer(src.dir);
   const tok::Tokenizer tokenizer = tok::Tokenizer::load(src.dir);
+  tok::check_fits_vocab(tokenizer, src.config.vocab_size, src.origin);
   TrainData data = load_data(cfg, src, tokenizer, main);
   const int64_t rows = data.train.rows_per_epoch();
   const int64_t total_steps = total_steps_of(cfg, rows);

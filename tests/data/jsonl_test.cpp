@@ -108,6 +108,33 @@ TEST_F(JsonlTest, ChatTemplateThatIsNotPrefixStableIsAnError) {
       << msg;
 }
 
+TEST_F(JsonlTest, ChatKeepsKeyOrderAndPassesToolsAndToolCalls) {
+  // As transformers renders it: dicts in file order, tools=None when the line has none, and an
+  // assistant turn that only calls tools may have null content.
+  nlohmann::json cfg = nlohmann::json::parse(read_file(dir_ / "tok" / "tokenizer_config.json"));
+  cfg["chat_template"] = "{{ tools | tojson }}{% for m in messages %}{{ m | tojson }}{% endfor %}";
+  write_text(dir_ / "tok" / "tokenizer_config.json", cfg.dump());
+  *tok_ = tok::Tokenizer::load(dir_ / "tok");
+  auto ex = load_jsonl(
+      file(R"({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null, "tool_calls": [{"b": 1, "a": 2}]}], "tools": [{"z": 1, "y": 2}]})"
+           "\n"
+           R"({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})"
+           "\n"),
+      Format::kChat, *tok_);
+  ASSERT_EQ(ex.size(), 2u);
+  const std::string user = R"({"role": "user", "content": "q"})";
+  const std::string calls = R"({"role": "assistant", "content": null, "tool_calls": [{"b": 1, "a": 2}]})";
+  const std::string tools = R"([{"z": 1, "y": 2}])";
+  EXPECT_EQ(ex[0].ids, bytes(tools + user + calls));
+  EXPECT_EQ(ex[0].labels, cat(ignore(tools.size() + user.size()), bytes(calls)));
+  const std::string answer = R"({"role": "assistant", "content": "a"})";
+  EXPECT_EQ(ex[1].ids, bytes("null" + user + answer));
+  EXPECT_EQ(error_of(R"({"messages": [{"role": "assistant", "content": "a"}], "tools": {}})", Format::kChat),
+            (dir_ / "d.jsonl").string() + ":1: tools: expected an array, got object");
+  EXPECT_EQ(error_of(R"({"messages": [{"role": "assistant", "content": null}]})", Format::kChat),
+            (dir_ / "d.jsonl").string() + ":1: messages[0].content: expected a string, got null");
+}
+
 TEST_F(JsonlTest, ChatWithoutTemplateIsAnError) {
   nlohmann::json cfg = nlohmann::json::parse(read_file(dir_ / "tok" / "tokenizer_config.json"));
   cfg.erase("chat_template");
@@ -171,7 +198,11 @@ TEST_F(JsonlTest, CrlfLinesAndInvalidUtf8) {
   auto ex = load_jsonl(file("{\"text\": \"a\"}\r\n{\"text\": \"b\"}\r\n"), Format::kText, *tok_);
   ASSERT_EQ(ex.size(), 2u);
   EXPECT_EQ(ex[1].ids, cat(bytes("b"), {kEos}));
-  EXPECT_EQ(error_of("{\"text\": \"\xff\"}\n", Format::kText), (dir_ / "d.jsonl").string() + ":1: not valid JSON");
+  EXPECT_EQ(error_of("{\"text\": \"\xff\"}\n", Format::kText),
+            (dir_ / "d.jsonl").string() + ":1: text: invalid UTF-8 at byte 10");
+  EXPECT_EQ(error_of("\n{\"messages\": [{\"role\": \"user\", \"con\xc3\": 1}]}\n",
+                     Format::kChat),
+            (dir_ / "d.jsonl").string() + ":2: messages[0] (a key): invalid UTF-8 at byte 35");
 }
 
 TEST(ParseFormat, NamesAndError) {

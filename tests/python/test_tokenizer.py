@@ -202,6 +202,45 @@ def build_normalized():
     return tok, {}
 
 
+def build_misc():
+    """The normalizers and pre-tokenizers the other builders leave out: NFKD, Replace with a
+    regex, NFC; CharDelimiterSplit, a Contiguous and an inverted Split, Whitespace."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.NFC()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.CharDelimiterSplit("-"),
+        pre_tokenizers.Split(Regex(r"\d"), behavior="contiguous"),
+        pre_tokenizers.Split(Regex(r"[a-z]+"), behavior="isolated", invert=True),
+        pre_tokenizers.Whitespace()])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"],
+                                                        show_progress=False, limit_alphabet=90))
+    return tok, {}
+
+
+class _RawTokenizerJson:
+    """A tokenizer.json text kept as written (tokenizers would re-serialize it in today's form)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def to_str(self):
+        return self.text
+
+    def save(self, path):
+        Path(path).write_text(self.text, encoding="utf-8")
+
+
+def build_metaspace_legacy():
+    """Metaspace as older tokenizer.json files spell it: add_prefix_space instead of prepend_scheme."""
+    tok, config = build_metaspace("never")
+    data = json.loads(tok.to_str())
+    for key in ("pre_tokenizer", "decoder"):
+        del data[key]["prepend_scheme"]
+        data[key]["add_prefix_space"] = True
+    return _RawTokenizerJson(json.dumps(data, ensure_ascii=False)), config
+
+
 HF_BUILDERS = {
     "gpt2": build_gpt2,
     "gpt2_prefix_space": lambda: build_gpt2(prefix_space=True),
@@ -211,7 +250,75 @@ HF_BUILDERS = {
     "metaspace_first": build_metaspace,
     "metaspace_always_split": lambda: build_metaspace("always", True),
     "normalized": build_normalized,
+    "misc": build_misc,
+    "metaspace_never": lambda: build_metaspace("never"),
+    "metaspace_legacy": build_metaspace_legacy,
 }
+
+
+def _components(node, kind, found):
+    """Collects (kind, type) of every normalizer / pre-tokenizer in a tokenizer.json subtree, with
+    Split behaviors, Split pattern kinds and inversion, Replace pattern kinds and Metaspace schemes."""
+    if isinstance(node, list):
+        for x in node:
+            _components(x, kind, found)
+        return
+    if not isinstance(node, dict):
+        return
+    t = node.get("type")
+    if t:
+        found.add((kind, t))
+        if t in ("Split", "Replace"):
+            found.add((kind, f"{t}:{next(iter(node['pattern']))}"))
+        if t == "Split":
+            found.add((kind, f"Split:{node['behavior']}"))
+            found.add((kind, f"Split:invert={node['invert']}"))
+        if t == "Metaspace":
+            found.add((kind, "Metaspace:" + node.get("prepend_scheme", f"add_prefix_space={node.get('add_prefix_space')}")))
+        if t == "ByteLevel":
+            found.add((kind, f"ByteLevel:use_regex={node.get('use_regex', True)}"))
+            found.add((kind, f"ByteLevel:add_prefix_space={node.get('add_prefix_space')}"))
+        if t == "Digits":
+            found.add((kind, f"Digits:individual_digits={node['individual_digits']}"))
+    for key in ("normalizers", "pretokenizers"):
+        _components(node.get(key), kind, found)
+
+
+def test_every_documented_component_is_compared_with_hf():
+    """docs/tokenizers.md lists the normalizers and pre-tokenizers ftune supports; each one (and
+    each option named there) must appear in a tokenizer that test_hf_ids_decode_and_special_tokens_match
+    compares with HF tokenizers."""
+    found = set()
+    for build in HF_BUILDERS.values():
+        data = json.loads(build()[0].to_str())
+        _components(data["normalizer"], "normalizer", found)
+        _components(data["pre_tokenizer"], "pre_tokenizer", found)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "tokenizers.md").read_text()
+    import re
+    norm_line = re.search(r"\*\*Normalizers\*\*:(.*?)(?=\n- \*\*)", doc, re.S).group(1)
+    pre_line = re.search(r"\*\*Pre-tokenizers\*\*:(.*?)(?=\n- \*\*)", doc, re.S).group(1)
+    listed = ({("normalizer", n) for n in re.findall(r"`(\w+)`", norm_line)}
+              | {("pre_tokenizer", n) for n in re.findall(r"`(\w+)`", pre_line)})
+    assert len(listed) >= 20
+    expected = listed | {
+        ("normalizer", "Replace:String"), ("normalizer", "Replace:Regex"),
+        ("pre_tokenizer", "Split:String"), ("pre_tokenizer", "Split:Regex"),
+        *{("pre_tokenizer", f"Split:{b}") for b in
+          ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous")},
+        ("pre_tokenizer", "Split:invert=True"), ("pre_tokenizer", "Split:invert=False"),
+        *{("pre_tokenizer", f"Metaspace:{m}") for m in ("always", "first", "never", "add_prefix_space=True")},
+        ("pre_tokenizer", "ByteLevel:use_regex=True"), ("pre_tokenizer", "ByteLevel:use_regex=False"),
+        ("pre_tokenizer", "ByteLevel:add_prefix_space=True"), ("pre_tokenizer", "ByteLevel:add_prefix_space=False"),
+        ("pre_tokenizer", "Digits:individual_digits=True"), ("pre_tokenizer", "Digits:individual_digits=False"),
+    }
+    # `Sequence` (either kind) and option names in backticks are not component types.
+    missing = {e for e in expected - found
+               if e[1] not in ("Sequence", "String", "Regex", "add_prefix_space", "use_regex",
+                               "individual_digits", "replacement", "prepend_scheme", "split",
+                               "Removed", "Isolated", "MergedWithPrevious", "MergedWithNext",
+                               "Contiguous", "invert")}
+    assert not missing, f"documented but never compared with HF tokenizers: {sorted(missing)}"
+    assert ("normalizer", "Sequence") in found and ("pre_tokenizer", "Sequence") in found
 
 
 @pytest.fixture(scope="module", params=sorted(HF_BUILDERS))
@@ -460,3 +567,152 @@ def test_sentencepiece_config_add_eos(sp_model, tmp_path):
     texts = SAMPLES[:6]
     for text, got in zip(texts, batch(cfg_dir, texts, tmp_path)):
         assert got["ids_special"] == llama.encode(text, add_special_tokens=True), text
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids that cannot be right, and tokenizers that do not fit their model
+
+def _one_error(args, expected):
+    p = run(args, check=False)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 1 and lines == [f"ftune: error: {expected}"], (p.returncode, p.stderr)
+
+
+def test_impossible_token_ids_are_rejected(tmp_path):
+    tok, config = build_gpt2()
+    good = json.loads(tok.to_str())
+    n = len(good["model"]["vocab"]) + len(good["added_tokens"])
+    bound = f"is not below {n} (the number of vocab entries plus added tokens)"
+    d = tmp_path / "m"
+    d.mkdir()
+    cases = []
+    big = json.loads(tok.to_str())
+    big["model"]["vocab"]["Ġzz"] = 2**31 - 1
+    cases.append((big, f"model.vocab.Ġzz: 2147483647 {bound.replace(str(n), str(n + 1))}"))
+    neg = json.loads(tok.to_str())
+    neg["model"]["vocab"]["Ġzz"] = -1
+    cases.append((neg, "model.vocab.Ġzz: -1 is negative"))
+    dup = json.loads(tok.to_str())
+    dup["model"]["vocab"]["Ġzz"] = dup["model"]["vocab"]["a"]
+    cases.append((dup, f"model.vocab.Ġzz: {dup['model']['vocab']['a']} is also the id of 'a'"))
+    added = json.loads(tok.to_str())
+    added["added_tokens"].append(dict(added["added_tokens"][0], id=2**31 - 1, content="<x>"))
+    cases.append((added, f"added_tokens[1].id: 2147483647 {bound.replace(str(n), str(n + 1))}"))
+    moved = json.loads(tok.to_str())
+    moved["added_tokens"].append(dict(moved["added_tokens"][0], id=3, content="<x>"))
+    # HF tokenizers assigns added-token ids by content (a differing stated id only warns), so
+    # a mismatching id can only be a damaged file; the oracle says which id it would use.
+    assigned = Tokenizer.from_str(json.dumps(moved)).token_to_id("<x>")
+    assert assigned != 3
+    cases.append((moved, f"added_tokens[1].id: 3 differs from the id {assigned} that tokenizers "
+                         "assigns to '<x>' (the next free id, or its id in model.vocab)"))
+    for data, message in cases:
+        (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        _one_error([tokenize_bin(), "tokenize", "--model", d, "--string", "x"],
+                   f"{d}/tokenizer.json: {message}")
+
+
+def test_impossible_config_token_ids_are_rejected(sp_model, tmp_path):
+    d, sp = sp_model
+    m = tmp_path / "sp"
+    m.mkdir()
+    (m / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes())
+    n = sp.get_piece_size()
+    entry = {"content": "<pad>", "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    for decoder, message in [
+        ({"2147483647": entry}, f"added_tokens_decoder.2147483647: 2147483647 is not below {n + 1} "
+                                "(the tokenizer's vocabulary plus added_tokens_decoder)"),
+        ({"-1": entry}, "added_tokens_decoder.-1: expected a non-negative integer id as key"),
+        ({str(n): entry, str(n + 1): entry},
+         f"added_tokens_decoder.{n + 1}: token '<pad>' is also added_tokens_decoder.{n} (one token, two ids)"),
+    ]:
+        (m / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+        _one_error([tokenize_bin(), "tokenize", "--model", m, "--string", "x"],
+                   f"{m}/tokenizer_config.json: {message}")
+    # A pad token right after the pieces is fine, and LlamaTokenizer agrees on its id.
+    (m / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {str(n): entry}}))
+    ids = json.loads(run([tokenize_bin(), "tokenize", "--model", m, "--string", "a<pad>b"]).stdout)
+    from transformers import LlamaTokenizer
+    ref = LlamaTokenizer.from_pretrained(str(m), legacy=True)
+    assert ids == ref.encode("a<pad>b", add_special_tokens=False) and n in ids
+
+
+def test_invalid_utf8_names_file_and_field(tmp_path):
+    tok, config = build_smollm()
+    d = tmp_path / "m"
+    d.mkdir()
+    text = tok.to_str().encode("utf-8").replace(b'"<|im_end|>"', b'"<|im_end\xff|>"', 1)
+    (d / "tokenizer.json").write_bytes(text)
+    offset = text.index(b"\xff")
+    line = text[:offset].count(b"\n") + 1
+    _one_error([tokenize_bin(), "tokenize", "--model", d, "--string", "x"],
+               f"{d}/tokenizer.json: added_tokens[2].content: invalid UTF-8 at line {line} (byte {offset})")
+    tok.save(str(d / "tokenizer.json"))
+    cfg = json.dumps({"chat_template": "{{ 'A' }}XX"}).encode().replace(b"XX", b"\xc3(")
+    (d / "tokenizer_config.json").write_bytes(cfg)
+    _one_error([tokenize_bin(), "tokenize", "--model", d, "--string", "x"],
+               f"{d}/tokenizer_config.json: chat_template: invalid UTF-8 at line 1 (byte {cfg.index(b'(') - 1})")
+    (d / "tokenizer_config.json").unlink()
+    (d / "chat_template.jinja").write_bytes(b"{{ 'A' }}\nok\n\xe2\x82")
+    _one_error([tokenize_bin(), "tokenize", "--model", d, "--string", "x"],
+               f"{d}/chat_template.jinja: invalid UTF-8 at line 3 (byte 13)")
+
+
+def test_tokenizer_must_fit_the_model(tmp_path):
+    """An added token past the model's vocab_size fails when model and tokenizer meet (eval,
+    generate, train), naming both files, instead of 'index out of range' in the first forward."""
+    from ftune_testing import SOURCE_DIR, ftune
+
+    d = tmp_path / "tiny"
+    ftune("init-model", "--preset", "tiny", "--out", d)
+    vocab_size = json.loads((d / "config.json").read_text())["vocab_size"]
+    data = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"].append(dict(data["added_tokens"][-1], id=vocab_size, content="<|new|>"))
+    (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    assert Tokenizer.from_file(str(d / "tokenizer.json")).token_to_id("<|new|>") == vocab_size
+    expected = (f"{d}/tokenizer.json: token '<|new|>' (id {vocab_size}): id is not below the "
+                f"model's vocab_size {vocab_size} ({d}/config.json)")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    _one_error([ftune_bin(), "eval", "--model", d, "--text", text, "--seq-len", "16"], expected)
+    _one_error([ftune_bin(), "generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2"], expected)
+    _one_error([ftune_bin(), "train", "--config", SOURCE_DIR / "configs" / "tiny_full.yaml",
+                "--set", f"model.path={d}", "--set", f"training.output_dir={tmp_path / 'run'}",
+                "--set", f"data.train={SOURCE_DIR / 'data' / 'sample_train.jsonl'}",
+                "--set", f"data.valid={SOURCE_DIR / 'data' / 'sample_valid.jsonl'}"], expected)
+    # Without the extra token the same model dir works.
+    data["added_tokens"].pop()
+    (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    run([ftune_bin(), "generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2"])
+
+
+CONTEXT_TEMPLATE = ("{{ bos_token is defined }}{{ bos_token }}|{{ eos_token }}|{{ unk_token is defined }}"
+                    "{{ unk_token }}|{{ pad_token is defined }}|{{ tools is defined }}{{ tools is none }}|"
+                    "{{ documents is defined }}{{ documents is none }}|"
+                    "{% for m in messages %}{{ m | tojson }}{% endfor %}")
+
+
+def test_chat_template_context_matches_transformers(sp_model, tmp_path):
+    """The variables a template sees: tools/documents defined as None, only the special tokens
+    that are set (unk_token too), and messages as dicts in their given order."""
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    tok, config = build_llama3()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    tok.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "unk_token": "<|end_of_text|>", "chat_template": CONTEXT_TEMPLATE}))
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    (sp_dir / "tokenizer.model").write_bytes((sp_model[0] / "tokenizer.model").read_bytes())
+    (sp_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": CONTEXT_TEMPLATE}))
+    messages = [{"role": "user", "content": "hi", "name": "x"}, {"content": "yo", "role": "assistant"}]
+    f = tmp_path / "messages.json"
+    f.write_text(json.dumps(messages))
+    for d, ref in ((hf_dir, PreTrainedTokenizerFast.from_pretrained(str(hf_dir))),
+                   (sp_dir, LlamaTokenizer.from_pretrained(str(sp_dir), legacy=True))):
+        got = json.loads(run([tokenize_tool(), "chat", "--model", d, "--messages", f]).stdout)
+        want = ref.apply_chat_template(messages, tokenize=False)
+        assert got == want
+        assert '{"content": "yo", "role": "assistant"}' in got

@@ -15,10 +15,9 @@ namespace {
 
 using nlohmann::ordered_json;
 using ftune::tok::render_chat_template;
-using ftune::tok::render_chat_template_ordered;
 
 std::string render(const std::string& tpl, const std::string& context_json = "{}") {
-  return render_chat_template_ordered(tpl, ordered_json::parse(context_json));
+  return render_chat_template(tpl, ordered_json::parse(context_json));
 }
 
 std::string error_of(const std::string& tpl, const std::string& context_json = "{}") {
@@ -122,11 +121,29 @@ TEST(ChatTemplate, UndefinedBehavesLikeJinja) {
             "chat template: line 1: 'dict object' has no attribute 'missing'");
 }
 
-TEST(ChatTemplate, OrderedOverloadKeepsKeyOrderPlainJsonSortsIt) {
-  const std::string tpl = "{% for k in d %}{{ k }}{% endfor %}";
-  EXPECT_EQ(render(tpl, R"({"d": {"b": 1, "a": 2}})"), "ba");
-  // nlohmann::json stores objects sorted, so that overload can only see sorted keys.
-  EXPECT_EQ(render_chat_template(tpl, nlohmann::json::parse(R"({"d": {"b": 1, "a": 2}})")), "ab");
+TEST(ChatTemplate, KeepsKeyOrder) {
+  // transformers' output for these (a sorted nlohmann::json would give "ab" and
+  // {"content": "x", "role": "user"}; render_chat_template(std::string, nlohmann::json) is deleted).
+  EXPECT_EQ(render("{% for k in d %}{{ k }}{% endfor %}", R"({"d": {"b": 1, "a": 2}})"), "ba");
+  EXPECT_EQ(render("{{ m | tojson }}", R"({"m": {"role": "user", "content": "x"}})"),
+            R"({"role": "user", "content": "x"})");
+}
+
+TEST(ChatTemplate, InvalidUtf8NamesTheField) {
+  ordered_json ctx = {{"messages", ordered_json::array({{{"role", "user"}, {"content", "ok"}},
+                                                        {{"role", "user"}, {"content", "a\xff"}}})}};
+  try {
+    render_chat_template("{{ messages }}", ctx);
+    FAIL() << "no error";
+  } catch (const ftune::Error& e) {
+    EXPECT_STREQ(e.what(), "chat template: messages[1].content: invalid UTF-8 at byte 1");
+  }
+  try {
+    render_chat_template("ab\n{{ 'c\xc3' }}", ordered_json::object());
+    FAIL() << "no error";
+  } catch (const ftune::Error& e) {
+    EXPECT_STREQ(e.what(), "chat template: line 2: invalid UTF-8 at byte 8");
+  }
 }
 
 TEST(ChatTemplate, PathologicalTemplatesFailInsteadOfCrashing) {

@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     nlohmann::ordered_json results = nlohmann::ordered_json::array();
     for (const auto& c : cases) {
       try {
-        results.push_back(ftune::tok::render_chat_template_ordered(
+        results.push_back(ftune::tok::render_chat_template(
             c.at("template").get<std::string>(), c.value("context", nlohmann::ordered_json::object())));
       } catch (const ftune::Error& e) {
         results.push_back({{"error", e.what()}});

@@ -53,7 +53,7 @@ void run_chat(const std::string& model, const std::string& messages_file,
   const auto t = ftune::tok::Tokenizer::load(model);
   std::ifstream in(messages_file);
   FTUNE_CHECK(in.good(), messages_file, ": cannot open");
-  const auto messages = nlohmann::json::parse(in);
+  const auto messages = nlohmann::ordered_json::parse(in);
   std::cout << nlohmann::json(t.apply_chat_template(messages, add_generation_prompt)).dump()
             << "\n";
 }

@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/json_text.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/unicode.h"
@@ -449,6 +450,127 @@ TEST(TokenizerLoad, ErrorsNameTheFileAndField) {
   const Tokenizer t = Tokenizer::from_json(llama2_style(), nullptr, "x");
   err = error_of([&] { t.encode("bad \xC3 utf8"); });
   EXPECT_NE(err.find("not valid UTF-8 (byte offset 4)"), std::string::npos) << err;
+}
+
+// The id rules of tokenizer.json: ids index an embedding, so they are non-negative, unique and
+// below the number of vocab entries plus added tokens (byte_tokenizer(): 256 + 2 = 258).
+TEST(TokenizerIds, ImpossibleIdsNameTheFileAndField) {
+  const std::string bound = " is not below 258 (the number of vocab entries plus added tokens)";
+  auto err = [](const json& tj) {
+    return error_of([&] { Tokenizer::from_json(tj, nullptr, "d/tokenizer.json"); });
+  };
+  const std::string a = byte_to_unicode_table()['a'];
+  json tj = byte_tokenizer();
+  tj["model"]["vocab"][a] = 2147483647;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: 2147483647" + bound);
+  tj["model"]["vocab"][a] = -1;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: -1 is negative");
+  tj["model"]["vocab"][a] = 1.5;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: expected an integer id, got 1.5");
+  tj["model"]["vocab"][a] = 18446744073709551615u;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: 18446744073709551615" + bound);
+  tj["model"]["vocab"][a] = 258;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: 258" + bound);
+  tj = byte_tokenizer();
+  tj["model"]["vocab"][a] = 98;
+  const std::string dup = err(tj);
+  EXPECT_TRUE(dup == "d/tokenizer.json: model.vocab.a: 98 is also the id of 'b'" ||
+              dup == "d/tokenizer.json: model.vocab.b: 98 is also the id of 'a'")
+      << dup;
+
+  tj = byte_tokenizer();
+  tj["added_tokens"][1]["id"] = 2147483647;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: added_tokens[1].id: 2147483647" + bound);
+  tj["added_tokens"][1]["id"] = -5;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: added_tokens[1].id: -5 is negative");
+  tj["added_tokens"][1]["id"] = 256;  // the id of added_tokens[0]
+  EXPECT_EQ(err(tj),
+            "d/tokenizer.json: added_tokens[1].id: 256 differs from the id 257 that tokenizers "
+            "assigns to '<|end|>' (the next free id, or its id in model.vocab)");
+  tj = byte_tokenizer();
+  tj["post_processor"]["special_tokens"]["<|end|>"]["ids"] = {2147483647};
+  EXPECT_EQ(err(tj),
+            "d/tokenizer.json: post_processor.special_tokens.<|end|>.ids[0]: 2147483647" + bound);
+  // An id below the bound may leave a hole (97 here), but tokenizers would then give an added
+  // token an id model.vocab already uses.
+  tj = byte_tokenizer();
+  tj["model"]["vocab"][a] = 257;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: added_tokens[1]: tokenizers gives '<|end|>' the id 257, "
+                     "which model.vocab already gives to 'a'");
+  tj["added_tokens"] = json::array();
+  tj["post_processor"] = nullptr;
+  EXPECT_EQ(err(tj), "d/tokenizer.json: model.vocab.a: 257 is not below 256 (the number of vocab "
+                     "entries plus added tokens)");
+}
+
+TEST(TokenizerIds, ConfigAddedTokensDecoder) {
+  TempDir dir;
+  dir.write("tokenizer.json", byte_tokenizer().dump());
+  const std::string cfg = (dir.path / "tokenizer_config.json").string();
+  auto err = [&](const json& decoder) {
+    dir.write("tokenizer_config.json", json{{"added_tokens_decoder", decoder}}.dump());
+    return error_of([&] { Tokenizer::load(dir.path); });
+  };
+  const json end = {{"content", "<|end|>"}, {"special", true}};
+  EXPECT_EQ(err(json{{"257", end}}), "");  // agrees with tokenizer.json
+  EXPECT_EQ(err(json{{"2147483647", end}}),
+            cfg + ": added_tokens_decoder.2147483647: 2147483647 is not below 259 (the "
+                  "tokenizer's vocabulary plus added_tokens_decoder)");
+  EXPECT_EQ(err(json{{"99999999999999999999", end}}),
+            cfg + ": added_tokens_decoder.99999999999999999999: 99999999999999999999 is not "
+                  "below 259 (the tokenizer's vocabulary plus added_tokens_decoder)");
+  EXPECT_EQ(err(json{{"-1", end}}),
+            cfg + ": added_tokens_decoder.-1: expected a non-negative integer id as key");
+  EXPECT_EQ(err(json{{"200", end}}),
+            cfg + ": added_tokens_decoder.200: token '<|end|>' has id 257 in tokenizer.json");
+  EXPECT_EQ(err(json{{"257", end}, {"258", end}}),
+            cfg + ": added_tokens_decoder.258: token '<|end|>' is also added_tokens_decoder.257 "
+                  "(one token, two ids)");
+}
+
+TEST(TokenizerIds, CheckFitsVocabNamesBothFiles) {
+  const Tokenizer t = Tokenizer::from_json(byte_tokenizer(), nullptr, "d/tokenizer.json");
+  EXPECT_EQ(error_of([&] { check_fits_vocab(t, 258, "d/config.json"); }), "");
+  EXPECT_EQ(error_of([&] { check_fits_vocab(t, 300, "d/config.json"); }), "");
+  EXPECT_EQ(error_of([&] { check_fits_vocab(t, 257, "d/config.json"); }),
+            "d/tokenizer.json: token '<|end|>' (id 257): id is not below the model's vocab_size "
+            "257 (d/config.json)");
+  EXPECT_EQ(error_of([&] { check_fits_vocab(t, 100, "preset tiny"); }),
+            "d/tokenizer.json: token 'd' (id 100): id is not below the model's vocab_size 100 "
+            "(preset tiny)");
+}
+
+TEST(JsonText, InvalidUtf8NamesTheField) {
+  auto where = [](const std::string& text) {
+    const auto p = find_invalid_utf8_in_json(text);
+    return p ? describe(*p, true) : std::string("valid");
+  };
+  EXPECT_EQ(where(R"({"a": [1, "x"]})"), "valid");
+  EXPECT_EQ(where("{\"a\": [1, \"x\xff\"]}"), "a[1]: invalid UTF-8 at line 1 (byte 12)");
+  EXPECT_EQ(where("{\"a\": {\n\"k\xc3\": 1}}"), "a (a key): invalid UTF-8 at line 2 (byte 10)");
+  EXPECT_EQ(where("[\"\xff\", \"\xfe\"]"), "[0]: invalid UTF-8 at line 1 (byte 2)");
+  EXPECT_EQ(where("{\"a\": 1\xff}"), "invalid UTF-8 at line 1 (byte 7)");  // not in a string
+  // The marker that locates the field cannot collide with text already in the file.
+  EXPECT_EQ(where(u8(u8"{\"m\": \"\U000E0000\", \"n\": \"\xff\"}")),
+            "n: invalid UTF-8 at line 1 (byte 20)");
+  EXPECT_EQ(error_of([] { parse_json_text("{\"a\": \"\xff\"}", "f.json"); }),
+            "f.json: a: invalid UTF-8 at line 1 (byte 7)");
+  EXPECT_NE(error_of([] { parse_json_text("{\"a\": ", "f.json"); }).find("f.json: invalid JSON: "),
+            std::string::npos);
+}
+
+TEST(TokenizerLoad, InvalidUtf8InFilesNamesFileAndField) {
+  TempDir dir;
+  std::string text = byte_tokenizer().dump();
+  text.replace(text.find("<|end|>"), 7, "<|end\xff|>");
+  dir.write("tokenizer.json", text);
+  const std::string err = error_of([&] { Tokenizer::load(dir.path); });
+  EXPECT_EQ(err, (dir.path / "tokenizer.json").string() + ": added_tokens[1].content: invalid UTF-8 at line 1 (byte " +
+                     std::to_string(text.find('\xff')) + ")");
+  dir.write("tokenizer.json", byte_tokenizer().dump());
+  dir.write("chat_template.jinja", "ok\n{{ x }}\xe2\x82");
+  EXPECT_EQ(error_of([&] { Tokenizer::load(dir.path); }),
+            (dir.path / "chat_template.jinja").string() + ": invalid UTF-8 at line 2 (byte 10)");
 }
 
 }  // namespace
