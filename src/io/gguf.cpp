@@ -266,7 +266,8 @@ void GgufFile::check_tensor_data() const {
            " bytes)");
     }
     if (t.offset % alignment_ != 0) {
-      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset, " is not a multiple of general.alignment ",
+      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset,
+           " is not a multiple of general.alignment ",
            alignment_);
     }
   }
@@ -280,7 +281,8 @@ void GgufFile::check_tensor_data() const {
     const GgufTensorInfo& prev = *by_offset[i - 1];
     const GgufTensorInfo& t = *by_offset[i];
     if (t.offset < prev.offset + prev.n_bytes) {
-      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset, " overlaps tensor '", gguf_printable(prev.name),
+      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset, " overlaps tensor '",
+           gguf_printable(prev.name),
            "' (data [", prev.offset, ", ", prev.offset + prev.n_bytes, "))");
     }
   }
@@ -295,7 +297,8 @@ GgufValueType GgufFile::metadata_type(const std::string& key) const {
 GgufValueType GgufFile::metadata_array_type(const std::string& key) const {
   auto it = types_.find(key);
   FTUNE_CHECK(it != types_.end(), origin_, ": metadata '", gguf_printable(key), "': no such key");
-  FTUNE_CHECK(it->second.first == GgufValueType::ARRAY, origin_, ": metadata '", gguf_printable(key), "': not an array");
+  FTUNE_CHECK(it->second.first == GgufValueType::ARRAY, origin_, ": metadata '", gguf_printable(key),
+              "': not an array");
   return it->second.second;
 }
 
@@ -315,7 +318,8 @@ at::Tensor GgufFile::raw(const std::string& name) const {
 at::Tensor GgufFile::dequantize(const std::string& name) const {
   const GgufTensorInfo& t = tensor_info(name);
   const GgmlTypeTraits* tr = ggml_type_traits(t.type);
-  FTUNE_CHECK(tr->can_dequantize, origin_, ": tensor '", gguf_printable(name), "': dequantizing ggml type ", tr->name, " (",
+  FTUNE_CHECK(tr->can_dequantize, origin_, ": tensor '", gguf_printable(name), "': dequantizing ggml type ",
+              tr->name, " (",
               t.type, ") is not supported");
   at::Tensor out = at::empty(t.shape(), at::TensorOptions().dtype(at::kFloat));
   ggml_dequantize(t.type, map_->data() + data_offset_ + t.offset, t.numel(), out.data_ptr<float>());

@@ -395,7 +395,8 @@ void save_weights(const fs::path& dir, const TensorList& tensors, int64_t max_sh
 
 void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& specs,
                            const TensorProducer& produce, int64_t max_shard_bytes) {
-  FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ", max_shard_bytes);
+  FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ",
+              max_shard_bytes);
   const std::map<std::string, std::string> meta = {{"format", "pt"}};
   // Greedy split in order: a new shard starts when the next tensor would overflow this one.
   std::vector<size_t> shard_begin = {0};  // index of each shard's first spec
@@ -412,7 +413,8 @@ void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& s
   }
   shard_begin.push_back(specs.size());
   const int n = static_cast<int>(shard_begin.size()) - 1;
-  FTUNE_CHECK(n <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes, " gives more than 99999 shards");
+  FTUNE_CHECK(n <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes,
+              " gives more than 99999 shards");
 
   std::error_code ec;
   fs::create_directories(dir, ec);

@@ -172,7 +172,8 @@ json read_merges(const Meta& meta) {
     const std::string& s = merges[i].get_ref<const std::string&>();
     const size_t sp = s.find(' ', 1);
     FTUNE_CHECK(sp != std::string::npos && sp + 1 < s.size(), meta.origin,
-                ": tokenizer.ggml.merges[", i, "]: expected \"left right\", got \"", io::gguf_printable(s), "\"");
+                ": tokenizer.ggml.merges[", i, "]: expected \"left right\", got \"",
+                io::gguf_printable(s), "\"");
     FTUNE_CHECK(valid_utf8(s), meta.origin, ": tokenizer.ggml.merges[", i, "]: not valid UTF-8");
     out.push_back(json::array({s.substr(0, sp), s.substr(sp + 1)}));
   }
@@ -326,8 +327,8 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
   const std::string& origin = f.origin();
   Meta meta{f.metadata(), origin};
   const std::string arch = meta.string("general.architecture");
-  FTUNE_CHECK(arch == kArch, origin, ": general.architecture: expected \"llama\", got \"", io::gguf_printable(arch),
-              "\"");
+  FTUNE_CHECK(arch == kArch, origin, ": general.architecture: expected \"llama\", got \"",
+              io::gguf_printable(arch), "\"");
   LlamaConfig c;
   c.hidden_size = meta.positive("llama.embedding_length");
   c.num_hidden_layers = meta.positive("llama.block_count");

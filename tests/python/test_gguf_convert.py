@@ -150,32 +150,17 @@ def converted(convert_run):
 
 
 def test_convert_streams_one_tensor_at_a_time(convert_run, gguf_file):
-    """Peak RSS of the conversion: the weights are never all in memory at once. The fp32 model is
-    ~540 MB (twice that was the peak before streaming); what remains is the process baseline
-    (LibTorch), the mapped GGUF file, the largest tensor (the 113 MB embedding) and its copy."""
+    """Peak RSS of the conversion above the process baseline (LibTorch loaded; measured on a
+    convert refused at its argument checks) stays below a quarter of the fp32 weight bytes
+    (~540 MB): the weights are never all in memory. Measured (docs/gguf.md): ~42 MiB above the
+    baseline; before streaming, ~940 MiB (a full fp32 weight map plus a built model)."""
     out, peak = convert_run
     weights = (out / "model.safetensors").stat().st_size
-    rc, _, baseline = _run_peak_rss([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out])
-    assert rc == 1  # refuses the non-empty dir after loading everything up to the weights
+    rc, err, baseline = _run_peak_rss([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out])
+    assert rc == 1 and "not empty" in err, err
     print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
           f"weights {weights / 2**20:.0f} MiB")
-    assert peak - baseline < 0.6 * weights, (peak, baseline, weights)
-
-
-@pytest.fixture(scope="module")
-def hf_gguf_model(gguf_file):
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
-                                             torch_dtype=torch.float32)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def hf_gguf_tokenizer(gguf_file):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    assert peak - baseline < 0.25 * weights, (peak, baseline, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +381,8 @@ def _write_tiny_gguf(path, arch="llama", tie=False, types=None, vocab=_gpt2_voca
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(2):
         for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+            for kind in ("weight", "bias"):  # biases with attention_bias / mlp_bias
+                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{gg}.{kind}"
     if meta:
         meta(w)
     out = []
@@ -434,6 +420,49 @@ def test_tiny_f32_round_trips_to_the_original_hf_weights(tmp_path):
         assert torch.equal(ours[k], v), k
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["num_key_value_heads"] == 2
+    assert cfg["rms_norm_eps"] == 1e-05  # written "1e-05", not float32's 9.999999747378752e-06
+    assert "1e-05" in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_tiny_with_biases_round_trips(tmp_path):
+    """attention_bias / mlp_bias: q/k biases are permuted like their weights (convert_hf_to_gguf.py
+    does both) and come back exactly; the converted model's logits equal the original's."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    bias = {"attention_bias": True, "mlp_bias": True}
+    sd = _write_tiny_gguf(tmp_path / "b.gguf", cfg=bias)
+    assert "model.layers.1.self_attn.q_proj.bias" in sd and "model.layers.0.mlp.up_proj.bias" in sd
+    ftune("convert", "--gguf", tmp_path / "b.gguf", "--out", tmp_path / "out")
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(ours) == set(sd) and all(torch.equal(ours[k], v) for k, v in sd.items())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
+    ref = LlamaForCausalLM(_tiny_config(64, **bias)).eval()
+    ref.load_state_dict(sd)
+    conv = LlamaForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 5, 60, 61, 2, 9]])
+    with torch.no_grad():
+        assert torch.equal(conv(ids).logits, ref(ids).logits)
+
+
+def test_special_ids_and_chat_template_self_check(tmp_path):
+    """eos/eot ids become an eos_token_id list, padding_token_id pad_token_id; a chat template
+    ftune cannot render is reported as a warning (the conversion still succeeds)."""
+    def meta(w):
+        w.add_eot_token_id(5)
+        w.add_pad_token_id(1)
+        w.add_chat_template("{{ messages | no_such_filter }}")
+
+    _write_tiny_gguf(tmp_path / "s.gguf", meta=meta)
+    p = ftune("convert", "--gguf", tmp_path / "s.gguf", "--out", tmp_path / "out")
+    assert "ftune: warning: the chat template does not render with ftune" in p.stderr, p.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    for c in (cfg, gen):
+        assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (0, [1, 5], 1), c
+    tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tc["add_bos_token"] is False and tc["eos_token"] == "</s>" and tc["pad_token"] == "</s>"
 
 
 def test_tiny_quantized_matches_transformers_gguf_loading(tmp_path):
@@ -477,9 +506,9 @@ def test_tiny_llama_bpe_uses_llama3_split(tmp_path):
     assert got[:5] == [ten, hf.token_to_id("1"), hf.token_to_id("0"), ten, hf.token_to_id("1")]
 
 
-def _spm_vocab(w):
+def _spm_vocab(w, add_space_prefix=None, add_bos=True):
     """A SentencePiece BPE model with byte fallback, trained here, stored as llama.cpp stores a
-    Llama-2 vocabulary (tokens, scores, token types; no merges)."""
+    Llama-2 vocabulary (tokens, scores, token types; no merges). None: the key is left out."""
     import io
 
     import sentencepiece as spm
@@ -500,14 +529,20 @@ def _spm_vocab(w):
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
-    w.add_add_bos_token(True)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
     return n
 
 
-def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path):
+@pytest.mark.parametrize("space_prefix,add_bos", [(None, True), (False, None)])
+def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path, space_prefix, add_bos):
+    """Also: no Prepend("▁") with add_space_prefix false, and BOS added by default (no
+    add_bos_token key), as transformers' GGUF tokenizer does."""
     from transformers import AutoTokenizer
 
-    _write_tiny_gguf(tmp_path / "spm.gguf", vocab=_spm_vocab)
+    _write_tiny_gguf(tmp_path / "spm.gguf", vocab=lambda w: _spm_vocab(w, space_prefix, add_bos))
     ftune("convert", "--gguf", tmp_path / "spm.gguf", "--out", tmp_path / "out")
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
     auto = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -519,6 +554,8 @@ def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path):
         ours = json.loads(ftune("tokenize", "--model", tmp_path / "out", "--text", f).stdout)
         assert ours == ref(text, add_special_tokens=False)["input_ids"], text
         assert auto(text)["input_ids"] == ref(text)["input_ids"], text  # BOS added, as the file says
+    pieces = ref.convert_ids_to_tokens(ref("Four", add_special_tokens=False)["input_ids"])
+    assert pieces[0].startswith("\u2581") == (space_prefix is not False), pieces
 
 
 def _expect_error(args, *fragments):
