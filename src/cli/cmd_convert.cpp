@@ -62,6 +62,7 @@ void run_convert(const ConvertArgs& a) {
                 "files in it)");
   }
   FTUNE_CHECK(fs::is_regular_file(a.gguf, ec), a.gguf, ": --gguf: no such file");
+  if (out_exists) check_input_survives(a.gguf, out);
 
   const io::GgufFile f(a.gguf);
   const model::GgufImport imp = model::import_gguf(f);
@@ -83,7 +84,6 @@ void run_convert(const ConvertArgs& a) {
   }
 
   if (out_exists) {
-    check_input_survives(a.gguf, out);
     model::write_gguf_import(f, imp, out, dtype);
   } else {
     fs::path tmp = out;
