@@ -183,6 +183,34 @@ def test_convert_streams_one_tensor_at_a_time(convert_run, gguf_file):
     assert peak - baseline < 0.25 * weights, (peak, baseline, weights)
 
 
+def test_killed_convert_never_leaves_a_half_written_model(gguf_file, converted, tmp_path):
+    """SIGKILL while model.safetensors is being written: a new --out does not appear (only its
+    temporary dir remains); in an existing dir the previous files are untouched (only the
+    weights' temporary file remains)."""
+    import signal
+    import time
+
+    d = tmp_path / "existing"
+    d.mkdir()
+    for f in converted.iterdir():
+        (d / f.name).write_bytes(f.read_bytes()[:4096] if f.suffix == ".safetensors" else f.read_bytes())
+    before = _snapshot(d)
+    for out, force in ((tmp_path / "new", []), (d, ["--force"])):
+        p = subprocess.Popen([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out, *force],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parent = out if force else tmp_path / f"new.tmp-{p.pid}"
+        partial = parent / f"model.safetensors.tmp-{p.pid}"
+        deadline = time.time() + 120
+        while not (partial.exists() and partial.stat().st_size > 1 << 20) and time.time() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert partial.exists()
+        partial.unlink()
+    assert not (tmp_path / "new").exists()
+    assert _snapshot(d) == before
+
+
 def test_weights_equal_transformers_gguf_loading(converted, hf_gguf_model):
     from safetensors.torch import load_file
 
