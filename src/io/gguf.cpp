@@ -21,6 +21,7 @@ static_assert(std::endian::native == std::endian::little, "GGUF reader assumes a
 constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as a little-endian u32
 constexpr int kMaxDims = 4;              // GGML_MAX_DIMS
 constexpr int kMaxArrayDepth = 16;
+constexpr size_t kMaxNameBytes = 64;     // GGML_MAX_NAME, including the terminating NUL
 constexpr int64_t kDefaultAlignment = 32;
 
 // Smallest encoding of one value of a metadata type, used to bound counts by the bytes left.
@@ -131,6 +132,13 @@ bool checked_mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_ove
 
 }  // namespace
 
+std::string gguf_printable(std::string_view s) {
+  constexpr size_t kMax = 100;
+  const std::string q = nlohmann::json(std::string(s.substr(0, kMax)))
+                            .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return q.substr(1, q.size() - 2) + (s.size() > kMax ? "..." : "");
+}
+
 int64_t GgufTensorInfo::numel() const {
   int64_t n = 1;
   for (int64_t d : ne) n *= d;  // validated not to overflow when parsed
@@ -178,7 +186,7 @@ void GgufFile::parse() {
   for (int64_t i = 0; i < n_kv; ++i) {
     c.set_field("metadata #" + std::to_string(i));
     std::string key = c.read_string("key");
-    c.set_field("metadata '" + key + "'");
+    c.set_field("metadata '" + gguf_printable(key) + "'");
     if (metadata_.contains(key)) c.error("duplicate key");
     const uint32_t type = c.read<uint32_t>("value type");
     if (min_value_size(type) == 0) c.error("unknown value type " + std::to_string(type));
@@ -201,7 +209,11 @@ void GgufFile::parse() {
     c.set_field("tensor #" + std::to_string(i));
     GgufTensorInfo t;
     t.name = c.read_string("name");
-    c.set_field("tensor '" + t.name + "'");
+    if (t.name.size() >= kMaxNameBytes) {
+      c.error("name of " + std::to_string(t.name.size()) + " bytes is too long (llama.cpp's limit is " +
+              std::to_string(kMaxNameBytes - 1) + ")");
+    }
+    c.set_field("tensor '" + gguf_printable(t.name) + "'");
     if (index_.count(t.name)) c.error("duplicate tensor name");
     const uint32_t n_dims = c.read<uint32_t>("n_dims");
     if (n_dims < 1 || n_dims > kMaxDims) {
@@ -238,33 +250,61 @@ void GgufFile::parse() {
 
   // The data section starts at the next multiple of the alignment after the tensor infos.
   data_offset_ = (c.pos() + alignment_ - 1) / alignment_ * alignment_;
+  check_tensor_data();
+}
+
+// Every tensor's bytes must lie inside the file, start at a multiple of general.alignment (as
+// llama.cpp and gguf-py write them; a shifted offset reads the neighbour's bytes as weights), and
+// not share a byte with another tensor's.
+void GgufFile::check_tensor_data() const {
   const int64_t file_size = map_->size();
+  const int64_t avail = file_size - data_offset_;  // may be negative when the file is cut short
   for (const GgufTensorInfo& t : tensors_) {
-    const int64_t avail = file_size - data_offset_;  // may be negative when the file is cut short
     if (t.offset > avail || t.n_bytes > avail - t.offset) {
-      fail(origin_, ": tensor '", t.name, "': data [", t.offset, ", +", t.n_bytes,
+      fail(origin_, ": tensor '", gguf_printable(t.name), "': data [", t.offset, ", +", t.n_bytes,
            ") lies outside the file (data section starts at ", data_offset_, ", file has ", file_size,
            " bytes)");
+    }
+    if (t.offset % alignment_ != 0) {
+      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset,
+           " is not a multiple of general.alignment ",
+           alignment_);
+    }
+  }
+  std::vector<const GgufTensorInfo*> by_offset;
+  for (const GgufTensorInfo& t : tensors_) {
+    if (t.n_bytes > 0) by_offset.push_back(&t);  // an empty tensor occupies no byte
+  }
+  std::stable_sort(by_offset.begin(), by_offset.end(),
+                   [](const GgufTensorInfo* a, const GgufTensorInfo* b) { return a->offset < b->offset; });
+  for (size_t i = 1; i < by_offset.size(); ++i) {
+    const GgufTensorInfo& prev = *by_offset[i - 1];
+    const GgufTensorInfo& t = *by_offset[i];
+    if (t.offset < prev.offset + prev.n_bytes) {
+      fail(origin_, ": tensor '", gguf_printable(t.name), "': offset ", t.offset, " overlaps tensor '",
+           gguf_printable(prev.name),
+           "' (data [", prev.offset, ", ", prev.offset + prev.n_bytes, "))");
     }
   }
 }
 
 GgufValueType GgufFile::metadata_type(const std::string& key) const {
   auto it = types_.find(key);
-  FTUNE_CHECK(it != types_.end(), origin_, ": metadata '", key, "': no such key");
+  FTUNE_CHECK(it != types_.end(), origin_, ": metadata '", gguf_printable(key), "': no such key");
   return it->second.first;
 }
 
 GgufValueType GgufFile::metadata_array_type(const std::string& key) const {
   auto it = types_.find(key);
-  FTUNE_CHECK(it != types_.end(), origin_, ": metadata '", key, "': no such key");
-  FTUNE_CHECK(it->second.first == GgufValueType::ARRAY, origin_, ": metadata '", key, "': not an array");
+  FTUNE_CHECK(it != types_.end(), origin_, ": metadata '", gguf_printable(key), "': no such key");
+  FTUNE_CHECK(it->second.first == GgufValueType::ARRAY, origin_, ": metadata '", gguf_printable(key),
+              "': not an array");
   return it->second.second;
 }
 
 const GgufTensorInfo& GgufFile::tensor_info(const std::string& name) const {
   auto it = index_.find(name);
-  FTUNE_CHECK(it != index_.end(), origin_, ": tensor '", name, "': no such tensor");
+  FTUNE_CHECK(it != index_.end(), origin_, ": tensor '", gguf_printable(name), "': no such tensor");
   return tensors_[it->second];
 }
 
@@ -278,7 +318,8 @@ at::Tensor GgufFile::raw(const std::string& name) const {
 at::Tensor GgufFile::dequantize(const std::string& name) const {
   const GgufTensorInfo& t = tensor_info(name);
   const GgmlTypeTraits* tr = ggml_type_traits(t.type);
-  FTUNE_CHECK(tr->can_dequantize, origin_, ": tensor '", name, "': dequantizing ggml type ", tr->name, " (",
+  FTUNE_CHECK(tr->can_dequantize, origin_, ": tensor '", gguf_printable(name), "': dequantizing ggml type ",
+              tr->name, " (",
               t.type, ") is not supported");
   at::Tensor out = at::empty(t.shape(), at::TensorOptions().dtype(at::kFloat));
   ggml_dequantize(t.type, map_->data() + data_offset_ + t.offset, t.numel(), out.data_ptr<float>());

@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -48,6 +49,10 @@ const GgmlTypeTraits* ggml_type_traits(uint32_t type);
 // Dequantizes `n` elements (a multiple of the block size) of `type` from `src` into `dst`.
 // Throws ftune::Error for types without dequantization support.
 void ggml_dequantize(uint32_t type, const uint8_t* src, int64_t n, float* dst);
+
+// `s` (a key, tensor name or string value from a GGUF file) made safe for a one-line error: control
+// characters escaped, invalid UTF-8 replaced, cut to 100 bytes.
+std::string gguf_printable(std::string_view s);
 
 struct GgufTensorInfo {
   std::string name;
@@ -96,6 +101,7 @@ class GgufFile {
  private:
   GgufFile(std::shared_ptr<MappedFile> map, std::string origin);
   void parse();
+  void check_tensor_data() const;
 
   std::shared_ptr<MappedFile> map_;
   std::string origin_;

@@ -12,6 +12,8 @@
 #include <regex>
 #include <set>
 
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -234,8 +236,39 @@ at::Tensor SafetensorsReader::tensor(const std::string& name) const {
   return at::from_blob(p, e.shape, [keep](void*) {}, opts);
 }
 
+namespace {
+
+std::vector<TensorSpec> specs_of(const TensorList& tensors) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const auto& [name, t] : tensors) {
+    // An undefined tensor keeps kFloat/[] here and is reported by name when produced.
+    specs.push_back({name, t.defined() ? t.scalar_type() : at::kFloat,
+                     t.defined() ? t.sizes().vec() : std::vector<int64_t>{}});
+  }
+  return specs;
+}
+
+// Bytes of a spec's data, or -1 when numel * element size overflows int64.
+int64_t spec_bytes(const TensorSpec& s) {
+  int64_t n = static_cast<int64_t>(at::elementSize(s.dtype));
+  for (int64_t d : s.shape) {
+    if (d < 0 || !checked_mul(n, d, &n)) return -1;
+  }
+  return n;
+}
+
+}  // namespace
+
 void save_safetensors(const fs::path& path, const TensorList& tensors,
                       const std::map<std::string, std::string>& metadata) {
+  save_safetensors_streamed(path, specs_of(tensors), [&](size_t i) { return tensors[i].second; },
+                            metadata);
+}
+
+void save_safetensors_streamed(const fs::path& path, const std::vector<TensorSpec>& specs,
+                               const TensorProducer& produce,
+                               const std::map<std::string, std::string>& metadata) {
   const std::string where = path.string();
   ordered_json header = ordered_json::object();
   if (!metadata.empty()) {
@@ -243,33 +276,46 @@ void save_safetensors(const fs::path& path, const TensorList& tensors,
     for (const auto& [k, v] : metadata) m[k] = v;
     header["__metadata__"] = std::move(m);
   }
-  std::vector<at::Tensor> data;
-  data.reserve(tensors.size());
   std::set<std::string> seen;
   int64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
+  for (const TensorSpec& spec : specs) {
+    const std::string& name = spec.name;
     FTUNE_CHECK(name != "__metadata__", where, ": ", name, ": reserved name");
     FTUNE_CHECK(seen.insert(name).second, where, ": ", name, ": duplicate tensor name");
-    FTUNE_CHECK(t.defined(), where, ": ", name, ": undefined tensor");
-    FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", name, ": only dense (strided) tensors can be saved");
-    const char* dt = dtype_name(t.scalar_type());
-    FTUNE_CHECK(dt != nullptr, where, ": ", name, ": unsupported dtype ", t.scalar_type());
-    at::Tensor c = t.to(at::kCPU).contiguous();
-    const int64_t nbytes = static_cast<int64_t>(c.nbytes());
-    header[name] = {{"dtype", dt}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
-    offset += nbytes;
-    data.push_back(std::move(c));
+    const char* dt = dtype_name(spec.dtype);
+    FTUNE_CHECK(dt != nullptr, where, ": ", name, ": unsupported dtype ", spec.dtype);
+    const int64_t nbytes = spec_bytes(spec);
+    FTUNE_CHECK(nbytes >= 0 && !__builtin_add_overflow(offset, nbytes, &offset), where, ": ", name,
+                ": shape ", shape_str(spec.shape), " is negative or overflows");
+    header[name] = {{"dtype", dt}, {"shape", spec.shape}, {"data_offsets", {offset - nbytes, offset}}};
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // align the data section as the Python library does
-  write_file_atomic(path, [&](std::ostream& os) {
-    uint64_t n = h.size();
-    os.write(reinterpret_cast<const char*>(&n), 8);
-    os.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (const at::Tensor& c : data) {
-      os.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
-    }
-  });
+  try {
+    write_file_atomic(path, [&](std::ostream& os) {
+      uint64_t n = h.size();
+      os.write(reinterpret_cast<const char*>(&n), 8);
+      os.write(h.data(), static_cast<std::streamsize>(h.size()));
+      for (size_t i = 0; i < specs.size(); ++i) {
+        const TensorSpec& spec = specs[i];
+        at::Tensor t = produce(i);
+        FTUNE_CHECK(t.defined(), where, ": ", spec.name, ": undefined tensor");
+        FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", spec.name,
+                    ": only dense (strided) tensors can be saved");
+        FTUNE_CHECK(t.scalar_type() == spec.dtype && t.sizes().vec() == spec.shape, where, ": ",
+                    spec.name, ": produced ", t.scalar_type(), " ", shape_str(t.sizes().vec()),
+                    ", announced ", spec.dtype, " ", shape_str(spec.shape));
+        t = t.to(at::kCPU).contiguous();
+        os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+      }
+    });
+  } catch (...) {
+    // write_file_atomic keeps its "<path>.tmp-<pid>" (core/fs.h) when the callback throws.
+    std::error_code ec;
+    fs::path tmp = path;
+    fs::remove(tmp += ".tmp-" + std::to_string(::getpid()), ec);
+    throw;
+  }
 }
 
 namespace {
@@ -338,42 +384,54 @@ std::map<std::string, at::Tensor> load_weights(const fs::path& dir) {
   return out;
 }
 
+bool is_weights_file_name(const std::string& filename) {
+  return filename == kSingleFile || filename == kIndexFile || is_shard_name(filename);
+}
+
 void save_weights(const fs::path& dir, const TensorList& tensors, int64_t max_shard_bytes) {
-  FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ", max_shard_bytes);
+  save_weights_streamed(dir, specs_of(tensors), [&](size_t i) { return tensors[i].second; },
+                        max_shard_bytes);
+}
+
+void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& specs,
+                           const TensorProducer& produce, int64_t max_shard_bytes) {
+  FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ",
+              max_shard_bytes);
   const std::map<std::string, std::string> meta = {{"format", "pt"}};
-  int64_t total = 0;
-  for (const auto& [name, t] : tensors) total += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+  // Greedy split in order: a new shard starts when the next tensor would overflow this one.
+  std::vector<size_t> shard_begin = {0};  // index of each shard's first spec
+  int64_t total = 0, cur = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const int64_t nb = spec_bytes(specs[i]);
+    FTUNE_CHECK(nb >= 0 && !__builtin_add_overflow(total, nb, &total), dir.string(), ": ",
+                specs[i].name, ": shape ", shape_str(specs[i].shape), " is negative or overflows");
+    if (i > shard_begin.back() && cur + nb > max_shard_bytes) {
+      shard_begin.push_back(i);
+      cur = 0;
+    }
+    cur += nb;
+  }
+  shard_begin.push_back(specs.size());
+  const int n = static_cast<int>(shard_begin.size()) - 1;
+  FTUNE_CHECK(n <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes,
+              " gives more than 99999 shards");
 
   std::error_code ec;
   fs::create_directories(dir, ec);
   std::set<std::string> keep;
-  if (total <= max_shard_bytes) {
-    save_safetensors(dir / kSingleFile, tensors, meta);
-    keep.insert(kSingleFile);
-  } else {
-    // Greedy split in order: a new shard starts when the next tensor would overflow this one.
-    std::vector<TensorList> shards(1);
-    int64_t cur = 0;
-    for (const auto& nt : tensors) {
-      const int64_t nb = nt.second.defined() ? static_cast<int64_t>(nt.second.nbytes()) : 0;
-      if (!shards.back().empty() && cur + nb > max_shard_bytes) {
-        shards.emplace_back();
-        cur = 0;
-      }
-      shards.back().push_back(nt);
-      cur += nb;
-    }
-    FTUNE_CHECK(shards.size() <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes,
-                " gives more than 99999 shards");
-    json weight_map = json::object();
-    const int n = static_cast<int>(shards.size());
-    for (int i = 0; i < n; ++i) {
-      char name[64];
-      std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", i + 1, n);
-      save_safetensors(dir / name, shards[i], meta);
-      for (const auto& [tname, t] : shards[i]) weight_map[tname] = name;
-      keep.insert(name);
-    }
+  json weight_map = json::object();
+  for (int s = 0; s < n; ++s) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", s + 1, n);
+    const std::string file = n == 1 ? kSingleFile : name;
+    const size_t first = shard_begin[s];
+    const std::vector<TensorSpec> part(specs.begin() + static_cast<int64_t>(first),
+                                       specs.begin() + static_cast<int64_t>(shard_begin[s + 1]));
+    save_safetensors_streamed(dir / file, part, [&](size_t i) { return produce(first + i); }, meta);
+    for (const TensorSpec& spec : part) weight_map[spec.name] = file;
+    keep.insert(file);
+  }
+  if (n > 1) {
     json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
     write_file_atomic(dir / kIndexFile, index.dump(2) + "\n");
     keep.insert(kIndexFile);

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -57,6 +58,24 @@ class SafetensorsReader {
 void save_safetensors(const std::filesystem::path& path, const TensorList& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
+// A tensor announced to a streaming writer before its data exists.
+struct TensorSpec {
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> shape;
+};
+// Returns tensor `index` of the spec list (dtype and shape as announced; any device or layout).
+// Streaming writers call it once per tensor, in order, and drop the result before the next call,
+// so only one produced tensor is alive at a time.
+using TensorProducer = std::function<at::Tensor(size_t index)>;
+
+// save_safetensors without holding every tensor: the header comes from `specs`, then each
+// tensor's bytes are written as `produce` returns them. Atomic (temp file, then rename); a
+// produced tensor that disagrees with its spec is an error and leaves `path` untouched.
+void save_safetensors_streamed(const std::filesystem::path& path, const std::vector<TensorSpec>& specs,
+                               const TensorProducer& produce,
+                               const std::map<std::string, std::string>& metadata = {});
+
 // Loads every tensor of an HF model dir: model.safetensors, or the shards listed in
 // model.safetensors.index.json. Tensors alias the mappings (see SafetensorsReader::tensor).
 std::map<std::string, at::Tensor> load_weights(const std::filesystem::path& dir);
@@ -66,5 +85,12 @@ std::map<std::string, at::Tensor> load_weights(const std::filesystem::path& dir)
 // Removes stale weight files of the other layout. metadata {"format": "pt"} is always added.
 void save_weights(const std::filesystem::path& dir, const TensorList& tensors,
                   int64_t max_shard_bytes = int64_t{5} << 30);
+// True for the file names save_weights writes or removes in a model dir: model.safetensors,
+// model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors.
+bool is_weights_file_name(const std::string& filename);
+// save_weights streamed tensor by tensor (see save_safetensors_streamed): same files, same
+// sharding, peak memory one produced tensor.
+void save_weights_streamed(const std::filesystem::path& dir, const std::vector<TensorSpec>& specs,
+                           const TensorProducer& produce, int64_t max_shard_bytes = int64_t{5} << 30);
 
 }  // namespace ftune::io

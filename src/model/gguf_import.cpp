@@ -7,17 +7,19 @@
 #include "model/gguf_import.h"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <regex>
 #include <set>
 #include <unordered_map>
 
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/gguf.h"
+#include "io/safetensors.h"
 #include "model/hf_io.h"
-#include "model/llama.h"
+#include "tokenizer/unicode.h"
 
 namespace ftune::model {
 namespace fs = std::filesystem;
@@ -27,6 +29,12 @@ namespace {
 
 // llama.cpp token types (llama_token_type / gguf-py TokenType).
 constexpr int64_t kTokenControl = 3;
+
+// A metadata value for an error line: JSON, invalid UTF-8 replaced, cut to 100 bytes.
+std::string brief(const json& v) {
+  std::string d = v.dump(-1, ' ', false, json::error_handler_t::replace);
+  return d.size() > 100 ? d.substr(0, 100) + "..." : d;
+}
 
 struct Meta {
   const json& m;
@@ -39,30 +47,33 @@ struct Meta {
   }
   int64_t integer(const std::string& key) const {
     const json& v = at(key);
-    FTUNE_CHECK(v.is_number_integer(), origin, ": ", key, ": expected an integer, got ", v.dump());
+    FTUNE_CHECK(v.is_number_integer(), origin, ": ", key, ": expected an integer, got ", brief(v));
     FTUNE_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t{1} << 62, origin, ": ",
-                key, ": value ", v.dump(), " is out of range");
+                key, ": value ", brief(v), " is out of range");
     return v.get<int64_t>();
   }
+  // Sizes: products of two of them must not overflow int64.
   int64_t positive(const std::string& key) const {
     int64_t v = integer(key);
-    FTUNE_CHECK(v > 0, origin, ": ", key, ": expected a positive integer, got ", v);
+    FTUNE_CHECK(v > 0 && v <= INT32_MAX, origin, ": ", key,
+                ": expected a positive integer below 2^31, got ", v);
     return v;
   }
+  double positive_number(const io::GgufFile& f, const std::string& key) const;
   double number(const std::string& key) const {
     const json& v = at(key);
-    FTUNE_CHECK(v.is_number(), origin, ": ", key, ": expected a number, got ", v.dump());
+    FTUNE_CHECK(v.is_number(), origin, ": ", key, ": expected a number, got ", brief(v));
     return v.get<double>();
   }
   std::string string(const std::string& key) const {
     const json& v = at(key);
-    FTUNE_CHECK(v.is_string(), origin, ": ", key, ": expected a string, got ", v.dump());
+    FTUNE_CHECK(v.is_string(), origin, ": ", key, ": expected a string, got ", brief(v));
     return v.get<std::string>();
   }
   bool boolean(const std::string& key, bool dflt) const {
     if (!has(key)) return dflt;
     const json& v = m.at(key);
-    FTUNE_CHECK(v.is_boolean(), origin, ": ", key, ": expected true or false, got ", v.dump());
+    FTUNE_CHECK(v.is_boolean(), origin, ": ", key, ": expected true or false, got ", brief(v));
     return v.get<bool>();
   }
   const json& array(const std::string& key) const {
@@ -90,42 +101,15 @@ double meta_number(const io::GgufFile& f, const Meta& meta, const std::string& k
   return f.metadata_type(key) == io::GgufValueType::F32 ? shortest_f32(v) : v;
 }
 
-// Strict UTF-8 check (no overlong forms, surrogates or code points above U+10FFFF): the JSON
-// writer rejects anything else, so a bad token must fail here with its index.
-bool valid_utf8(const std::string& s) {
-  static const uint32_t kMin[] = {0, 0x80, 0x800, 0x10000};  // smallest code point per length
-  for (size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    const int n = c < 0x80           ? 0
-                  : (c >> 5) == 0x6  ? 1
-                  : (c >> 4) == 0xE  ? 2
-                  : (c >> 3) == 0x1E ? 3
-                                     : -1;
-    if (n < 0 || i + n >= s.size()) return false;  // bad lead byte or cut short
-    uint32_t cp = n == 0 ? c : c & (0x3F >> n);
-    for (int k = 1; k <= n; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xC0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3F);
-    }
-    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += n + 1;
-  }
-  return true;
+double Meta::positive_number(const io::GgufFile& f, const std::string& key) const {
+  const double v = meta_number(f, *this, key);
+  FTUNE_CHECK(std::isfinite(v) && v > 0, origin, ": ", key, ": expected a positive number, got ", v);
+  return v;
 }
 
-// Splits a UTF-8 string into its characters (code points), as Python slicing sees them.
-std::vector<std::string> utf8_chars(const std::string& s) {
-  std::vector<std::string> out;
-  for (size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : 4;
-    n = std::min(n, s.size() - i);
-    out.push_back(s.substr(i, n));
-    i += n;
-  }
-  return out;
-}
+// Strict UTF-8 (no overlong forms, surrogates or code points above U+10FFFF): the JSON writer
+// rejects anything else, so a bad token must fail here with its index.
+bool valid_utf8(const std::string& s) { return !tok::utf8_invalid_at(s).has_value(); }
 
 struct Vocab {
   std::vector<std::string> tokens;
@@ -188,7 +172,8 @@ json read_merges(const Meta& meta) {
     const std::string& s = merges[i].get_ref<const std::string&>();
     const size_t sp = s.find(' ', 1);
     FTUNE_CHECK(sp != std::string::npos && sp + 1 < s.size(), meta.origin,
-                ": tokenizer.ggml.merges[", i, "]: expected \"left right\", got \"", s, "\"");
+                ": tokenizer.ggml.merges[", i, "]: expected \"left right\", got \"",
+                io::gguf_printable(s), "\"");
     FTUNE_CHECK(valid_utf8(s), meta.origin, ": tokenizer.ggml.merges[", i, "]: not valid UTF-8");
     out.push_back(json::array({s.substr(0, sp), s.substr(sp + 1)}));
   }
@@ -220,13 +205,12 @@ json merges_from_scores(const Vocab& v, const std::string& origin) {
   }
   std::vector<Merge> merges;
   for (const auto& [idx, piece] : pieces) {
-    const auto chars = utf8_chars(piece);
     std::vector<Merge> local;
-    std::string l;
-    for (size_t k = 1; k < chars.size(); ++k) {
-      l += chars[k - 1];
-      std::string r = piece.substr(l.size());
-      if (score.count(l) && score.count(r)) local.push_back({l, r, score.at(piece)});
+    // Every split between two characters (tokens are valid UTF-8, checked in read_vocab).
+    for (size_t k = tok::utf8_len(static_cast<unsigned char>(piece[0])); k < piece.size();
+         k += tok::utf8_len(static_cast<unsigned char>(piece[k]))) {
+      std::string l = piece.substr(0, k), r = piece.substr(k);
+      if (score.count(l) && score.count(r)) local.push_back({std::move(l), std::move(r), score.at(piece)});
     }
     std::stable_sort(local.begin(), local.end(), [&](const Merge& a, const Merge& b) {
       const double al = score.at(a.l), bl = score.at(b.l);
@@ -289,7 +273,7 @@ json gpt2_pre_tokenizer(const std::string& pre, const std::string& origin) {
                            {"invert", false}},
                           byte_level(false, true, false)})}};
   }
-  fail(origin, ": tokenizer.ggml.pre: unsupported pre-tokenizer \"", pre,
+  fail(origin, ": tokenizer.ggml.pre: unsupported pre-tokenizer \"", io::gguf_printable(pre),
        "\" (supported: default, gpt-2, smollm, starcoder, refact, command-r, codeshell, exaone, "
        "minerva-7b, llama-bpe)");
 }
@@ -327,17 +311,6 @@ json template_post_processor(const json& bos, bool add_bos, const json& eos, boo
 
 const std::string kArch = "llama";
 
-std::string hf_layer_name(const std::string& gguf) {
-  static const std::map<std::string, std::string> kMap = {
-      {"attn_norm", "input_layernorm"},     {"ffn_norm", "post_attention_layernorm"},
-      {"attn_q", "self_attn.q_proj"},       {"attn_k", "self_attn.k_proj"},
-      {"attn_v", "self_attn.v_proj"},       {"attn_output", "self_attn.o_proj"},
-      {"ffn_gate", "mlp.gate_proj"},        {"ffn_up", "mlp.up_proj"},
-      {"ffn_down", "mlp.down_proj"}};
-  auto it = kMap.find(gguf);
-  return it == kMap.end() ? "" : it->second;
-}
-
 }  // namespace
 
 at::Tensor unpermute_qk_rows(const at::Tensor& w, int64_t n_heads) {
@@ -354,8 +327,8 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
   const std::string& origin = f.origin();
   Meta meta{f.metadata(), origin};
   const std::string arch = meta.string("general.architecture");
-  FTUNE_CHECK(arch == kArch, origin, ": general.architecture: expected \"llama\", got \"", arch,
-              "\"");
+  FTUNE_CHECK(arch == kArch, origin, ": general.architecture: expected \"llama\", got \"",
+              io::gguf_printable(arch), "\"");
   LlamaConfig c;
   c.hidden_size = meta.positive("llama.embedding_length");
   c.num_hidden_layers = meta.positive("llama.block_count");
@@ -365,8 +338,11 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
                               ? meta.positive("llama.attention.head_count_kv")
                               : c.num_attention_heads;
   c.max_position_embeddings = meta.positive("llama.context_length");
-  c.rms_norm_eps = meta_number(f, meta, "llama.attention.layer_norm_rms_epsilon");
-  c.rope_theta = meta.has("llama.rope.freq_base") ? meta_number(f, meta, "llama.rope.freq_base")
+  FTUNE_CHECK(c.num_attention_heads % c.num_key_value_heads == 0, origin,
+              ": llama.attention.head_count_kv: ", c.num_key_value_heads,
+              " does not divide llama.attention.head_count ", c.num_attention_heads);
+  c.rms_norm_eps = meta.positive_number(f, "llama.attention.layer_norm_rms_epsilon");
+  c.rope_theta = meta.has("llama.rope.freq_base") ? meta.positive_number(f, "llama.rope.freq_base")
                                                   : 10000.0;
   if (meta.has("llama.attention.key_length")) {
     c.head_dim = meta.positive("llama.attention.key_length");
@@ -375,7 +351,13 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
                 origin, ": llama.attention.value_length: expected ", c.head_dim,
                 " (the key length); ftune needs equal key and value head sizes");
   }
+  FTUNE_CHECK(c.head_dim > 0 || c.hidden_size % c.num_attention_heads == 0, origin,
+              ": llama.embedding_length: ", c.hidden_size, " is not divisible by llama.attention.head_count ",
+              c.num_attention_heads, " (and there is no llama.attention.key_length)");
   const int64_t head_dim = c.head_dim > 0 ? c.head_dim : c.hidden_size / c.num_attention_heads;
+  FTUNE_CHECK(head_dim % 2 == 0, origin, ": ",
+              c.head_dim > 0 ? "llama.attention.key_length" : "llama.embedding_length", ": head size ",
+              head_dim, " is odd; RoPE needs an even head size");
   if (head_dim * c.num_attention_heads == c.hidden_size && c.head_dim == head_dim) c.head_dim = 0;
   if (meta.has("llama.rope.dimension_count")) {
     const int64_t rope_dim = meta.positive("llama.rope.dimension_count");
@@ -389,11 +371,11 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
   if (scaling == "linear") {
     RopeScaling s;
     s.rope_type = "linear";
-    s.factor = meta_number(f, meta, "llama.rope.scaling.factor");
+    s.factor = meta.positive_number(f, "llama.rope.scaling.factor");
     c.rope_scaling = s;
   } else {
     FTUNE_CHECK(scaling == "none", origin, ": llama.rope.scaling.type: expected \"none\" or ",
-                "\"linear\", got \"", scaling, "\"");
+                "\"linear\", got \"", io::gguf_printable(scaling), "\"");
   }
   FTUNE_CHECK(!f.contains("rope_freqs.weight"), origin,
               ": rope_freqs.weight: Llama 3.1-style RoPE frequency scaling is not supported");
@@ -426,40 +408,85 @@ LlamaConfig gguf_llama_config(const io::GgufFile& f) {
   return c;
 }
 
-std::map<std::string, at::Tensor> gguf_llama_weights(const io::GgufFile& f, const LlamaConfig& c) {
-  const std::string& origin = f.origin();
-  std::map<std::string, at::Tensor> out;
-  static const std::regex kBlock(R"(blk\.(\d+)\.([a-z_]+)\.(weight|bias))");
-  for (const io::GgufTensorInfo& t : f.tensors()) {
-    std::string hf;
-    std::smatch m;
-    int64_t n_heads = 0;  // > 0: rows to un-permute
-    if (t.name == "token_embd.weight") {
-      hf = "model.embed_tokens.weight";
-    } else if (t.name == "output_norm.weight") {
-      hf = "model.norm.weight";
-    } else if (t.name == "output.weight") {
-      hf = "lm_head.weight";
-    } else if (std::regex_match(t.name, m, kBlock)) {
-      const std::string layer = hf_layer_name(m[2].str());
-      const int64_t idx = std::stoll(m[1].str().substr(0, 9));
-      FTUNE_CHECK(!layer.empty() && idx < c.num_hidden_layers, origin, ": tensor '", t.name,
-                  "': not part of a Llama model with ", c.num_hidden_layers, " layers");
-      hf = "model.layers." + std::to_string(idx) + "." + layer + "." + m[3].str();
-      if (m[2] == "attn_q") n_heads = c.num_attention_heads;
-      if (m[2] == "attn_k") n_heads = c.num_key_value_heads;
-    } else {
-      fail(origin, ": tensor '", t.name, "': not part of a Llama model");
-    }
-    at::Tensor w = f.dequantize(t.name);  // [rows, cols] in PyTorch order
-    if (n_heads > 0) {
-      FTUNE_CHECK(w.size(0) == n_heads * c.dim_head(), origin, ": tensor '", t.name, "': ",
-                  w.size(0), " rows, expected ", n_heads, " heads x ", c.dim_head());
-      w = unpermute_qk_rows(w, n_heads);
-    }
-    out.emplace(std::move(hf), std::move(w));
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Every weight of a Llama model with config `c` under its GGUF name, in LlamaForCausalLM's
+// parameter order, with its HF name and (PyTorch) shape.
+std::vector<GgufTensorPlan> llama_tensors(const LlamaConfig& c) {
+  const int64_t h = c.hidden_size, hd = c.dim_head(), q = c.num_attention_heads * hd,
+                kv = c.num_key_value_heads * hd, ff = c.intermediate_size;
+  std::vector<GgufTensorPlan> out;
+  auto add = [&](const std::string& gguf, const std::string& hf, std::vector<int64_t> shape,
+                 bool bias, int64_t heads = 0) {
+    out.push_back({gguf + ".weight", hf + ".weight", shape, heads});
+    if (bias) out.push_back({gguf + ".bias", hf + ".bias", {shape[0]}, heads});
+  };
+  add("token_embd", "model.embed_tokens", {c.vocab_size, h}, false);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string g = "blk." + std::to_string(i) + ".";
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    add(g + "attn_q", p + "self_attn.q_proj", {q, h}, c.attention_bias, c.num_attention_heads);
+    add(g + "attn_k", p + "self_attn.k_proj", {kv, h}, c.attention_bias, c.num_key_value_heads);
+    add(g + "attn_v", p + "self_attn.v_proj", {kv, h}, c.attention_bias);
+    add(g + "attn_output", p + "self_attn.o_proj", {h, q}, c.attention_bias);
+    add(g + "ffn_gate", p + "mlp.gate_proj", {ff, h}, c.mlp_bias);
+    add(g + "ffn_up", p + "mlp.up_proj", {ff, h}, c.mlp_bias);
+    add(g + "ffn_down", p + "mlp.down_proj", {h, ff}, c.mlp_bias);
+    add(g + "attn_norm", p + "input_layernorm", {h}, false);
+    add(g + "ffn_norm", p + "post_attention_layernorm", {h}, false);
   }
+  add("output_norm", "model.norm", {h}, false);
+  if (!c.tie_word_embeddings) add("output", "lm_head", {c.vocab_size, h}, false);
   return out;
+}
+
+bool is_integer_type(uint32_t type) {
+  using io::GgmlType;
+  const auto t = static_cast<GgmlType>(type);
+  return t == GgmlType::I8 || t == GgmlType::I16 || t == GgmlType::I32 || t == GgmlType::I64;
+}
+
+}  // namespace
+
+std::vector<GgufTensorPlan> gguf_tensor_plan(const io::GgufFile& f, const LlamaConfig& c) {
+  const std::string& origin = f.origin();
+  // llama.block_count bounds the list built below; every layer needs tensors in the file.
+  FTUNE_CHECK(c.num_hidden_layers <= static_cast<int64_t>(f.tensors().size()), origin,
+              ": llama.block_count: ", c.num_hidden_layers, " layers, but the file has only ",
+              f.tensors().size(), " tensors");
+  std::vector<GgufTensorPlan> plan = llama_tensors(c);
+  std::set<std::string> expected;
+  for (const GgufTensorPlan& t : plan) expected.insert(t.gguf_name);
+  for (const io::GgufTensorInfo& t : f.tensors()) {
+    FTUNE_CHECK(expected.count(t.name), origin, ": tensor '", io::gguf_printable(t.name),
+                "': not part of a Llama model with these llama.* values (", c.num_hidden_layers,
+                " layers, attention_bias ", c.attention_bias ? "true" : "false", ", mlp_bias ",
+                c.mlp_bias ? "true" : "false", ")");
+  }
+  for (const GgufTensorPlan& p : plan) {
+    FTUNE_CHECK(f.contains(p.gguf_name), origin, ": tensor '", p.gguf_name,
+                "': missing (a Llama model with these llama.* values needs it)");
+    const io::GgufTensorInfo& t = f.tensor_info(p.gguf_name);
+    FTUNE_CHECK(t.shape() == p.shape, origin, ": tensor '", t.name, "': shape ", shape_str(t.shape()),
+                " (ne reversed), expected ", shape_str(p.shape), " from the llama.* metadata");
+    const io::GgmlTypeTraits* tr = io::ggml_type_traits(t.type);
+    FTUNE_CHECK(tr->can_dequantize, origin, ": tensor '", t.name, "': ggml type ", tr->name, " (",
+                t.type, ") cannot be dequantized by ftune");
+    FTUNE_CHECK(!is_integer_type(t.type), origin, ": tensor '", t.name, "': integer ggml type ",
+                tr->name, " for a float weight");
+  }
+  return plan;
+}
+
+at::Tensor gguf_import_tensor(const io::GgufFile& f, const GgufTensorPlan& t) {
+  at::Tensor w = f.dequantize(t.gguf_name);  // [rows, cols] in PyTorch order
+  return t.unpermute_heads > 0 ? unpermute_qk_rows(w, t.unpermute_heads) : w;
 }
 
 json gguf_tokenizer_json(const json& metadata, const std::string& origin) {
@@ -520,7 +547,7 @@ json gguf_tokenizer_json(const json& metadata, const std::string& origin) {
                                                                : merges_from_scores(v, origin)}};
   } else {
     fail(origin, ": tokenizer.ggml.model: expected \"gpt2\" (byte-level BPE) or \"llama\" ",
-         "(SentencePiece), got \"", model, "\"");
+         "(SentencePiece), got \"", io::gguf_printable(model), "\"");
   }
   return tj;
 }
@@ -559,11 +586,10 @@ json gguf_tokenizer_config(const json& metadata, const std::string& origin) {
   return cfg;
 }
 
-GgufImport import_gguf(const fs::path& path) {
-  io::GgufFile f(path);
+GgufImport import_gguf(const io::GgufFile& f) {
   GgufImport imp;
   imp.config = gguf_llama_config(f);
-  imp.weights = gguf_llama_weights(f, imp.config);
+  imp.tensors = gguf_tensor_plan(f, imp.config);
   imp.tokenizer_json = gguf_tokenizer_json(f.metadata(), f.origin());
   imp.tokenizer_config = gguf_tokenizer_config(f.metadata(), f.origin());
   const int64_t n_tokens = static_cast<int64_t>(imp.tokenizer_json["model"]["vocab"].size());
@@ -573,16 +599,27 @@ GgufImport import_gguf(const fs::path& path) {
   return imp;
 }
 
-void write_gguf_import(const GgufImport& imp, const fs::path& dir, at::ScalarType dtype) {
+std::vector<std::string> gguf_import_files() {
+  return {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"};
+}
+
+void write_gguf_import(const io::GgufFile& f, const GgufImport& imp, const fs::path& dir,
+                       at::ScalarType dtype) {
   FTUNE_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, dir.string(),
               ": dtype: expected float32 or bfloat16");
-  LlamaForCausalLM m(imp.config);
-  load_weights_into(m, imp.weights, "GGUF import");  // checks names and shapes
-  if (dtype != at::kFloat) m->to(dtype);
-  save_model(dir, m);
+  std::vector<io::TensorSpec> specs;
+  for (const GgufTensorPlan& t : imp.tensors) specs.push_back({t.hf_name, dtype, t.shape});
+  // One tensor alive at a time: dequantized (fp32), un-permuted, cast, written, dropped.
+  io::save_weights_streamed(dir, specs, [&](size_t i) {
+    return gguf_import_tensor(f, imp.tensors[i]).to(dtype);
+  });
+  LlamaConfig cfg = imp.config;
+  cfg.torch_dtype = dtype_name(dtype);
   write_file_atomic(dir / "generation_config.json", imp.generation_config.dump(2) + "\n");
   write_file_atomic(dir / "tokenizer.json", imp.tokenizer_json.dump(2) + "\n");
   write_file_atomic(dir / "tokenizer_config.json", imp.tokenizer_config.dump(2) + "\n");
+  // config.json last: a dir whose config.json is new has every other new file.
+  write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
 }
 
 }  // namespace ftune::model

@@ -1,8 +1,9 @@
 // Unit tests for src/io/gguf on tiny GGUF files built here byte by byte (a minimal writer below):
 // every metadata type, nested arrays, alignment, tensor infos, dequantization of the simple block
 // formats against values computed from the format definition, and every rejection path (bad magic
-// and version, absurd counts and lengths, unknown types, out-of-file data, truncation at every
-// byte, random corruption). Bit-exact parity for all quant types is in tests/python/test_gguf_io.py.
+// and version, absurd counts and lengths, unknown types, out-of-file, misaligned or overlapping
+// tensor data, truncation at every byte, random corruption). Bit-exact parity for all quant types
+// is in tests/python/test_gguf_io.py.
 #include "io/gguf.h"
 
 #include <gtest/gtest.h>
@@ -52,6 +53,7 @@ struct TestGguf {
     std::vector<uint64_t> ne;
     uint32_t type;
     Bytes data;
+    int64_t offset = -1;  // >= 0: written instead of the packed offset (the data stays packed)
   };
   std::vector<Kv> kvs;
   std::vector<Tensor> tensors;
@@ -88,7 +90,7 @@ struct TestGguf {
       put<uint32_t>(b, t.ne.size());
       for (uint64_t d : t.ne) put<uint64_t>(b, d);
       put<uint32_t>(b, t.type);
-      put<uint64_t>(b, offset);
+      put<uint64_t>(b, t.offset >= 0 ? static_cast<uint64_t>(t.offset) : offset);
       offset += (t.data.size() + alignment - 1) / alignment * alignment;
     }
     b.resize((b.size() + alignment - 1) / alignment * alignment, 0);
@@ -385,6 +387,44 @@ TEST(Gguf, RejectsBadTensorInfos) {
   const uint64_t far = uint64_t{1} << 50;
   std::memcpy(b.data() + pos, &far, 8);
   expect_error(b, {"tensor 'w'", "outside the file"});
+}
+
+TEST(Gguf, RejectsMisalignedAndOverlappingData) {
+  // sample(): "w" holds bytes [0, 32) of the data section, "q" [32, 66).
+  TestGguf g = sample();
+  g.tensors[1].offset = 16;
+  expect_error(g.build(), {"tensor 'q'", "offset 16 is not a multiple of general.alignment 32"});
+  g.tensors[1].offset = 0;
+  expect_error(g.build(), {"tensor 'q'", "offset 0 overlaps tensor 'w' (data [0, 32))"});
+  g = sample();
+  g.tensors[0].offset = 32;  // both at 32: "w" [32, 64) and "q" [32, 66)
+  expect_error(g.build(), {"overlaps tensor '"});
+  // The alignment is general.alignment's, not 32.
+  g = sample();
+  g.alignment = 64;
+  g.kv("general.alignment", GgufValueType::U32, uint32_t{64});
+  EXPECT_NO_THROW(GgufFile::from_bytes(g.build()));
+  g.tensors[1].offset = 32;
+  expect_error(g.build(), {"tensor 'q'", "offset 32 is not a multiple of general.alignment 64"});
+  // An empty tensor occupies no byte, so it may share an offset.
+  g = sample();
+  g.tensor("e", {0}, GgmlType::F32, Bytes{});
+  g.tensors.back().offset = 0;
+  GgufFile f = GgufFile::from_bytes(g.build());
+  EXPECT_EQ(f.tensor_info("e").n_bytes, 0);
+  EXPECT_EQ(f.dequantize("e").numel(), 0);
+}
+
+TEST(Gguf, NamesInErrorsStayOnOneLine) {
+  TestGguf g;
+  g.tensor(std::string(64, 'n'), {4}, GgmlType::F32, Bytes(16, 0));
+  expect_error(g.build(), {"tensor #0", "name of 64 bytes is too long (llama.cpp's limit is 63)"});
+  g = TestGguf();
+  g.tensor("a\nb\xff", {4}, GgmlType::F32, Bytes(16, 0));
+  g.tensor("a\nb\xff", {4}, GgmlType::F32, Bytes(16, 0));
+  expect_error(g.build(), {"tensor 'a\\nb\xef\xbf\xbd'", "duplicate tensor name"});
+  EXPECT_EQ(ftune::io::gguf_printable(std::string(150, 'k')), std::string(100, 'k') + "...");
+  EXPECT_EQ(ftune::io::gguf_printable("t\"x\x01"), "t\\\"x\\u0001");
 }
 
 TEST(Gguf, EveryTruncationIsAnError) {

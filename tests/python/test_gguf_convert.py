@@ -11,14 +11,17 @@ exactly as the original HF weights, untied heads and extra block types convert, 
 import importlib.util
 import json
 import math
+import os
 import struct
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ftune_testing import ftune, rel_err, run, tool, write_json
+from ftune_testing import ftune, ftune_bin, rel_err, run, tool, write_json
 
 # Public-domain text (the US Declaration of Independence, 1776, and the Gettysburg Address, 1863)
 # for the perplexity check: ~1.6k tokens.
@@ -123,11 +126,27 @@ def gguf_file():
     return smollm2_path()
 
 
+def _run_peak_rss(args):
+    """Runs a command to completion; returns (exit code, stderr, its peak RSS in bytes)."""
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return p.returncode, err.read().decode(), usage.ru_maxrss * 1024
+
+
 @pytest.fixture(scope="module")
-def converted(gguf_file, tmp_path_factory):
+def convert_run(gguf_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "model"
-    ftune("convert", "--gguf", gguf_file, "--out", out)
-    return out
+    rc, err, peak = _run_peak_rss([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out])
+    assert rc == 0, err
+    return out, peak
+
+
+@pytest.fixture(scope="module")
+def converted(convert_run):
+    return convert_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +167,48 @@ def hf_gguf_tokenizer(gguf_file):
 
 # ---------------------------------------------------------------------------------------------
 # The real model
+
+
+def test_convert_streams_one_tensor_at_a_time(convert_run, gguf_file):
+    """Peak RSS of the conversion above the process baseline (LibTorch loaded; measured on a
+    convert refused at its argument checks) stays below a quarter of the fp32 weight bytes
+    (~540 MB): the weights are never all in memory. Measured (docs/gguf.md): 12-42 MiB above the
+    baseline; before streaming, ~940 MiB (a full fp32 weight map plus a built model)."""
+    out, peak = convert_run
+    weights = (out / "model.safetensors").stat().st_size
+    rc, err, baseline = _run_peak_rss([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out])
+    assert rc == 1 and "not empty" in err, err
+    print(f"peak RSS {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
+          f"weights {weights / 2**20:.0f} MiB")
+    assert peak - baseline < 0.25 * weights, (peak, baseline, weights)
+
+
+def test_killed_convert_never_leaves_a_half_written_model(gguf_file, converted, tmp_path):
+    """SIGKILL while model.safetensors is being written: a new --out does not appear (only its
+    temporary dir remains); in an existing dir the previous files are untouched (only the
+    weights' temporary file remains)."""
+    import signal
+    import time
+
+    d = tmp_path / "existing"
+    d.mkdir()
+    for f in converted.iterdir():
+        (d / f.name).write_bytes(f.read_bytes()[:4096] if f.suffix == ".safetensors" else f.read_bytes())
+    before = _snapshot(d)
+    for out, force in ((tmp_path / "new", []), (d, ["--force"])):
+        p = subprocess.Popen([ftune_bin(), "convert", "--gguf", gguf_file, "--out", out, *force],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parent = out if force else tmp_path / f"new.tmp-{p.pid}"
+        partial = parent / f"model.safetensors.tmp-{p.pid}"
+        deadline = time.time() + 120
+        while not (partial.exists() and partial.stat().st_size > 1 << 20) and time.time() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert partial.exists()
+        partial.unlink()
+    assert not (tmp_path / "new").exists()
+    assert _snapshot(d) == before
 
 
 def test_weights_equal_transformers_gguf_loading(converted, hf_gguf_model):
@@ -320,18 +381,30 @@ def _gpt2_vocab(w, pre="default", bad_token=False):
     return len(toks)
 
 
-def _write_tiny_gguf(path, arch="llama", tie=False, types=None, vocab=_gpt2_vocab):
+def _tiny_config(n_vocab, tie=False, **overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                 tie_word_embeddings=tie), **overrides})
+
+
+def _write_tiny_gguf(path, arch="llama", tie=False, types=None, vocab=_gpt2_vocab, meta=None,
+                     edit_tensors=None, alignment=None, cfg=None):
     """A random 2-layer Llama written the way convert_hf_to_gguf.py writes one; returns the HF
-    state dict it came from (float32)."""
+    state dict it came from (float32). `meta(w)` runs after the standard keys (it may overwrite
+    them, or delete one from w.kv_data[0]); `edit_tensors(list of [gguf name, array, raw dtype])`
+    may change the tensor list before it is written; `cfg` overrides the HF LlamaConfig."""
     import gguf
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     w = gguf.GGUFWriter(str(path), arch)
+    if alignment:
+        w.add_custom_alignment(alignment)
     n_vocab = vocab(w)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie)
+    cfg = _tiny_config(n_vocab, tie, **(cfg or {}))
     sd = {k: v.detach().clone() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     for k in sd:
         sd[k].normal_(0, 0.5)
@@ -352,7 +425,11 @@ def _write_tiny_gguf(path, arch="llama", tie=False, types=None, vocab=_gpt2_voca
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for i in range(2):
         for hf, gg in per_layer.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+            for kind in ("weight", "bias"):  # biases with attention_bias / mlp_bias
+                names[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{gg}.{kind}"
+    if meta:
+        meta(w)
+    out = []
     for hf_name, t in sd.items():
         if hf_name == "lm_head.weight" and tie:
             continue
@@ -363,9 +440,11 @@ def _write_tiny_gguf(path, arch="llama", tie=False, types=None, vocab=_gpt2_voca
             a = _llama_cpp_permute(a, 2)
         qtype = (types or {}).get(hf_name)
         if qtype is None:
-            w.add_tensor(names[hf_name], np.ascontiguousarray(a))
+            out.append([names[hf_name], np.ascontiguousarray(a), None])
         else:
-            w.add_tensor(names[hf_name], gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            out.append([names[hf_name], gguf.quants.quantize(a, qtype), qtype])
+    for name, a, qtype, *raw_shape in (edit_tensors(out) or out) if edit_tensors else out:
+        w.add_tensor(name, a, raw_shape=raw_shape[0] if raw_shape else None, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -385,6 +464,49 @@ def test_tiny_f32_round_trips_to_the_original_hf_weights(tmp_path):
         assert torch.equal(ours[k], v), k
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["num_key_value_heads"] == 2
+    assert cfg["rms_norm_eps"] == 1e-05  # written "1e-05", not float32's 9.999999747378752e-06
+    assert "1e-05" in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_tiny_with_biases_round_trips(tmp_path):
+    """attention_bias / mlp_bias: q/k biases are permuted like their weights (convert_hf_to_gguf.py
+    does both) and come back exactly; the converted model's logits equal the original's."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    bias = {"attention_bias": True, "mlp_bias": True}
+    sd = _write_tiny_gguf(tmp_path / "b.gguf", cfg=bias)
+    assert "model.layers.1.self_attn.q_proj.bias" in sd and "model.layers.0.mlp.up_proj.bias" in sd
+    ftune("convert", "--gguf", tmp_path / "b.gguf", "--out", tmp_path / "out")
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(ours) == set(sd) and all(torch.equal(ours[k], v) for k, v in sd.items())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True
+    ref = LlamaForCausalLM(_tiny_config(64, **bias)).eval()
+    ref.load_state_dict(sd)
+    conv = LlamaForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 5, 60, 61, 2, 9]])
+    with torch.no_grad():
+        assert torch.equal(conv(ids).logits, ref(ids).logits)
+
+
+def test_special_ids_and_chat_template_self_check(tmp_path):
+    """eos/eot ids become an eos_token_id list, padding_token_id pad_token_id; a chat template
+    ftune cannot render is reported as a warning (the conversion still succeeds)."""
+    def meta(w):
+        w.add_eot_token_id(5)
+        w.add_pad_token_id(1)
+        w.add_chat_template("{{ messages | no_such_filter }}")
+
+    _write_tiny_gguf(tmp_path / "s.gguf", meta=meta)
+    p = ftune("convert", "--gguf", tmp_path / "s.gguf", "--out", tmp_path / "out")
+    assert "ftune: warning: the chat template does not render with ftune" in p.stderr, p.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    for c in (cfg, gen):
+        assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (0, [1, 5], 1), c
+    tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tc["add_bos_token"] is False and tc["eos_token"] == "</s>" and tc["pad_token"] == "</s>"
 
 
 def test_tiny_quantized_matches_transformers_gguf_loading(tmp_path):
@@ -428,9 +550,9 @@ def test_tiny_llama_bpe_uses_llama3_split(tmp_path):
     assert got[:5] == [ten, hf.token_to_id("1"), hf.token_to_id("0"), ten, hf.token_to_id("1")]
 
 
-def _spm_vocab(w):
+def _spm_vocab(w, add_space_prefix=None, add_bos=True):
     """A SentencePiece BPE model with byte fallback, trained here, stored as llama.cpp stores a
-    Llama-2 vocabulary (tokens, scores, token types; no merges)."""
+    Llama-2 vocabulary (tokens, scores, token types; no merges). None: the key is left out."""
     import io
 
     import sentencepiece as spm
@@ -451,14 +573,20 @@ def _spm_vocab(w):
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
-    w.add_add_bos_token(True)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
     return n
 
 
-def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path):
+@pytest.mark.parametrize("space_prefix,add_bos", [(None, True), (False, None)])
+def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path, space_prefix, add_bos):
+    """Also: no Prepend("▁") with add_space_prefix false, and BOS added by default (no
+    add_bos_token key), as transformers' GGUF tokenizer does."""
     from transformers import AutoTokenizer
 
-    _write_tiny_gguf(tmp_path / "spm.gguf", vocab=_spm_vocab)
+    _write_tiny_gguf(tmp_path / "spm.gguf", vocab=lambda w: _spm_vocab(w, space_prefix, add_bos))
     ftune("convert", "--gguf", tmp_path / "spm.gguf", "--out", tmp_path / "out")
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
     auto = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -470,6 +598,8 @@ def test_tiny_sentencepiece_vocab_tokenizes_as_transformers(tmp_path):
         ours = json.loads(ftune("tokenize", "--model", tmp_path / "out", "--text", f).stdout)
         assert ours == ref(text, add_special_tokens=False)["input_ids"], text
         assert auto(text)["input_ids"] == ref(text)["input_ids"], text  # BOS added, as the file says
+    pieces = ref.convert_ids_to_tokens(ref("Four", add_special_tokens=False)["input_ids"])
+    assert pieces[0].startswith("\u2581") == (space_prefix is not False), pieces
 
 
 def _expect_error(args, *fragments):
@@ -531,3 +661,307 @@ def test_bad_inputs_fail_with_one_clear_line(gguf_file, tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep"
     for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"):
         assert not (tmp_path / name).exists(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor data layout: every offset aligned to general.alignment, inside the file, no overlap
+
+
+def _offset_field_positions(path):
+    """{tensor name: absolute file position of its u64 offset field} (gguf-py's own parse)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    return {t.name: t.field.offset + sum(p.nbytes for p in t.field.parts[:5]) for t in r.tensors}
+
+
+def _patch_offset(src, dst, name, new_offset=None, delta=0):
+    data = bytearray(src.read_bytes())
+    pos = _offset_field_positions(src)[name]
+    old = struct.unpack_from("<Q", data, pos)[0]
+    struct.pack_into("<Q", data, pos, old + delta if new_offset is None else new_offset)
+    dst.write_bytes(bytes(data))
+    return old
+
+
+def test_bad_tensor_offsets_are_rejected(tmp_path):
+    good = tmp_path / "good.gguf"
+    _write_tiny_gguf(good)
+    offsets = {}
+    import gguf
+    for t in gguf.GGUFReader(str(good)).tensors:
+        offsets[t.name] = int(t.field.parts[5][0])
+    assert all(o % 32 == 0 for o in offsets.values())
+    out = lambda n: tmp_path / n
+    # Shifted by one float (4 bytes): before this check it converted with exit 0 and evaluated
+    # to nll -nan.
+    f = tmp_path / "shifted.gguf"
+    old = _patch_offset(good, f, "blk.0.attn_q.weight", delta=4)
+    _expect_error(["convert", "--gguf", f, "--out", out("o1")], str(f),
+                  f"tensor 'blk.0.attn_q.weight': offset {old + 4} is not a multiple of "
+                  "general.alignment 32")
+    # Aligned but on top of another tensor's data.
+    f = tmp_path / "overlap.gguf"
+    _patch_offset(good, f, "blk.0.attn_k.weight", new_offset=offsets["blk.0.attn_q.weight"])
+    _expect_error(["convert", "--gguf", f, "--out", out("o2")], str(f),
+                  "tensor 'blk.0.attn_k.weight': offset", "overlaps tensor 'blk.0.attn_q.weight'")
+    # Aligned but running past the end of the file.
+    f = tmp_path / "past.gguf"
+    end = max(offsets.values())
+    _patch_offset(good, f, "token_embd.weight", new_offset=end + 32 * 64)
+    _expect_error(["convert", "--gguf", f, "--out", out("o3")], str(f), "tensor 'token_embd.weight'",
+                  "lies outside the file")
+    # general.alignment is honoured: a 64-aligned file with one offset moved by 32.
+    g64 = tmp_path / "a64.gguf"
+    _write_tiny_gguf(g64, alignment=64)
+    ftune("convert", "--gguf", g64, "--out", out("ok64"))
+    f = tmp_path / "a64_shifted.gguf"
+    old = _patch_offset(g64, f, "blk.1.ffn_up.weight", delta=32)
+    _expect_error(["convert", "--gguf", f, "--out", out("o4")], str(f),
+                  f"tensor 'blk.1.ffn_up.weight': offset {old + 32} is not a multiple of "
+                  "general.alignment 64")
+    for n in ("o1", "o2", "o3", "o4"):
+        assert not out(n).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear RoPE scaling
+
+
+def test_linear_rope_scaling_converts_to_hf_linear(tmp_path):
+    """convert_hf_to_gguf.py writes HF's rope_scaling {linear, factor} as llama.rope.scaling.type
+    and .factor; converting back must give a model whose logits equal the original's."""
+    import gguf
+    from transformers import LlamaForCausalLM
+
+    scaling = {"rope_type": "linear", "factor": 4.0}
+
+    def meta(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+
+    sd = _write_tiny_gguf(tmp_path / "lin.gguf", meta=meta, cfg={"rope_scaling": scaling})
+    ftune("convert", "--gguf", tmp_path / "lin.gguf", "--out", tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["rope_scaling"] == scaling
+    ref = LlamaForCausalLM(_tiny_config(64, rope_scaling=scaling)).eval()
+    ref.load_state_dict(sd)
+    plain = LlamaForCausalLM(_tiny_config(64)).eval()
+    plain.load_state_dict(sd)
+    conv = LlamaForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    ids = torch.tensor([[3, 17, 42, 5, 60, 61, 2, 9] * 12])  # 96 positions: scaling matters
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert not torch.allclose(plain(ids).logits, want)
+        assert torch.equal(conv(ids).logits, want)
+    from safetensors.torch import load_file
+    out = tmp_path / "logits.safetensors"
+    run([tool("model_tool"), "--model", tmp_path / "out", "--ids",
+         write_json(tmp_path / "ids.json", ids.tolist()), "--out", out])
+    assert (load_file(out)["logits"] - want).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Never lose a user's files
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_force_replaces_only_what_convert_writes(tmp_path):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "d"
+    d.mkdir()
+    gguf_path = d / "m.gguf"
+    sd = _write_tiny_gguf(gguf_path)
+    gguf_bytes = gguf_path.read_bytes()
+    (d / "notes.txt").write_text("mine")
+    (d / "config.json").write_text("{}")  # an older model's files: replaced
+    (d / "tokenizer.json").write_text("{}")
+    (d / "model.safetensors.index.json").write_text("{}")  # the other weights layout: removed
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    # Without --force a non-empty dir is refused and left as it was.
+    before = _snapshot(d)
+    _expect_error(["convert", "--gguf", gguf_path, "--out", d], str(d), "not empty")
+    assert _snapshot(d) == before
+    ftune("convert", "--gguf", gguf_path, "--out", d, "--force")
+    assert gguf_path.read_bytes() == gguf_bytes
+    assert (d / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        ["m.gguf", "notes.txt", "config.json", "generation_config.json", "model.safetensors",
+         "tokenizer.json", "tokenizer_config.json"])
+    ours = load_file(d / "model.safetensors")
+    assert set(ours) == set(sd) and all(torch.equal(ours[k], v) for k, v in sd.items())
+    assert json.loads((d / "config.json").read_text())["hidden_size"] == 64
+    # The same again (the dir now holds a converted model): still only our files change.
+    ftune("convert", "--gguf", gguf_path, "--out", d, "--force", "--dtype", "bf16")
+    assert gguf_path.read_bytes() == gguf_bytes and (d / "notes.txt").read_text() == "mine"
+    assert load_file(d / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+    # An existing empty dir needs no --force.
+    (tmp_path / "empty").mkdir()
+    ftune("convert", "--gguf", gguf_path, "--out", tmp_path / "empty")
+    assert len(list((tmp_path / "empty").iterdir())) == 5
+
+
+def test_input_that_convert_would_overwrite_is_refused(tmp_path):
+    for name in ("model.safetensors", "config.json", "model-00002-of-00003.safetensors"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        src = d / name
+        _write_tiny_gguf(src)
+        before = _snapshot(d)
+        _expect_error(["convert", "--gguf", src, "--out", d, "--force"], str(src),
+                      "--gguf: convert would replace this file")
+        assert _snapshot(d) == before
+
+
+def _ftune_with_file_limit(limit_bytes, *args):
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return run([ftune_bin(), *args], check=False, preexec_fn=limit)
+
+
+def test_failed_write_keeps_previous_files(tmp_path):
+    """A write that fails half-way (file size limit: the safetensors file cannot be completed)
+    ends in one error line; an existing dir keeps its previous files, a new dir is not created,
+    and no temporary file or dir is left behind."""
+    good, q = tmp_path / "good.gguf", tmp_path / "q.gguf"
+    _write_tiny_gguf(good)
+    import gguf
+    _write_tiny_gguf(q, types={"model.embed_tokens.weight": gguf.GGMLQuantizationType.Q8_0})
+    d = tmp_path / "d"
+    ftune("convert", "--gguf", good, "--out", d)
+    (d / "notes.txt").write_text("mine")
+    before = _snapshot(d)
+    for args in (["--out", d, "--force"], ["--out", tmp_path / "new"]):
+        p = _ftune_with_file_limit(100_000, "convert", "--gguf", q, *args)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ftune: error: "), p.stderr
+        assert "model.safetensors: write failed" in lines[0], lines[0]
+    assert _snapshot(d) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "good.gguf", "q.gguf"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every import error names the file and the field
+
+
+def _drop(name):
+    return lambda ts: [t for t in ts if t[0] != name]
+
+
+def _rename(old, new):
+    return lambda ts: [[new if t[0] == old else t[0], t[1], t[2]] for t in ts]
+
+
+def _meta(**kv):
+    """Sets metadata keys (`a__b` is key `a.b`): a value (typed as gguf-py types it), a (value,
+    type name from `types` below) pair, or None to delete the key."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    types = {"u8": (T.UINT8, None), "u32": (T.UINT32, None), "u64": (T.UINT64, None),
+             "f32": (T.FLOAT32, None),
+             "arr_u32": (T.ARRAY, T.UINT32)}
+
+    def f(w):
+        for key, v in kv.items():
+            key = key.replace("__", ".")
+            if v is None:
+                w.kv_data[0].pop(key)
+            elif isinstance(v, tuple):
+                w.add_key_value(key, v[0], *types[v[1]])
+            else:
+                w.add_key_value(key, v, T.get_type(v))
+    return f
+
+
+def _bad_token(raw):
+    def vocab(w):
+        n = _gpt2_vocab(w)
+        toks = w.kv_data[0]["tokenizer.ggml.tokens"].value
+        toks[10] = raw
+        return n
+    return vocab
+
+
+def _q8_1(ts):
+    import gguf
+
+    out = []
+    for name, a, q in ts:
+        if name == "blk.0.ffn_up.weight":  # [96, 64]: 2 blocks of 36 bytes per row (ggml's
+            # block_q8_1; gguf-py's table still says 40, hence int8 bytes and an explicit shape)
+            out.append([name, np.zeros(96 * 72, np.int8), gguf.GGMLQuantizationType.Q8_1, (96, 64)])
+        else:
+            out.append([name, a, q])
+    return out
+
+
+def _i32(ts):
+    return [[n, a.view(np.int32) if n == "output_norm.weight" else a, q] for n, a, q in ts]
+
+
+BAD_METADATA = {
+    "block_count_string": (dict(meta=_meta(llama__block_count="two")),
+                           'llama.block_count: expected an integer, got "two"'),
+    "huge_embedding": (dict(meta=_meta(llama__embedding_length=(2**40, "u64"))),
+                       "llama.embedding_length: expected a positive integer below 2^31"),
+    "missing_ffn": (dict(meta=_meta(llama__feed_forward_length=None)),
+                    "llama.feed_forward_length: missing from the GGUF metadata"),
+    "ffn_mismatch": (dict(meta=_meta(llama__feed_forward_length=(100, "u32"))),
+                     "tensor 'blk.0.ffn_gate.weight': shape [96, 64] (ne reversed), expected [100, 64]"),
+    "kv_heads": (dict(meta=_meta(llama__attention__head_count_kv=(3, "u32"))),
+                 "llama.attention.head_count_kv: 3 does not divide llama.attention.head_count 4"),
+    "odd_head": (dict(meta=_meta(llama__attention__head_count=(64, "u32"),
+                                 llama__attention__head_count_kv=(64, "u32"))),
+                 "llama.embedding_length: head size 1 is odd"),
+    "partial_rope": (dict(meta=_meta(llama__rope__dimension_count=(8, "u32"))),
+                     "llama.rope.dimension_count: expected 16 (the head size), got 8"),
+    "eps_negative": (dict(meta=_meta(llama__attention__layer_norm_rms_epsilon=(-1.0, "f32"))),
+                     "llama.attention.layer_norm_rms_epsilon: expected a positive number, got -1"),
+    "yarn": (dict(meta=_meta(llama__rope__scaling__type="yarn")),
+             'llama.rope.scaling.type: expected "none" or "linear", got "yarn"'),
+    "rope_freqs": (dict(edit_tensors=lambda ts: ts + [["rope_freqs.weight", np.ones(8, np.float32), None]]),
+                   "rope_freqs.weight: Llama 3.1-style RoPE frequency scaling is not supported"),
+    "missing_tensor": (dict(edit_tensors=_drop("blk.1.ffn_down.weight")),
+                       "tensor 'blk.1.ffn_down.weight': missing"),
+    "unknown_tensor": (dict(edit_tensors=_rename("blk.1.ffn_down.weight", "blk.1.ffn_down2.weight")),
+                       "tensor 'blk.1.ffn_down2.weight': not part of a Llama model"),
+    "extra_layer": (dict(edit_tensors=_rename("blk.1.ffn_down.weight", "blk.2.ffn_down.weight")),
+                    "tensor 'blk.2.ffn_down.weight': not part of a Llama model with these llama.* "
+                    "values (2 layers"),
+    "name_with_newline": (dict(edit_tensors=_rename("output_norm.weight", "output\nnorm")),
+                          "tensor 'output\\nnorm': not part of a Llama model"),
+    "not_dequantizable": (dict(edit_tensors=_q8_1),
+                          "tensor 'blk.0.ffn_up.weight': ggml type Q8_1 (9) cannot be dequantized"),
+    "integer_weight": (dict(edit_tensors=_i32),
+                       "tensor 'output_norm.weight': integer ggml type I32 for a float weight"),
+    "bos_out_of_vocab": (dict(meta=_meta(tokenizer__ggml__bos_token_id=(1000, "u32"))),
+                         "tokenizer.ggml.bos_token_id: id 1000 is outside the vocabulary of 64 tokens"),
+    "overlong_utf8": (dict(vocab=_bad_token(b"\xc0\xaf")), "tokenizer.ggml.tokens[10]: not valid UTF-8"),
+    "surrogate_utf8": (dict(vocab=_bad_token(b"\xed\xa0\x80")),
+                       "tokenizer.ggml.tokens[10]: not valid UTF-8"),
+    "add_bos_not_bool": (dict(meta=_meta(tokenizer__ggml__add_bos_token=(1, "u8"))),
+                         "tokenizer.ggml.add_bos_token: expected true or false, got 1"),
+    "tokens_not_strings": (dict(meta=_meta(tokenizer__ggml__merges=([1, 2], "arr_u32"))),
+                           "tokenizer.ggml.merges[0]: expected a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METADATA))
+def test_import_errors_name_file_and_field(case, tmp_path):
+    kwargs, fragment = BAD_METADATA[case]
+    f = tmp_path / f"{case}.gguf"
+    _write_tiny_gguf(f, **kwargs)
+    line = _expect_error(["convert", "--gguf", f, "--out", tmp_path / "out"], f"{f}: ", fragment)
+    assert not (tmp_path / "out").exists(), line
+    assert [p.name for p in tmp_path.iterdir()] == [f.name]
