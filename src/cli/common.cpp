@@ -91,8 +91,10 @@ void require_file(const std::string& path, const std::string& flag, const std::s
 }
 
 namespace {
+// `dir` must be a directory holding at least one of `any_of`, listed in `names` for the message.
 void require_dir_with(const std::string& dir, const std::string& flag,
-                      std::initializer_list<const char*> any_of, const std::string& what) {
+                      std::initializer_list<const char*> any_of, const std::string& names) {
+  const std::string what = "an HF model dir with " + names;
   std::error_code ec;
   const auto st = fs::status(dir, ec);
   FTUNE_CHECK(fs::exists(st), dir, ": ", flag, ": no such directory (expected ", what, ")");
@@ -100,17 +102,17 @@ void require_dir_with(const std::string& dir, const std::string& flag,
   for (const char* f : any_of) {
     if (fs::exists(fs::path(dir) / f)) return;
   }
-  fail(dir, ": ", flag, ": not a model directory (expected ", what, ")");
+  fail(dir, ": ", flag, ": no ", names, " (expected an HF model dir)");
 }
 }  // namespace
 
 void require_model_dir(const std::string& dir, const std::string& flag) {
-  require_dir_with(dir, flag, {"config.json"}, "an HF model dir with config.json");
+  require_dir_with(dir, flag, {"config.json"}, "config.json");
 }
 
 void require_tokenizer_dir(const std::string& dir, const std::string& flag) {
   require_dir_with(dir, flag, {"tokenizer.json", "tokenizer.model"},
-                   "an HF model dir with tokenizer.json or tokenizer.model");
+                   "tokenizer.json or tokenizer.model");
 }
 
 void require_utf8(const std::string& text, const std::string& where, const std::string& flag) {
@@ -155,7 +157,7 @@ void write_model_dir(const std::string& out_str, const std::string& flag, bool f
     FTUNE_CHECK(!ec, out_str, ": ", flag, ": cannot create the parent directory: ", ec.message());
   }
   // A sibling of `out`, so the final renames stay on one filesystem.
-  fs::path tmp = out.lexically_normal();
+  fs::path tmp = fs::absolute(out).lexically_normal();  // "." must not put it inside `out`
   if (!tmp.has_filename()) tmp = tmp.parent_path();
   tmp += ".tmp-" + std::to_string(::getpid());
   fs::remove_all(tmp, ec);
