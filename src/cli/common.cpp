@@ -161,6 +161,8 @@ void write_model_dir(const std::string& out_str, const std::string& flag, bool f
   if (!tmp.has_filename()) tmp = tmp.parent_path();
   tmp += ".tmp-" + std::to_string(::getpid());
   fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  FTUNE_CHECK(!ec, out_str, ": ", flag, ": cannot create ", tmp.string(), ": ", ec.message());
   try {
     write(tmp);
     if (!existed || fs::is_empty(out)) {

@@ -99,6 +99,10 @@ std::string describe(const CLI::ParseError& e, int argc, const char* const* argv
       std::regex_search(msg, m, std::regex(R"(^(\S+): \d+ required (\S+) missing)"))) {
     return prefix + m[1].str() + ": expected a value (" + m[2].str() + ")";
   }
+  if (dynamic_cast<const CLI::ArgumentMismatch*>(&e) != nullptr &&
+      std::regex_search(msg, m, std::regex(R"(^(\S+): At Most 1 required but received (\d+))"))) {
+    return prefix + m[1].str() + ": given " + m[2].str() + " times, expected at most once";
+  }
   if (dynamic_cast<const CLI::ConversionError*>(&e) != nullptr) {
     if (std::regex_search(msg, m, std::regex(R"(^Could not convert: (\S+) = (.*)$)"))) {
       const CLI::Option* opt = app.get_option_no_throw(m[1].str());

@@ -81,6 +81,7 @@ def test_parse_errors(model, text):
         (["train"], "train: --config: required (YAML config: sections model, data, training, logging)"),
         (["generate", "--model", model, "--prompt", "x", "--json=maybe"],
          'generate: --json: is a flag; expected no value, got "maybe"'),
+        (ev + ["--seq-len", "9"], "eval: --seq-len: given 2 times, expected at most once"),
         (["bench", "frob"], "bench: frob: unknown subcommand (expected one of forward, gemm)"),
     ]
     check_errors(cases)
