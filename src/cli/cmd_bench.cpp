@@ -11,8 +11,8 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "core/error.h"
-#include "core/fs.h"
 #include "model/hf_io.h"
 #include "model/loss.h"
 
@@ -41,16 +41,15 @@ double gemm_flops(int64_t n, at::ScalarType dtype, int64_t reps) {
 
 void run_forward(const BenchArgs& a) {
   if (a.threads > 0) at::set_num_threads(static_cast<int>(a.threads));
-  FTUNE_CHECK(a.preset.empty() != a.config.empty(), "bench forward: give exactly one of --preset or --config");
   model::LlamaConfig cfg;
   if (!a.preset.empty()) {
     cfg = model::preset_config(a.preset);
   } else {
-    cfg = model::LlamaConfig::from_json(nlohmann::json::parse(read_file(a.config)), a.config);
+    cfg = read_config_file(a.config, "--config");
   }
   model::LlamaForCausalLM m(cfg);
   model::init_weights(m, 0);
-  at::ScalarType dtype = model::dtype_from_name(a.dtype, "--dtype");
+  at::ScalarType dtype = model::dtype_from_name(a.dtype, "bench forward: --dtype");
   m->to(dtype);
   m->set_grad_checkpointing(a.checkpointing);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
@@ -97,18 +96,33 @@ void register_bench(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Micro-benchmarks (see bench/ for the peer comparisons)");
   cmd->require_subcommand(1);
   auto* fwd = cmd->add_subcommand("forward", "Forward+backward tokens/s of a random model");
-  fwd->add_option("--preset", a->preset, "Model preset (see init-model --help)");
-  fwd->add_option("--config", a->config, "HF config.json instead of a preset");
-  fwd->add_option("--batch", a->batch, "Micro-batch size (default 1)");
-  fwd->add_option("--seq-len", a->seq_len, "Sequence length (default 256)");
-  fwd->add_option("--steps", a->steps, "Timed steps after one warm-up (default 5)");
+  auto* shape = fwd->add_option_group("shape", "The model's shape (exactly one)");
+  shape->add_option("--preset", a->preset, "Model preset (see init-model --help)")
+      ->type_name("NAME");
+  shape->add_option("--config", a->config, "HF config.json instead of a preset")->type_name("FILE");
+  shape->require_option(1);
+  fwd->add_option("--batch", a->batch, "Micro-batch size (default 1)")
+      ->type_name("INT")
+      ->check(int_at_least(1));
+  fwd->add_option("--seq-len", a->seq_len, "Sequence length (default 256)")
+      ->type_name("INT")
+      ->check(int_at_least(2));
+  fwd->add_option("--steps", a->steps, "Timed steps after one warm-up (default 5)")
+      ->type_name("INT")
+      ->check(int_at_least(1));
   fwd->add_option("--dtype", a->dtype, "fp32 (default) or bf16");
-  fwd->add_option("--threads", a->threads, "Intra-op threads (default: torch's)");
+  fwd->add_option("--threads", a->threads, "Intra-op threads (default 0: torch's)")
+      ->type_name("INT")
+      ->check(int_at_least(0));
   fwd->add_flag("--grad-checkpointing", a->checkpointing, "Recompute layers in backward");
   fwd->callback([a] { run_forward(*a); });
   auto* gemm = cmd->add_subcommand("gemm", "Measured square GEMM FLOP/s, fp32 and bf16");
-  gemm->add_option("--size", a->size, "Matrix size (default 1024)");
-  gemm->add_option("--threads", a->threads, "Intra-op threads (default: torch's)");
+  gemm->add_option("--size", a->size, "Matrix size (default 1024)")
+      ->type_name("INT")
+      ->check(int_at_least(1));
+  gemm->add_option("--threads", a->threads, "Intra-op threads (default 0: torch's)")
+      ->type_name("INT")
+      ->check(int_at_least(0));
   gemm->callback([a] { run_gemm(*a); });
 }
 

@@ -11,7 +11,6 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/error.h"
-#include "core/fs.h"
 #include "model/loss.h"
 
 namespace ftune::cli {
@@ -24,16 +23,14 @@ struct EvalArgs {
 };
 
 void run_eval(const EvalArgs& a) {
-  FTUNE_CHECK(a.seq_len >= 2, "--seq-len: expected at least 2, got ", a.seq_len);
-  FTUNE_CHECK(a.batch >= 1, "--batch: expected at least 1, got ", a.batch);
-  std::string text = read_file(a.text);
-  auto m = load_inference_model(a.model, a.dtype, a.device);
+  const std::string text = read_text_file(a.text, "--text");
+  auto m = load_inference_model("eval", a.model, a.dtype, a.device);
   const auto& cfg = m.model->config();
-  FTUNE_CHECK(a.seq_len <= cfg.max_position_embeddings, "--seq-len: ", a.seq_len,
+  FTUNE_CHECK(a.seq_len <= cfg.max_position_embeddings, "eval: --seq-len: ", a.seq_len,
               " exceeds max_position_embeddings ", cfg.max_position_embeddings, " of ", a.model,
               "/config.json");
   std::vector<int64_t> ids = m.tokenizer.encode(text, /*add_special_tokens=*/true);
-  FTUNE_CHECK(ids.size() >= 2, a.text, ": fewer than 2 tokens, nothing to evaluate");
+  FTUNE_CHECK(ids.size() >= 2, a.text, ": --text: fewer than 2 tokens, nothing to evaluate");
   at::Tensor all = at::tensor(ids, at::kLong);
   const int64_t n = all.size(0);
   const int64_t full = n / a.seq_len;
@@ -63,11 +60,16 @@ void run_eval(const EvalArgs& a) {
 void register_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   auto* cmd = app.add_subcommand("eval", "Mean next-token NLL and perplexity over a text file");
-  cmd->add_option("--model", a->model, "HF model directory")->required();
-  cmd->add_option("--text", a->text, "UTF-8 text file to evaluate")->required();
+  cmd->add_option("--model", a->model, "HF model directory")->required()->type_name("DIR");
+  cmd->add_option("--text", a->text, "UTF-8 text file to evaluate")->required()->type_name("FILE");
   cmd->add_option("--seq-len", a->seq_len,
-                  "Window length in tokens; windows are consecutive and non-overlapping")->required();
-  cmd->add_option("--batch", a->batch, "Windows per forward pass (default 1)");
+                  "Window length in tokens (>= 2); windows are consecutive and non-overlapping")
+      ->required()
+      ->type_name("INT")
+      ->check(int_at_least(2));
+  cmd->add_option("--batch", a->batch, "Windows per forward pass (default 1)")
+      ->type_name("INT")
+      ->check(int_at_least(1));
   cmd->add_option("--dtype", a->dtype, "Compute dtype: fp32 or bf16 (default: the config's)");
   cmd->add_option("--device", a->device, "cpu (default), cuda or cuda:N");
   cmd->add_flag("--json", a->json, "Print {\"nll\", \"perplexity\", \"tokens\"} as JSON");

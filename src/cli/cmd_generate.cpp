@@ -14,17 +14,16 @@ namespace {
 
 struct GenerateArgs {
   std::string model, prompt, dtype, device = "cpu";
-  int64_t max_new_tokens = 64;
+  int64_t max_new_tokens = 64, seed = 0;
   bool greedy = false, chat = false, json = false;
   double temperature = 1.0, top_p = 1.0;
-  uint64_t seed = 0;
 };
 
 void run_generate(const GenerateArgs& a, bool sampling_flags_given) {
   FTUNE_CHECK(!(a.greedy && sampling_flags_given),
-              "generate: --greedy cannot be combined with --temperature/--top-p/--seed");
-  FTUNE_CHECK(a.max_new_tokens >= 1, "--max-new-tokens: expected at least 1, got ", a.max_new_tokens);
-  auto m = load_inference_model(a.model, a.dtype, a.device);
+              "generate: --greedy: cannot be combined with --temperature, --top-p or --seed");
+  require_utf8(a.prompt, "generate", "--prompt");
+  auto m = load_inference_model("generate", a.model, a.dtype, a.device);
   std::vector<int64_t> prompt;
   if (a.chat) {
     auto messages = nlohmann::ordered_json::array({{{"role", "user"}, {"content", a.prompt}}});
@@ -38,7 +37,7 @@ void run_generate(const GenerateArgs& a, bool sampling_flags_given) {
   go.greedy = !sampling_flags_given;
   go.temperature = a.temperature;
   go.top_p = a.top_p;
-  go.seed = a.seed;
+  go.seed = static_cast<uint64_t>(a.seed);
   go.eos_ids = m.model->config().eos_token_ids;
   if (m.tokenizer.eos_id()) go.eos_ids.push_back(*m.tokenizer.eos_id());
   std::vector<int64_t> out = model::generate(m.model, prompt, go);
@@ -55,13 +54,21 @@ void run_generate(const GenerateArgs& a, bool sampling_flags_given) {
 void register_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   auto* cmd = app.add_subcommand("generate", "Generate text from a prompt");
-  cmd->add_option("--model", a->model, "HF model directory")->required();
-  cmd->add_option("--prompt", a->prompt, "Prompt text")->required();
-  cmd->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most (default 64)");
+  cmd->add_option("--model", a->model, "HF model directory")->required()->type_name("DIR");
+  cmd->add_option("--prompt", a->prompt, "Prompt text (UTF-8)")->required();
+  cmd->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most (default 64)")
+      ->type_name("INT")
+      ->check(int_at_least(1));
   cmd->add_flag("--greedy", a->greedy, "Greedy decoding (the default when no sampling flag is given)");
-  auto* t = cmd->add_option("--temperature", a->temperature, "Sampling temperature (> 0)");
-  auto* p = cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass in (0, 1]");
-  auto* s = cmd->add_option("--seed", a->seed, "Sampling seed (default 0)");
+  auto* t = cmd->add_option("--temperature", a->temperature, "Sampling temperature, finite and > 0")
+                ->type_name("FLOAT")
+                ->check(finite_above_zero());
+  auto* p = cmd->add_option("--top-p", a->top_p, "Nucleus sampling mass in (0, 1]")
+                ->type_name("FLOAT")
+                ->check(in_zero_one());
+  auto* s = cmd->add_option("--seed", a->seed, "Sampling seed, >= 0 (default 0)")
+                ->type_name("INT")
+                ->check(int_at_least(0));
   cmd->add_flag("--chat", a->chat, "Wrap the prompt as a user message in the chat template");
   cmd->add_option("--dtype", a->dtype, "Compute dtype: fp32 or bf16 (default: the config's)");
   cmd->add_option("--device", a->device, "cpu (default), cuda or cuda:N");

@@ -10,7 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "core/fs.h"
+#include "cli/common.h"
 #include "tokenizer/tokenizer.h"
 
 namespace ftune::cli {
@@ -24,8 +24,10 @@ struct TokenizeArgs {
 };
 
 void run_tokenize(const TokenizeArgs& a, bool from_file) {
+  require_tokenizer_dir(a.model, "--model");
+  if (!from_file) require_utf8(a.text, "tokenize", "--string");
+  const std::string text = from_file ? read_text_file(a.text_file, "--text") : a.text;
   const tok::Tokenizer tokenizer = tok::Tokenizer::load(a.model);
-  const std::string text = from_file ? read_file(a.text_file) : a.text;
   const std::vector<int64_t> ids = tokenizer.encode(text, /*add_special_tokens=*/false);
   std::cout << nlohmann::json(ids).dump() << "\n";
 }

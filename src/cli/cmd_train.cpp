@@ -1,11 +1,13 @@
 // `ftune train --config FILE [--set section.key=value ...]`: full fine-tuning (for now) of a
 // Llama-family model from a YAML recipe (see configs/ and docs/training.md). Parsing, overrides
 // and validation happen before anything is allocated; the run itself lives in train/run.h.
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "config/train_config.h"
 #include "train/run.h"
 
@@ -18,6 +20,8 @@ struct TrainArgs {
 };
 
 void run_train(const TrainArgs& a) {
+  // A missing file is reported by load_train_config; a directory or device is caught here.
+  if (std::filesystem::exists(a.config)) require_file(a.config, "--config", "a YAML config file");
   // run_training validates the whole config before it allocates anything.
   train::run_training(config::load_train_config(a.config, a.sets));
 }
@@ -26,9 +30,11 @@ void run_train(const TrainArgs& a) {
 
 void register_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
-  auto* cmd = app.add_subcommand("train", "Fine-tune a model from a YAML config (see configs/)");
+  auto* cmd = app.add_subcommand(
+      "train", "Fine-tune every parameter of a model on one CPU or GPU, from a YAML config");
   cmd->add_option("--config", a->config, "YAML config: sections model, data, training, logging")
-      ->required();
+      ->required()
+      ->type_name("FILE");
   cmd->add_option("--set", a->sets,
                   "Override one key, e.g. --set training.lr=1e-4 (repeatable; applied in order)")
       ->expected(1)

@@ -1,15 +1,17 @@
 // ftune: one binary, many subcommands (see commands.h). Parse, run, report; one top-level catch so
-// every bad input ends as a single "ftune: error: ..." line and a non-zero exit, never a crash.
+// every bad input, from an unknown flag to a corrupt checkpoint, ends as a single
+// "ftune: error: ..." line and exit code 1, never a crash. --help and --version exit 0.
 #include <c10/util/Exception.h>
 
 #include <cstdio>
 #include <exception>
 
 #include "cli/commands.h"
+#include "cli/parse_error.h"
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"ftune: fine-tune Llama-family models natively (full, LoRA, QLoRA; one or many devices)"};
+  CLI::App app{"ftune: fine-tune Llama-family models natively (full fine-tuning on one CPU or GPU)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ftune 0.1.0");
   ftune::cli::register_tokenize(app);
@@ -21,8 +23,12 @@ int main(int argc, char** argv) {
   ftune::cli::register_convert(app);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    return app.exit(e);  // --help, --version
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    const std::string line = ftune::cli::describe_parse_error(app, e, argc, argv);
+    std::fprintf(stderr, "ftune: error: %s\n", line.c_str());
+    return 1;
   } catch (const ftune::Error& e) {
     std::fprintf(stderr, "ftune: error: %s\n", e.what());
     return 1;
