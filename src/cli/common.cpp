@@ -202,8 +202,8 @@ InferenceModel load_inference_model(const std::string& cmd, const std::string& d
   opts.device = model::parse_device(device, cmd + ": --device");
   // Tokenizer first: it is cheap, and a missing tokenizer should not wait for a multi-GB load.
   tok::Tokenizer tok = tok::Tokenizer::load(dir);
+  tok::check_fits_vocab(tok, model::load_config(dir).vocab_size, dir + "/config.json");
   InferenceModel out{model::load_model(dir, opts), std::move(tok), opts.device};
-  tok::check_fits_vocab(out.tokenizer, out.model->config().vocab_size, dir + "/config.json");
   out.model->eval();
   return out;
 }

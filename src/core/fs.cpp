@@ -57,7 +57,13 @@ void write_file_atomic(const fs::path& path, const std::function<void(std::ostre
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     FTUNE_CHECK(out, path.string(), ": cannot open for writing: ", std::strerror(errno));
-    write(out);
+    try {
+      write(out);
+    } catch (...) {
+      out.close();
+      fs::remove(tmp, ec);  // a failed writer leaves nothing behind, not even its temp file
+      throw;
+    }
     out.flush();
     if (!out) {
       fs::remove(tmp, ec);

@@ -15,7 +15,8 @@
 namespace ftune {
 
 // Writes `path` atomically: calls `write(stream)` on a temp file beside it, flushes and fsyncs it,
-// then renames it over `path`. Throws ftune::Error naming the path on any failure.
+// then renames it over `path`. Throws ftune::Error naming the path on any failure; an exception
+// from `write` removes the temp file and propagates.
 void write_file_atomic(const std::filesystem::path& path,
                        const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::filesystem::path& path, const std::string& content);

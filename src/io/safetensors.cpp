@@ -291,31 +291,23 @@ void save_safetensors_streamed(const fs::path& path, const std::vector<TensorSpe
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // align the data section as the Python library does
-  try {
-    write_file_atomic(path, [&](std::ostream& os) {
-      uint64_t n = h.size();
-      os.write(reinterpret_cast<const char*>(&n), 8);
-      os.write(h.data(), static_cast<std::streamsize>(h.size()));
-      for (size_t i = 0; i < specs.size(); ++i) {
-        const TensorSpec& spec = specs[i];
-        at::Tensor t = produce(i);
-        FTUNE_CHECK(t.defined(), where, ": ", spec.name, ": undefined tensor");
-        FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", spec.name,
-                    ": only dense (strided) tensors can be saved");
-        FTUNE_CHECK(t.scalar_type() == spec.dtype && t.sizes().vec() == spec.shape, where, ": ",
-                    spec.name, ": produced ", t.scalar_type(), " ", shape_str(t.sizes().vec()),
-                    ", announced ", spec.dtype, " ", shape_str(spec.shape));
-        t = t.to(at::kCPU).contiguous();
-        os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-      }
-    });
-  } catch (...) {
-    // write_file_atomic keeps its "<path>.tmp-<pid>" (core/fs.h) when the callback throws.
-    std::error_code ec;
-    fs::path tmp = path;
-    fs::remove(tmp += ".tmp-" + std::to_string(::getpid()), ec);
-    throw;
-  }
+  write_file_atomic(path, [&](std::ostream& os) {
+    uint64_t n = h.size();
+    os.write(reinterpret_cast<const char*>(&n), 8);
+    os.write(h.data(), static_cast<std::streamsize>(h.size()));
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const TensorSpec& spec = specs[i];
+      at::Tensor t = produce(i);
+      FTUNE_CHECK(t.defined(), where, ": ", spec.name, ": undefined tensor");
+      FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", spec.name,
+                  ": only dense (strided) tensors can be saved");
+      FTUNE_CHECK(t.scalar_type() == spec.dtype && t.sizes().vec() == spec.shape, where, ": ",
+                  spec.name, ": produced ", t.scalar_type(), " ", shape_str(t.sizes().vec()),
+                  ", announced ", spec.dtype, " ", shape_str(spec.shape));
+      t = t.to(at::kCPU).contiguous();
+      os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+    }
+  });
 }
 
 namespace {

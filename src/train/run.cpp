@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/dataset.h"
+#include "model/device.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
 #include "train/loop.h"
@@ -28,22 +29,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr char kPresetPrefix[] = "preset:";
-
-at::Device parse_train_device(const config::TrainConfig& cfg) {
-  const std::string& s = cfg.model.device;
-  if (s == "cpu") return at::kCPU;
-  FTUNE_CHECK(at::hasCUDA(), cfg.where("model.device"), ": model.device: ", s,
-              ": no CUDA device available to this build/machine");
-  if (s == "cuda") return at::Device(at::kCUDA, 0);
-  int idx = -1;
-  try {
-    idx = std::stoi(s.substr(5));
-  } catch (const std::exception&) {
-  }
-  FTUNE_CHECK(idx >= 0, cfg.where("model.device"), ": model.device: expected cuda:N, got \"", s,
-              "\"");
-  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(idx));
-}
 
 std::string fmt(const char* f, double v) {
   char buf[64];
@@ -398,7 +383,8 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
   const ModelSource src = resolve_model_config(cfg);
   check_inputs(cfg);
-  const at::Device device = parse_train_device(cfg);
+  const at::Device device =
+      model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
   if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
   at::manual_seed(static_cast<uint64_t>(t.seed));
 
