@@ -34,9 +34,8 @@ void run_init_model(const InitArgs& a) {
   if (!a.dtype.empty()) {
     cfg.torch_dtype = model::dtype_name(model::dtype_from_name(a.dtype, "--dtype"));
   }
-  model::LlamaForCausalLM m(cfg);
+  model::LlamaForCausalLM m(cfg, cfg.torch_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
   model::init_weights(m, a.seed);
-  if (cfg.torch_dtype == "bfloat16") m->to(at::kBFloat16);
   model::save_model(a.out, m);
   if (a.tokenizer.empty()) {
     model::write_byte_level_tokenizer(a.out);
