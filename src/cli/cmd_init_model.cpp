@@ -28,12 +28,11 @@ void run_init_model(const InitArgs& a) {
     cfg.torch_dtype = model::dtype_name(model::dtype_from_name(a.dtype, "init-model: --dtype"));
   }
   if (!a.tokenizer.empty()) require_tokenizer_dir(a.tokenizer, "--tokenizer");
-  at::ScalarType dtype = at::kFloat;
+  const at::ScalarType dtype = cfg.torch_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  cfg.check_fits_in_memory(dtype, a.config.empty() ? "init-model: --preset " + a.preset : a.config);
   write_model_dir(a.out, "--out", a.force, [&](const std::filesystem::path& dir) {
-    model::LlamaForCausalLM m(cfg);
+    model::LlamaForCausalLM m(cfg, dtype);  // uninitialized storage, filled once by init_weights
     model::init_weights(m, static_cast<uint64_t>(a.seed));
-    if (cfg.torch_dtype == "bfloat16") m->to(at::kBFloat16);
-    dtype = m->parameters().front().scalar_type();
     model::save_model(dir, m);
     if (a.tokenizer.empty()) {
       model::write_byte_level_tokenizer(dir);

@@ -46,6 +46,15 @@ MappedFile::MappedFile(std::vector<uint8_t> bytes) : owned_(std::move(bytes)) {
   size_ = static_cast<int64_t>(owned_.size());
 }
 
+void MappedFile::drop_pages(int64_t offset, int64_t length) const {
+  if (!mapped_ || length <= 0) return;
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data_) + static_cast<uintptr_t>(offset);
+  const uintptr_t first = (begin + page - 1) / page * page;  // whole pages only: neighbours keep theirs
+  const uintptr_t last = (begin + static_cast<uintptr_t>(length)) / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 MappedFile::~MappedFile() {
   if (mapped_) ::munmap(data_, static_cast<size_t>(size_));
 }

@@ -25,6 +25,11 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   uint8_t* mutable_data() const { return data_; }  // for at::from_blob; see the trade-off above
   int64_t size() const { return size_; }
+  // Drops the whole pages inside [offset, offset + length) from this process (madvise
+  // MADV_DONTNEED): a later read faults them back in from the file. Only for ranges that no live
+  // tensor was written through (a private copy-on-write page would revert to the file's bytes).
+  // No-op for an owned buffer.
+  void drop_pages(int64_t offset, int64_t length) const;
 
  private:
   uint8_t* data_ = nullptr;

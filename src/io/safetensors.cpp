@@ -56,13 +56,6 @@ bool dtype_from_name(const std::string& s, at::ScalarType* out) {
   return false;
 }
 
-const char* dtype_name(at::ScalarType t) {
-  for (const auto& d : kDtypes) {
-    if (d.type == t) return d.name;
-  }
-  return nullptr;
-}
-
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -118,6 +111,13 @@ bool get_size(const ordered_json& v, int64_t* out) {
 bool checked_mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
 
 }  // namespace
+
+const char* safetensors_dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes) {
+    if (d.type == t) return d.name;
+  }
+  return nullptr;
+}
 
 SafetensorsReader::SafetensorsReader(const fs::path& path) : path_(path) {
   const std::string where = path.string();
@@ -260,6 +260,28 @@ int64_t spec_bytes(const TensorSpec& s) {
 
 }  // namespace
 
+void SafetensorsReader::read_into(const std::string& name, const at::Tensor& dst) const {
+  const SafetensorsEntry& e = entry(name);
+  FTUNE_CHECK(dst.sizes() == at::IntArrayRef(e.shape), path_.string(), ": ", name, ": shape ",
+              shape_str(e.shape), " does not match the destination's ", dst.sizes());
+  at::Tensor src = tensor(name);
+  if (src.dim() == 0 || src.numel() == 0) {
+    dst.copy_(src);
+    return;
+  }
+  // Rows of dim 0 per chunk: ~16 MB of file data, so the mapping's resident share stays small.
+  constexpr int64_t kChunkBytes = int64_t{16} << 20;
+  const int64_t rows = src.size(0);
+  const int64_t row_bytes = (e.end - e.begin) / rows;
+  const int64_t step = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t r = 0; r < rows; r += step) {
+    const int64_t n = std::min(step, rows - r);
+    dst.narrow(0, r, n).copy_(src.narrow(0, r, n));
+    map_->drop_pages(data_start_ + e.begin + r * row_bytes, n * row_bytes);
+  }
+  map_->drop_pages(data_start_ + e.begin, e.end - e.begin);  // pages that straddled two chunks
+}
+
 void save_safetensors(const fs::path& path, const TensorList& tensors,
                       const std::map<std::string, std::string>& metadata) {
   save_safetensors_streamed(path, specs_of(tensors), [&](size_t i) { return tensors[i].second; },
@@ -282,7 +304,7 @@ void save_safetensors_streamed(const fs::path& path, const std::vector<TensorSpe
     const std::string& name = spec.name;
     FTUNE_CHECK(name != "__metadata__", where, ": ", name, ": reserved name");
     FTUNE_CHECK(seen.insert(name).second, where, ": ", name, ": duplicate tensor name");
-    const char* dt = dtype_name(spec.dtype);
+    const char* dt = safetensors_dtype_name(spec.dtype);
     FTUNE_CHECK(dt != nullptr, where, ": ", name, ": unsupported dtype ", spec.dtype);
     const int64_t nbytes = spec_bytes(spec);
     FTUNE_CHECK(nbytes >= 0 && !__builtin_add_overflow(offset, nbytes, &offset), where, ": ", name,
@@ -325,17 +347,19 @@ bool is_file(const fs::path& p) {
   return fs::is_regular_file(p, ec);
 }
 
-void add_all(const SafetensorsReader& r, std::map<std::string, at::Tensor>* out) {
-  for (const std::string& name : r.names()) {
-    FTUNE_CHECK(out->emplace(name, r.tensor(name)).second, r.path().string(), ": ", name,
-                ": tensor also present in another shard");
-  }
-}
-
 }  // namespace
 
-std::map<std::string, at::Tensor> load_weights(const fs::path& dir) {
-  std::map<std::string, at::Tensor> out;
+SafetensorsDir::SafetensorsDir(const fs::path& dir) {
+  auto add = [&](const fs::path& file) -> const SafetensorsReader& {
+    readers_.push_back(std::make_unique<SafetensorsReader>(file));
+    const SafetensorsReader& r = *readers_.back();
+    for (const std::string& name : r.names()) {
+      FTUNE_CHECK(where_.emplace(name, &r).second, r.path().string(), ": ", name,
+                  ": tensor also present in ", where_.at(name)->path().string());
+      names_.push_back(name);
+    }
+    return r;
+  };
   const fs::path index_path = dir / kIndexFile;
   // The index wins when both layouts exist: save_weights deletes the index last when switching to
   // a single file and writes it last when switching to shards, so it always names a complete set.
@@ -361,18 +385,29 @@ std::map<std::string, at::Tensor> load_weights(const fs::path& dir) {
     }
     FTUNE_CHECK(!by_file.empty(), where, ": weight_map: empty");
     for (const auto& [file, names] : by_file) {
-      SafetensorsReader r(dir / file);
+      const SafetensorsReader& r = add(dir / file);
       for (const std::string& name : names) {
         FTUNE_CHECK(r.contains(name), r.path().string(), ": ", name, ": listed in ", kIndexFile,
                     " but missing from the shard");
       }
-      add_all(r, &out);
     }
-    return out;
+    return;
   }
   const fs::path single = dir / kSingleFile;
   FTUNE_CHECK(is_file(single), dir.string(), ": no ", kSingleFile, " or ", kIndexFile);
-  add_all(SafetensorsReader(single), &out);
+  add(single);
+}
+
+const SafetensorsReader& SafetensorsDir::reader(const std::string& name) const {
+  auto it = where_.find(name);
+  FTUNE_CHECK(it != where_.end(), "model weights: ", name, ": no such tensor");
+  return *it->second;
+}
+
+std::map<std::string, at::Tensor> load_weights(const fs::path& dir) {
+  SafetensorsDir files(dir);
+  std::map<std::string, at::Tensor> out;
+  for (const std::string& name : files.names()) out.emplace(name, files.reader(name).tensor(name));
   return out;
 }
 

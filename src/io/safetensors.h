@@ -2,6 +2,8 @@
 // sharded with model.safetensors.index.json). Format: ../shared/REFERENCE.md §1.
 // Trade-off: tensors returned by the reader alias the read-only mapping (no copy, instant load of
 // multi-GB checkpoints); callers that mutate must clone. The mapping lives as long as any tensor.
+// read_into copies a tensor into a destination chunk by chunk and drops each chunk's mapped pages,
+// so loading a model never holds more of the file in memory than one chunk.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,6 +43,10 @@ class SafetensorsReader {
   const SafetensorsEntry& entry(const std::string& name) const;
   // CPU tensor viewing the mapping; keeps the mapping alive. Throws for an unknown name.
   at::Tensor tensor(const std::string& name) const;
+  // Copies tensor `name` into `dst` (same shape, any float dtype and device; conversion per chunk)
+  // in chunks of about 16 MB of file data, dropping each chunk's mapped pages once copied. Use it
+  // for tensors no live tensor() alias was written through (see MappedFile::drop_pages).
+  void read_into(const std::string& name, const at::Tensor& dst) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::filesystem::path& path() const { return path_; }
 
@@ -52,6 +58,26 @@ class SafetensorsReader {
   std::vector<std::string> names_;
   std::map<std::string, std::string> metadata_;
   int64_t data_start_ = 0;
+};
+
+// The safetensors name of a dtype ("F32", "BF16", "I32", ...), or nullptr if it has none.
+const char* safetensors_dtype_name(at::ScalarType t);
+
+// The weight files of an HF model dir, opened: model.safetensors, or the shards listed in
+// model.safetensors.index.json. Every header is validated and every name found exactly once (a
+// tensor in two shards, or listed in the index but missing from its shard, is an error); no tensor
+// data is read until tensor() or read_into().
+class SafetensorsDir {
+ public:
+  explicit SafetensorsDir(const std::filesystem::path& dir);
+  const std::vector<std::string>& names() const { return names_; }  // shard by shard, file order
+  bool contains(const std::string& name) const { return where_.count(name) > 0; }
+  const SafetensorsReader& reader(const std::string& name) const;  // the file holding `name`
+
+ private:
+  std::vector<std::unique_ptr<SafetensorsReader>> readers_;
+  std::map<std::string, const SafetensorsReader*> where_;
+  std::vector<std::string> names_;
 };
 
 // Writes tensors (any device/layout; made contiguous CPU) atomically: temp file, then rename.

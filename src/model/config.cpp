@@ -1,6 +1,9 @@
 // LlamaConfig parsing, validation, serialization and presets; see config.h.
 #include "model/config.h"
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <set>
 
 #include "core/error.h"
@@ -47,6 +50,54 @@ const std::set<std::string> kKnownKeys = {
     "mlp_bias", "initializer_range", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
     "pad_token_id", "hidden_act", "model_type", "architectures", "pretraining_tp",
     "attention_dropout"};
+
+// The parameter count as a sum of products of config sizes, so that an overflow or an oversized
+// model can be blamed on one field: the largest factor of the largest term.
+struct SizeTerm {
+  int64_t times;
+  std::vector<std::pair<const char*, int64_t>> factors;
+};
+
+std::vector<SizeTerm> size_terms(const LlamaConfig& c) {
+  const int64_t L = c.num_hidden_layers, h = c.hidden_size, hd = c.dim_head();
+  const int64_t nh = c.num_attention_heads, nkv = c.num_key_value_heads, I = c.intermediate_size;
+  std::vector<SizeTerm> t = {
+      {c.tie_word_embeddings ? 1 : 2, {{"vocab_size", c.vocab_size}, {"hidden_size", h}}},
+      {2, {{"num_hidden_layers", L}, {"hidden_size", h}, {"num_attention_heads", nh}, {"head_dim", hd}}},
+      {2, {{"num_hidden_layers", L}, {"hidden_size", h}, {"num_key_value_heads", nkv}, {"head_dim", hd}}},
+      {3, {{"num_hidden_layers", L}, {"hidden_size", h}, {"intermediate_size", I}}},
+      {2, {{"num_hidden_layers", L}, {"hidden_size", h}}},  // the two norms of each layer
+      {1, {{"hidden_size", h}}},                            // the final norm
+  };
+  if (c.attention_bias) {
+    t.push_back({1, {{"num_hidden_layers", L}, {"num_attention_heads", nh}, {"head_dim", hd}}});
+    t.push_back({2, {{"num_hidden_layers", L}, {"num_key_value_heads", nkv}, {"head_dim", hd}}});
+    t.push_back({1, {{"num_hidden_layers", L}, {"hidden_size", h}}});
+  }
+  if (c.mlp_bias) {
+    t.push_back({2, {{"num_hidden_layers", L}, {"intermediate_size", I}}});
+    t.push_back({1, {{"num_hidden_layers", L}, {"hidden_size", h}}});
+  }
+  return t;
+}
+
+const std::pair<const char*, int64_t>& largest_factor(const SizeTerm& t) {
+  const auto* best = &t.factors[0];
+  for (const auto& f : t.factors) {
+    if (f.second > best->second) best = &f;
+  }
+  return *best;
+}
+
+// Product of one term; false on int64 overflow.
+bool term_value(const SizeTerm& t, int64_t* out) {
+  int64_t v = t.times;
+  for (const auto& f : t.factors) {
+    if (__builtin_mul_overflow(v, f.second, &v)) return false;
+  }
+  *out = v;
+  return true;
+}
 
 }  // namespace
 
@@ -154,6 +205,19 @@ void LlamaConfig::validate(const std::string& origin) const {
               " does not divide num_attention_heads ", num_attention_heads);
   FTUNE_CHECK(rms_norm_eps > 0, origin, ": rms_norm_eps: expected > 0");
   FTUNE_CHECK(rope_theta > 0, origin, ": rope_theta: expected > 0");
+  // The fp32 byte count (the largest any caller computes) must fit in int64_t.
+  int64_t total = 0, big_value = -1;
+  const SizeTerm* big = nullptr;
+  const std::vector<SizeTerm> terms = size_terms(*this);
+  for (const SizeTerm& t : terms) {
+    int64_t v = 0;
+    const bool ok = term_value(t, &v) && !__builtin_mul_overflow(v, int64_t{4}, &v);
+    if (ok && v > big_value) big_value = v, big = &t;
+    if (!ok || __builtin_add_overflow(total, v, &total)) {
+      const auto& f = largest_factor(ok ? *big : t);
+      fail(origin, ": ", f.first, ": ", f.second, " makes the model's byte count overflow int64");
+    }
+  }
 }
 
 json LlamaConfig::to_json() const {
@@ -208,14 +272,47 @@ json LlamaConfig::generation_config_json() const {
 }
 
 int64_t LlamaConfig::num_parameters() const {
-  int64_t h = hidden_size, hd = dim_head();
-  int64_t attn = h * num_attention_heads * hd * 2 + h * num_key_value_heads * hd * 2;
-  if (attention_bias) attn += num_attention_heads * hd + 2 * num_key_value_heads * hd + h;
-  int64_t mlp = 3 * h * intermediate_size;
-  if (mlp_bias) mlp += 2 * intermediate_size + h;
-  int64_t per_layer = attn + mlp + 2 * h;
-  int64_t emb = vocab_size * h;
-  return emb * (tie_word_embeddings ? 1 : 2) + num_hidden_layers * per_layer + h;
+  int64_t total = 0;
+  for (const SizeTerm& t : size_terms(*this)) {
+    int64_t v = 0;
+    term_value(t, &v);  // validate() has ruled out overflow
+    total += v;
+  }
+  return total;
+}
+
+void LlamaConfig::check_fits_in_memory(at::ScalarType dtype, const std::string& origin) const {
+  const int64_t bytes_per_param = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t need = num_parameters() * bytes_per_param;  // validate() checked fp32 fits
+  const int64_t have = physical_memory_bytes();
+  if (have <= 0 || need <= have) return;
+  const std::vector<SizeTerm> terms = size_terms(*this);
+  const SizeTerm* big = &terms[0];
+  int64_t largest = -1;
+  for (const SizeTerm& t : terms) {
+    int64_t v = 0;
+    term_value(t, &v);
+    if (v > largest) largest = v, big = &t;
+  }
+  char need_gb[32], have_gb[32];
+  std::snprintf(need_gb, sizeof(need_gb), "%.1f", static_cast<double>(need) / 1e9);
+  std::snprintf(have_gb, sizeof(have_gb), "%.1f", static_cast<double>(have) / 1e9);
+  fail(origin, ": ", largest_factor(*big).first, ": model needs ", need_gb, " GB in ",
+       dtype_name(dtype), ", more than this machine's ", have_gb, " GB");
+}
+
+int64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
+}
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: fail("dtype: unsupported model dtype ", c10::toString(t));
+  }
 }
 
 LlamaConfig load_config(const std::filesystem::path& model_dir) {

@@ -4,6 +4,7 @@
 // put there; values ftune cannot honour (another architecture, activation or RoPE type) are errors.
 #pragma once
 
+#include <c10/core/ScalarType.h>
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -45,18 +46,27 @@ struct LlamaConfig {
   nlohmann::json extra = nlohmann::json::object();  // keys ftune does not interpret, kept as is
 
   int64_t dim_head() const { return head_dim > 0 ? head_dim : hidden_size / num_attention_heads; }
+  // Parameter count; validate() has checked that it and its fp32 byte count fit in int64_t.
   int64_t num_parameters() const;
+  // Throws "<origin>: <field>: model needs N GB in <dtype>, more than this machine's M GB" when the
+  // weights in `dtype` exceed physical memory; <field> is the size that makes the model that big.
+  // For models allocated in CPU memory, before any allocation.
+  void check_fits_in_memory(at::ScalarType dtype, const std::string& origin) const;
 
   // Parses config.json contents; `origin` names the file in errors ("<origin>: <key>: ...").
   static LlamaConfig from_json(const nlohmann::json& j, const std::string& origin);
   nlohmann::json to_json() const;
   // generation_config.json as transformers writes it from a model config (bos/eos/pad ids).
   nlohmann::json generation_config_json() const;
-  // Checks internal consistency (positive sizes, heads divide, GQA ratio integral).
+  // Checks internal consistency (positive sizes, heads divide, GQA ratio integral) and that the
+  // parameter count cannot overflow ("<origin>: <field>: ... overflows int64").
   void validate(const std::string& origin) const;
 };
 
 LlamaConfig load_config(const std::filesystem::path& model_dir);
+
+std::string dtype_name(at::ScalarType t);  // "float32" / "bfloat16" (HF torch_dtype spelling)
+int64_t physical_memory_bytes();           // this machine's RAM (sysconf)
 
 // Preset names accepted by `ftune init-model --preset` and `model.path: preset:NAME`.
 std::vector<std::string> preset_names();

@@ -24,47 +24,80 @@ at::ScalarType dtype_from_name(const std::string& name, const std::string& origi
   fail(origin, ": expected fp32 or bf16 (float32, bfloat16), got \"", name, "\"");
 }
 
-std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    default: fail("dtype: unsupported model dtype ", c10::toString(t));
+namespace {
+
+// One checkpoint tensor as its header (or an in-memory tensor) describes it.
+struct TensorMeta {
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  std::string file;  // where it comes from, for errors
+};
+
+// Checks a checkpoint's tensors against the parameters `c` needs before anything is allocated:
+// every parameter present with its config shape and a float dtype, and nothing unexpected.
+void check_checkpoint(const LlamaConfig& c, const std::map<std::string, TensorMeta>& found,
+                      const std::string& origin) {
+  std::set<std::string> known;
+  for (const auto& [name, shape] : parameter_shapes(c)) {
+    auto it = found.find(name);
+    FTUNE_CHECK(it != found.end(), origin, ": missing tensor ", name);
+    const TensorMeta& t = it->second;
+    FTUNE_CHECK(t.shape == shape, t.file, ": ", name, ": shape ", at::IntArrayRef(t.shape),
+                " does not match config shape ", at::IntArrayRef(shape));
+    if (!at::isFloatingType(t.dtype)) {
+      const char* st = io::safetensors_dtype_name(t.dtype);
+      fail(t.file, ": ", name, ": dtype ", st ? st : c10::toString(t.dtype),
+           ", expected a float dtype (F32/BF16/F16)");
+    }
+    known.insert(name);
+  }
+  for (const auto& [name, t] : found) {
+    if (known.count(name)) continue;
+    // Some tied checkpoints still carry lm_head.weight; rotary inv_freq buffers are harmless.
+    if (name == "lm_head.weight" && c.tie_word_embeddings) continue;
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
+    fail(t.file, ": unexpected tensor ", name, " (not in a Llama model with this config)");
   }
 }
+
+}  // namespace
 
 void load_weights_into(LlamaForCausalLM& m, const std::map<std::string, at::Tensor>& weights,
                        const std::string& origin) {
-  torch::NoGradGuard no_grad;
-  auto params = m->named_parameters();
-  // Validate everything before mutating the model.
-  for (const auto& p : params) {
-    auto it = weights.find(p.key());
-    FTUNE_CHECK(it != weights.end(), origin, ": missing tensor ", p.key());
-    FTUNE_CHECK(it->second.sizes() == p.value().sizes(), origin, ": ", p.key(), ": shape ",
-                it->second.sizes(), " does not match config shape ", p.value().sizes());
-  }
-  std::set<std::string> known;
-  for (const auto& p : params) known.insert(p.key());
+  std::map<std::string, TensorMeta> found;
   for (const auto& [name, t] : weights) {
-    if (known.count(name)) continue;
-    // Some tied checkpoints still carry lm_head.weight; rotary inv_freq buffers are harmless.
-    if (name == "lm_head.weight" && m->config().tie_word_embeddings) continue;
-    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;
-    fail(origin, ": unexpected tensor ", name, " (not in a Llama model with this config)");
+    found.emplace(name, TensorMeta{t.scalar_type(), t.sizes().vec(), origin});
   }
-  for (auto& p : params) p.value().copy_(weights.at(p.key()));
+  check_checkpoint(m->config(), found, origin);
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->named_parameters()) p.value().copy_(weights.at(p.key()));
 }
 
 LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
-  LlamaConfig cfg = load_config(dir);
-  at::ScalarType dtype = opts.dtype.value_or(
+  LlamaConfig cfg = load_config(dir);  // validated, parameter count overflow-checked
+  const std::string cfg_path = (dir / "config.json").string();
+  const at::ScalarType dtype = opts.dtype.value_or(
       cfg.torch_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
-  auto weights = io::load_weights(dir);
-  LlamaForCausalLM m(cfg);
-  m->to(dtype);
-  load_weights_into(m, weights, dir.string());
-  m->to(opts.device);
+  if (opts.device.is_cpu()) cfg.check_fits_in_memory(dtype, cfg_path);
+  // Headers only: names, shapes and dtypes are checked before any weight memory is allocated.
+  io::SafetensorsDir files(dir);
+  std::map<std::string, TensorMeta> found;
+  for (const std::string& name : files.names()) {
+    const io::SafetensorsReader& r = files.reader(name);
+    found.emplace(name, TensorMeta{r.entry(name).dtype, r.entry(name).shape, r.path().string()});
+  }
+  check_checkpoint(cfg, found, dir.string());
+  LlamaForCausalLM m{nullptr};
+  try {
+    m = LlamaForCausalLM(cfg, at::TensorOptions().dtype(dtype).device(opts.device));
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    fail(cfg_path, ": cannot allocate ", cfg.num_parameters(), " parameters in ", dtype_name(dtype),
+         " on ", opts.device.str(), ": ", what.substr(0, what.find('\n')));
+  }
+  // Each weight is written once, straight from the mapping into its final dtype and device.
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->named_parameters()) files.reader(p.key()).read_into(p.key(), p.value());
   return m;
 }
 

@@ -1,6 +1,9 @@
 // Loading and saving LlamaForCausalLM as an HF model dir (config.json, model.safetensors or shards,
-// generation_config.json). Loading checks the weights against the config before copying anything:
-// a missing tensor, a shape mismatch or an unexpected tensor is one clear error naming the file.
+// generation_config.json). Loading checks the config's sizes and the weights' headers before
+// allocating anything: a size that overflows or exceeds RAM, a missing tensor, a shape mismatch,
+// an integer dtype or an unexpected tensor is one clear error naming the file. Then each weight is
+// copied once from the mapped file into uninitialized storage of the target dtype and device, so
+// peak memory is one copy of the weights plus a 16 MB chunk.
 #pragma once
 
 #include <filesystem>
@@ -18,12 +21,12 @@ struct LoadOptions {
 };
 
 at::ScalarType dtype_from_name(const std::string& name, const std::string& origin);  // fp32/bf16/...
-std::string dtype_name(at::ScalarType t);  // "float32" / "bfloat16" (HF torch_dtype spelling)
 
-// Builds the model for `dir`'s config.json and loads its weights.
+// Builds the model for `dir`'s config.json and loads its weights (see the top of this file).
 LlamaForCausalLM load_model(const std::filesystem::path& dir, const LoadOptions& opts = {});
 
-// Copies `weights` (HF names) into `m`, converting dtype/device. `origin` names the source.
+// Copies `weights` (HF names) into `m`, converting dtype/device, after the same checks as
+// load_model (names, shapes, float dtypes). `origin` names the source.
 void load_weights_into(LlamaForCausalLM& m, const std::map<std::string, at::Tensor>& weights,
                        const std::string& origin);
 

@@ -32,15 +32,22 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 // The layer and its non-differentiable inputs, passed outside the autograd arguments so that an
 // undefined mask is not mistaken for a variable.
 struct LayerCall {
-  LlamaDecoderLayerImpl* layer;
+  std::shared_ptr<LlamaDecoderLayerImpl> layer;
   at::Tensor cos, sin, mask;
+};
+
+// The autograd graph co-owns the layer it will replay: saved_data holds it in a capsule, so
+// backward never reaches a layer freed after forward.
+struct LayerCapsule : torch::CustomClassHolder {
+  explicit LayerCapsule(std::shared_ptr<LlamaDecoderLayerImpl> l) : layer(std::move(l)) {}
+  std::shared_ptr<LlamaDecoderLayerImpl> layer;
 };
 
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const LayerCall& call) {
     ctx->save_for_backward({x});
-    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(call.layer);
+    ctx->saved_data["layer"] = at::IValue::make_capsule(c10::make_intrusive<LayerCapsule>(call.layer));
     ctx->saved_data["cos"] = call.cos;
     ctx->saved_data["sin"] = call.sin;
     ctx->saved_data["mask"] = call.mask;
@@ -51,24 +58,20 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
-    auto* layer = reinterpret_cast<LlamaDecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    auto capsule = c10::static_intrusive_pointer_cast<LayerCapsule>(ctx->saved_data["layer"].toCapsule());
     at::Tensor x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     {
       torch::AutoGradMode enable(true);
       AutocastScope autocast(x.device().type(), ctx->saved_data["autocast"].toBool(),
                              ctx->saved_data["autocast_dtype"].toScalarType());
-      at::Tensor out = layer->forward(x, ctx->saved_data["cos"].toTensor(),
-                                      ctx->saved_data["sin"].toTensor(),
-                                      ctx->saved_data["mask"].toTensor());
+      at::Tensor out = capsule->layer->forward(x, ctx->saved_data["cos"].toTensor(),
+                                               ctx->saved_data["sin"].toTensor(),
+                                               ctx->saved_data["mask"].toTensor());
       torch::autograd::backward({out}, {grad_out[0]});
     }
     return {x.grad(), at::Tensor()};
   }
 };
-
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
-}
 
 }  // namespace
 
@@ -95,8 +98,17 @@ at::Tensor rope_inv_freq(const LlamaConfig& c) {
   return at::where(medium, smoothed, scaled);
 }
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
-  weight = register_parameter("weight", torch::ones({dim}));
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const at::TensorOptions& opts) {
+  weight = register_parameter("weight", at::empty({out, in}, opts));  // [out, in]
+  if (has_bias) bias = register_parameter("bias", at::empty({out}, opts));
+}
+
+EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const at::TensorOptions& opts) {
+  weight = register_parameter("weight", at::empty({num, dim}, opts));  // [num, dim]
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps, const at::TensorOptions& opts) : eps_(eps) {
+  weight = register_parameter("weight", at::empty({dim}, opts));
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
@@ -107,14 +119,15 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   return weight * h.to(dtype);
 }
 
-LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c)
+LlamaAttentionImpl::LlamaAttentionImpl(const LlamaConfig& c, const at::TensorOptions& opts)
     : n_heads_(c.num_attention_heads), n_kv_heads_(c.num_key_value_heads),
       head_dim_(c.dim_head()) {
   const int64_t h = c.hidden_size;
-  q_proj = register_module("q_proj", make_linear(h, n_heads_ * head_dim_, c.attention_bias));
-  k_proj = register_module("k_proj", make_linear(h, n_kv_heads_ * head_dim_, c.attention_bias));
-  v_proj = register_module("v_proj", make_linear(h, n_kv_heads_ * head_dim_, c.attention_bias));
-  o_proj = register_module("o_proj", make_linear(n_heads_ * head_dim_, h, c.attention_bias));
+  const bool b = c.attention_bias;
+  q_proj = register_module("q_proj", Linear(h, n_heads_ * head_dim_, b, opts));
+  k_proj = register_module("k_proj", Linear(h, n_kv_heads_ * head_dim_, b, opts));
+  v_proj = register_module("v_proj", Linear(h, n_kv_heads_ * head_dim_, b, opts));
+  o_proj = register_module("o_proj", Linear(n_heads_ * head_dim_, h, b, opts));
 }
 
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& cos,
@@ -143,22 +156,23 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const at::Tensor& co
   return o_proj(out.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}));
 }
 
-LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& c) {
-  gate_proj = register_module("gate_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
-  up_proj = register_module("up_proj", make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias));
-  down_proj = register_module("down_proj", make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias));
+LlamaMLPImpl::LlamaMLPImpl(const LlamaConfig& c, const at::TensorOptions& opts) {
+  const int64_t h = c.hidden_size, i = c.intermediate_size;
+  gate_proj = register_module("gate_proj", Linear(h, i, c.mlp_bias, opts));
+  up_proj = register_module("up_proj", Linear(h, i, c.mlp_bias, opts));
+  down_proj = register_module("down_proj", Linear(i, h, c.mlp_bias, opts));
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
   return down_proj(at::silu(gate_proj(x)) * up_proj(x));
 }
 
-LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c) {
-  self_attn = register_module("self_attn", LlamaAttention(c));
-  mlp = register_module("mlp", LlamaMLP(c));
-  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts) {
+  self_attn = register_module("self_attn", LlamaAttention(c, opts));
+  mlp = register_module("mlp", LlamaMLP(c, opts));
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
   post_attention_layernorm =
-      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
 }
 
 at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor& cos,
@@ -168,21 +182,48 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor&
   return h + mlp(post_attention_layernorm(h));
 }
 
-LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) {
-  embed_tokens = register_module(
-      "embed_tokens", torch::nn::Embedding(torch::nn::EmbeddingOptions(c.vocab_size, c.hidden_size)));
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts) {
+  embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, opts));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c));
-  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c, opts));
+  norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
 }
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) : config_(c) {
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts)
+    : config_(c) {
   c.validate("config");
-  model = register_module("model", LlamaModel(c));
+  if (opts.device().is_cpu()) c.check_fits_in_memory(opts.dtype().toScalarType(), "config");
+  model = register_module("model", LlamaModel(c, opts));
   if (!c.tie_word_embeddings) {
-    lm_head = register_module("lm_head", make_linear(c.hidden_size, c.vocab_size, false));
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, opts));
   }
   inv_freq_ = rope_inv_freq(c);
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const LlamaConfig& c) {
+  const int64_t h = c.hidden_size, hd = c.dim_head(), i = c.intermediate_size;
+  const int64_t q = c.num_attention_heads * hd, kv = c.num_key_value_heads * hd;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  out.emplace_back("model.embed_tokens.weight", std::vector<int64_t>{c.vocab_size, h});
+  auto linear = [&](const std::string& name, int64_t in, int64_t o, bool bias) {
+    out.emplace_back(name + ".weight", std::vector<int64_t>{o, in});
+    if (bias) out.emplace_back(name + ".bias", std::vector<int64_t>{o});
+  };
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    linear(p + "self_attn.q_proj", h, q, c.attention_bias);
+    linear(p + "self_attn.k_proj", h, kv, c.attention_bias);
+    linear(p + "self_attn.v_proj", h, kv, c.attention_bias);
+    linear(p + "self_attn.o_proj", q, h, c.attention_bias);
+    linear(p + "mlp.gate_proj", h, i, c.mlp_bias);
+    linear(p + "mlp.up_proj", h, i, c.mlp_bias);
+    linear(p + "mlp.down_proj", i, h, c.mlp_bias);
+    out.emplace_back(p + "input_layernorm.weight", std::vector<int64_t>{h});
+    out.emplace_back(p + "post_attention_layernorm.weight", std::vector<int64_t>{h});
+  }
+  out.emplace_back("model.norm.weight", std::vector<int64_t>{h});
+  if (!c.tie_word_embeddings) linear("lm_head", h, c.vocab_size, false);
+  return out;
 }
 
 at::Tensor LlamaForCausalLMImpl::lm_head_weight() const {
@@ -225,7 +266,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
   }
   const bool checkpoint = grad_checkpointing_ && torch::GradMode::is_enabled() && !opts.cache;
   for (size_t i = 0; i < model->layers->size(); ++i) {
-    auto* layer = model->layers[i]->as<LlamaDecoderLayerImpl>();
+    auto layer = model->layers->ptr<LlamaDecoderLayerImpl>(i);
     if (checkpoint) {
       x = CheckpointedLayer::apply(x, LayerCall{layer, cos, sin, mask});
     } else if (opts.cache) {

@@ -4,6 +4,9 @@
 // optional per-layer activation checkpointing and a KV cache for generation.
 // Parameters are registered under the HF names (model.layers.0.self_attn.q_proj.weight, ...), so
 // named_parameters() is the checkpoint's key set and LoRA/FSDP can address layers by those names.
+// Construction allocates parameters uninitialized (at::empty in the given dtype and device; the
+// meta device allocates nothing), so a load writes each weight exactly once; init_weights is the
+// only initializer.
 #pragma once
 
 #include <torch/torch.h>
@@ -28,9 +31,28 @@ struct ForwardOptions {
   KvCache* cache = nullptr;  // appended to when given
 };
 
+// nn.Linear without torch::nn::Linear's kaiming init: weight [out, in] and bias [out] (undefined
+// when absent) are allocated uninitialized in `opts`.
+class LinearImpl : public torch::nn::Module {
+ public:
+  LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opts);
+  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+  at::Tensor weight, bias;
+};
+TORCH_MODULE(Linear);
+
+// nn.Embedding (no padding_idx, no max_norm) with an uninitialized weight [num, dim].
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t num, int64_t dim, const at::TensorOptions& opts);
+  at::Tensor forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
+  at::Tensor weight;
+};
+TORCH_MODULE(Embedding);
+
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps);
+  RMSNormImpl(int64_t dim, double eps, const at::TensorOptions& opts);
   at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
   double eps_;
@@ -39,26 +61,26 @@ TORCH_MODULE(RMSNorm);
 
 class LlamaAttentionImpl : public torch::nn::Module {
  public:
-  explicit LlamaAttentionImpl(const LlamaConfig& c);
+  LlamaAttentionImpl(const LlamaConfig& c, const at::TensorOptions& opts);
   // x: [B, T, H]; cos/sin: [B, T, head_dim]
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& attn_mask, at::Tensor* k_cache, at::Tensor* v_cache);
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   int64_t n_heads_, n_kv_heads_, head_dim_;
 };
 TORCH_MODULE(LlamaAttention);
 
 class LlamaMLPImpl : public torch::nn::Module {
  public:
-  explicit LlamaMLPImpl(const LlamaConfig& c);
+  LlamaMLPImpl(const LlamaConfig& c, const at::TensorOptions& opts);
   at::Tensor forward(const at::Tensor& x);
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(LlamaMLP);
 
 class LlamaDecoderLayerImpl : public torch::nn::Module {
  public:
-  explicit LlamaDecoderLayerImpl(const LlamaConfig& c);
+  LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& attn_mask, at::Tensor* k_cache = nullptr,
                      at::Tensor* v_cache = nullptr);
@@ -70,8 +92,8 @@ TORCH_MODULE(LlamaDecoderLayer);
 
 class LlamaModelImpl : public torch::nn::Module {
  public:
-  explicit LlamaModelImpl(const LlamaConfig& c);
-  torch::nn::Embedding embed_tokens{nullptr};
+  LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts);
+  Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
 };
@@ -79,7 +101,10 @@ TORCH_MODULE(LlamaModel);
 
 class LlamaForCausalLMImpl : public torch::nn::Module {
  public:
-  explicit LlamaForCausalLMImpl(const LlamaConfig& c);
+  // Validates `c` and, for CPU tensors, checks that the weights fit in this machine's memory
+  // (LlamaConfig::check_fits_in_memory with origin "config"); then allocates every parameter
+  // uninitialized in `opts` (dtype and device; default fp32 on the CPU).
+  explicit LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts = at::kFloat);
 
   // Final hidden states after the last norm: [B, T, H].
   at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& opts = {});
@@ -95,7 +120,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& positions, at::ScalarType dtype) const;
 
   LlamaModel model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null when embeddings are tied
+  Linear lm_head{nullptr};  // null when embeddings are tied
 
  private:
   LlamaConfig config_;
@@ -103,6 +128,10 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   bool grad_checkpointing_ = false;
 };
 TORCH_MODULE(LlamaForCausalLM);
+
+// Every parameter of LlamaForCausalLM(c), name and shape, in named_parameters() order, computed
+// from the config alone (no module is built): what a checkpoint for `c` must hold.
+std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const LlamaConfig& c);
 
 // inv_freq as transformers computes it, including llama3/linear scaling: [head_dim / 2] fp32.
 at::Tensor rope_inv_freq(const LlamaConfig& c);

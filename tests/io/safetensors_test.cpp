@@ -269,4 +269,37 @@ TEST_F(WeightsTest, Errors) {
   EXPECT_THROW(ftune::io::load_weights(dir_), ftune::Error);
 }
 
+TEST_F(WeightsTest, TensorInTwoShardsIsAnError) {
+  // Both shards hold "a"; the index lists it once. A reader must not pick one silently.
+  ftune::io::save_safetensors(dir_ / "model-00001-of-00002.safetensors", {{"a", at::ones({2})}});
+  ftune::io::save_safetensors(dir_ / "model-00002-of-00002.safetensors",
+                              {{"a", at::zeros({2})}, {"b", at::ones({2})}});
+  nlohmann::json index = {{"weight_map", {{"a", "model-00001-of-00002.safetensors"},
+                                          {"b", "model-00002-of-00002.safetensors"}}}};
+  ftune::write_file_atomic(dir_ / "model.safetensors.index.json", index.dump());
+  try {
+    ftune::io::load_weights(dir_);
+    ADD_FAILURE() << "no error";
+  } catch (const ftune::Error& e) {
+    EXPECT_EQ(std::string(e.what()), (dir_ / "model-00002-of-00002.safetensors").string() +
+                                         ": a: tensor also present in " +
+                                         (dir_ / "model-00001-of-00002.safetensors").string());
+  }
+}
+
+TEST_F(WeightsTest, ReadIntoCopiesInChunksAndConverts) {
+  // 24 MB of bf16 rows: read_into copies it in 16 MB chunks, converting to fp32, and the values
+  // equal a plain conversion of the aliased tensor.
+  at::manual_seed(1);
+  at::Tensor big = at::randn({3000, 4000}, at::kBFloat16);
+  ftune::io::save_safetensors(dir_ / "w.safetensors", {{"small", at::randn({3})}, {"big", big}});
+  SafetensorsReader r(dir_ / "w.safetensors");
+  at::Tensor dst = at::empty({3000, 4000}, at::kFloat);
+  r.read_into("big", dst);
+  EXPECT_TRUE(at::equal(dst, big.to(at::kFloat)));
+  EXPECT_TRUE(at::equal(r.tensor("big"), big));  // dropped pages fault back in from the file
+  at::Tensor wrong = at::empty({4000, 3000});
+  EXPECT_THROW(r.read_into("big", wrong), ftune::Error);
+}
+
 }  // namespace

@@ -19,22 +19,6 @@ namespace {
 namespace fs = std::filesystem;
 using ftune::io::SafetensorsReader;
 
-std::string dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return "F64";
-    case at::kFloat: return "F32";
-    case at::kHalf: return "F16";
-    case at::kBFloat16: return "BF16";
-    case at::kLong: return "I64";
-    case at::kInt: return "I32";
-    case at::kShort: return "I16";
-    case at::kChar: return "I8";
-    case at::kByte: return "U8";
-    case at::kBool: return "BOOL";
-    default: return "?";
-  }
-}
-
 int dump(const fs::path& file, const fs::path& out_dir) {
   SafetensorsReader r(file);
   nlohmann::json listing = {{"names", r.names()}, {"metadata", r.metadata()}, {"tensors", nlohmann::json::array()}};
@@ -42,7 +26,7 @@ int dump(const fs::path& file, const fs::path& out_dir) {
   for (size_t i = 0; i < r.names().size(); ++i) {
     const std::string& name = r.names()[i];
     at::Tensor t = r.tensor(name);
-    listing["tensors"].push_back({{"name", name}, {"dtype", dtype_str(t.scalar_type())}, {"shape", t.sizes().vec()}});
+    listing["tensors"].push_back({{"name", name}, {"dtype", ftune::io::safetensors_dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}});
     std::ofstream os(out_dir / (std::to_string(i) + ".bin"), std::ios::binary);
     os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
   }

@@ -4,9 +4,15 @@
 // side compares against transformers.
 //   model_tool --model DIR --ids ids.json --out out.safetensors [--dtype bf16] [--grad]
 //              [--checkpointing] [--save DIR]
+// `load-memory` (tests/python/test_model_load.py) loads a model and prints one JSON line: RSS
+// before the load, peak RSS (VmHWM, reset before the load) after it, the weights' bytes, the load
+// time, and the sum of every parameter (fp64) for comparison with the file.
+//   model_tool load-memory --model DIR [--dtype bf16]
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
+#include <fstream>
 #include <iostream>
 
 #include "core/error.h"
@@ -15,11 +21,51 @@
 #include "model/hf_io.h"
 #include "model/loss.h"
 
+namespace {
+
+// A "VmRSS:" / "VmHWM:" line of /proc/self/status, in bytes.
+int64_t proc_status_bytes(const std::string& key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1)) * 1024;
+  }
+  return -1;
+}
+
+int load_memory(const std::string& model_dir, const std::string& dtype) {
+  using namespace ftune;
+  model::LoadOptions lo;
+  if (!dtype.empty()) lo.dtype = model::dtype_from_name(dtype, "--dtype");
+  at::ones({8}).sum();  // initialize ATen's CPU backend before the baseline
+  std::ofstream("/proc/self/clear_refs") << "5";  // reset VmHWM to the current RSS
+  const int64_t before = proc_status_bytes("VmRSS");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto m = model::load_model(model_dir, lo);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const int64_t peak = proc_status_bytes("VmHWM");
+  int64_t bytes = 0;
+  nlohmann::json sums = nlohmann::json::object();
+  for (const auto& p : m->named_parameters()) {
+    bytes += static_cast<int64_t>(p.value().nbytes());
+    sums[p.key()] = p.value().sum(at::kDouble).item<double>();
+  }
+  nlohmann::json j = {{"rss_before", before}, {"peak", peak}, {"weight_bytes", bytes},
+                      {"seconds", seconds}, {"sums", sums}};
+  std::cout << j.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"ftune model test driver"};
   std::string model_dir, ids_path, out, dtype, save_dir;
   bool grad = false, checkpointing = false;
-  app.add_option("--model", model_dir)->required();
+  auto* mem = app.add_subcommand("load-memory", "load a model and print its peak memory");
+  mem->add_option("--model", model_dir)->required();
+  mem->add_option("--dtype", dtype);
+  app.add_option("--model", model_dir);
   app.add_option("--ids", ids_path);
   app.add_option("--out", out);
   app.add_option("--dtype", dtype);
@@ -29,6 +75,8 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     using namespace ftune;
+    if (mem->parsed()) return load_memory(model_dir, dtype);
+    FTUNE_CHECK(!model_dir.empty(), "--model: required");
     model::LoadOptions lo;
     if (!dtype.empty()) lo.dtype = model::dtype_from_name(dtype, "--dtype");
     auto m = model::load_model(model_dir, lo);

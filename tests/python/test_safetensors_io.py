@@ -203,3 +203,18 @@ def test_missing_model_dir_is_one_line_error(tmp_path):
     r = tool("reshard", tmp_path / "nope", tmp_path / "out", 100, check=False)
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no model.safetensors or model.safetensors.index.json"
+
+
+def test_header_limit_is_100_mb_like_the_reference(tmp_path):
+    # A header of exactly 100,000,000 bytes (an empty object padded with spaces) is accepted by
+    # both readers; 8 bytes more is refused by both, ftune naming the limit.
+    limit = 100_000_000
+    ok = write_raw(tmp_path / "ok.safetensors", "{}" + " " * (limit - 2))
+    assert load_file(str(ok)) == {}
+    assert tool("dump", ok, tmp_path / "out_ok").returncode == 0
+    big = write_raw(tmp_path / "big.safetensors", "{}" + " " * (limit + 6))
+    with pytest.raises(Exception, match="header too large"):
+        load_file(str(big))
+    r = tool("dump", big, tmp_path / "out_big", check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"error: {big}: header: length {limit + 8} exceeds the 100 MB limit"
