@@ -41,7 +41,7 @@ TrainConfig load_train_config(const std::filesystem::path& file,
                               const std::vector<std::string>& overrides) {
   std::error_code ec;
   FTUNE_CHECK(!std::filesystem::is_directory(file, ec), file.string(),
-              ": --config: is a directory, expected a YAML config file");
+              ": --config: is a directory (expected a YAML config file)");
   YAML::Node root = load_yaml_file(file);
   Origins origins;
   for (const auto& o : overrides) apply_override(root, o, origins);

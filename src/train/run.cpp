@@ -250,9 +250,10 @@ model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelS
                                     at::Device device, bool main) {
   model::LlamaForCausalLM m{nullptr};
   if (src.preset) {
-    m = model::LlamaForCausalLM(src.config);
+    src.config.check_fits_in_memory(at::kFloat, cfg.where("model.path") + ": model.path: " +
+                                                    src.origin);
+    m = model::LlamaForCausalLM(src.config);  // fp32, uninitialized until init_weights
     model::init_weights(m, static_cast<uint64_t>(cfg.training.seed));
-    m->to(at::kFloat);
     // The initial weights in HF layout: the base a resumed or replayed run starts from.
     if (main) model::save_model(src.dir, m);
     m->to(device);

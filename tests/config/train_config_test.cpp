@@ -266,7 +266,7 @@ TEST(TrainConfig, ConfigThatIsADirectoryNamesTheFlag) {
     FAIL() << "no error for a directory";
   } catch (const ftune::Error& e) {
     EXPECT_EQ(std::string(e.what()),
-              dir.string() + ": --config: is a directory, expected a YAML config file");
+              dir.string() + ": --config: is a directory (expected a YAML config file)");
   }
   fs::remove_all(dir);
 }

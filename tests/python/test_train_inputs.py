@@ -266,6 +266,6 @@ def test_output_dir_and_input_paths_that_cannot_work(tmp_path):
         assert f"--set {key}={tmp_path}: {key}: {tmp_path}: is a directory, expected a JSONL " \
                "file" in line, line
     p = ftune("train", "--config", tmp_path, check=False)
-    assert one_error_line(p) == f"ftune: error: {tmp_path}: --config: is a directory, expected " \
-                                "a YAML config file"
+    assert one_error_line(p) == f"ftune: error: {tmp_path}: --config: is a directory (expected " \
+                                "a YAML config file)"
     assert p.returncode == 1
