@@ -111,7 +111,7 @@ TEST(Packing, RandomDocumentsRoundTrip) {
       ex.push_back(doc(i, len, rng() % (len + 1)));
       total += len;
     }
-    BatchStream s(ex, {.seq_len = T, .packing = true, .pad_id = kPad, .seed = trial});
+    BatchStream s(ex, {.seq_len = T, .packing = true, .pad_id = kPad, .seed = static_cast<uint64_t>(trial)});
     ASSERT_EQ(s.rows_per_epoch(), (total + T - 1) / T);
     Batch b = s.next(s.rows_per_epoch());  // exactly one epoch
     ASSERT_EQ(s.epoch(), 1);
