@@ -61,12 +61,14 @@ std::string describe(const CLI::ParseError& e, int argc, const char* const* argv
   const bool no_subcommand = dynamic_cast<const CLI::RequiredError*>(&e) != nullptr &&
                              (msg.rfind("A subcommand", 0) == 0 ||
                               msg.find("subcommands") != std::string::npos);
-  // CLI11 checks for a subcommand before it reports leftovers: "ftune frob" should say why.
+  // CLI11 checks required options and subcommands before it reports leftovers, but a typo is the
+  // likelier cause: "ftune frob" and "ftune eval --txt x" should name frob and --txt.
+  const bool required = dynamic_cast<const CLI::RequiredError*>(&e) != nullptr;
   const std::vector<std::string> leftover = app.remaining(true);
-  if (dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr || (no_subcommand && !leftover.empty())) {
+  if (dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr || (required && !leftover.empty())) {
     // CLI11 lists the extras in reverse; report the first one on the command line.
     std::vector<std::string> extras =
-        no_subcommand ? leftover : split_words(after(msg, "expected: "));
+        required ? leftover : split_words(after(msg, "expected: "));
     std::string first = extras.empty() ? "" : extras.back();
     for (int i = 1; i < argc; ++i) {
       if (std::find(extras.begin(), extras.end(), argv[i]) != extras.end()) {

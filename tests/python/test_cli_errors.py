@@ -59,6 +59,9 @@ def test_parse_errors(model, text):
     cases = [
         (ev + ["--foo"], "eval: --foo: unknown option (see ftune eval --help)"),
         (ev + ["--foo=3"], "eval: --foo: unknown option (see ftune eval --help)"),
+        # A misspelt required option is named as unknown, not as the missing one it stands for.
+        (["eval", "--model", model, "--txt", text, "--seq-len", "8"],
+         "eval: --txt: unknown option (see ftune eval --help)"),
         (["eval", "--text", text, "--seq-len", "8"], "eval: --model: required (HF model directory)"),
         (["eval", "--model", model, "--text", text, "--seq-len", "abc"],
          'eval: --seq-len: expected an integer >= 2, got "abc"'),
