@@ -19,16 +19,17 @@ function(ftune_add_gtest name)
   endif()
 endfunction()
 
-# ftune_add_pytest(NAME FILE tests/python/test_x.py [TIMEOUT s] [LABELS l])
-# Runs one pytest file with the venv's python against the built ftune binary (FTUNE_BIN).
+# ftune_add_pytest(NAME FILE tests/python/test_x.py [TIMEOUT s] [LABELS l] [ARGS pytest args...])
+# Runs one pytest file with the venv's python against the built ftune binary (FTUNE_BIN); ARGS
+# (e.g. -k "expr") select part of the file, so one file can feed a fast and a slow test.
 set(FTUNE_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH "Python with the test oracles")
 function(ftune_add_pytest name)
-  cmake_parse_arguments(A "" "FILE;TIMEOUT" "LABELS" ${ARGN})
+  cmake_parse_arguments(A "" "FILE;TIMEOUT" "LABELS;ARGS" ${ARGN})
   if(NOT A_TIMEOUT)
     set(A_TIMEOUT 300)
   endif()
   add_test(NAME ${name}
-    COMMAND ${FTUNE_PYTHON} -m pytest -q -x -p no:cacheprovider ${PROJECT_SOURCE_DIR}/${A_FILE}
+    COMMAND ${FTUNE_PYTHON} -m pytest -q -x -p no:cacheprovider ${PROJECT_SOURCE_DIR}/${A_FILE} ${A_ARGS}
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
   set_tests_properties(${name} PROPERTIES TIMEOUT ${A_TIMEOUT}
     ENVIRONMENT "FTUNE_BIN=$<TARGET_FILE:ftune>;FTUNE_TOOLS_DIR=${PROJECT_BINARY_DIR}/bin;FTUNE_SOURCE_DIR=${PROJECT_SOURCE_DIR};PYTHONPATH=${PROJECT_SOURCE_DIR}/tests/python;OMP_NUM_THREADS=2;TOKENIZERS_PARALLELISM=false;HF_HUB_OFFLINE=1;TRANSFORMERS_OFFLINE=1")
