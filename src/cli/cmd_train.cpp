@@ -1,13 +1,11 @@
 // `ftune train --config FILE [--set section.key=value ...]`: full fine-tuning (for now) of a
 // Llama-family model from a YAML recipe (see configs/ and docs/training.md). Parsing, overrides
 // and validation happen before anything is allocated; the run itself lives in train/run.h.
-#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cli/commands.h"
-#include "cli/common.h"
 #include "config/train_config.h"
 #include "train/run.h"
 
@@ -20,8 +18,6 @@ struct TrainArgs {
 };
 
 void run_train(const TrainArgs& a) {
-  // A missing file is reported by load_train_config; a directory or device is caught here.
-  if (std::filesystem::exists(a.config)) require_file(a.config, "--config", "a YAML config file");
   // run_training validates the whole config before it allocates anything.
   train::run_training(config::load_train_config(a.config, a.sets));
 }

@@ -39,9 +39,14 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
 
 TrainConfig load_train_config(const std::filesystem::path& file,
                               const std::vector<std::string>& overrides) {
+  // A missing file is reported by load_yaml_file; a directory or device (/dev/null) is not a
+  // config, whatever it reads as.
   std::error_code ec;
-  FTUNE_CHECK(!std::filesystem::is_directory(file, ec), file.string(),
+  const auto st = std::filesystem::status(file, ec);
+  FTUNE_CHECK(!std::filesystem::is_directory(st), file.string(),
               ": --config: is a directory (expected a YAML config file)");
+  FTUNE_CHECK(!std::filesystem::exists(st) || std::filesystem::is_regular_file(st), file.string(),
+              ": --config: not a regular file (expected a YAML config file)");
   YAML::Node root = load_yaml_file(file);
   Origins origins;
   for (const auto& o : overrides) apply_override(root, o, origins);

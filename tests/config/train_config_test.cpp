@@ -270,3 +270,13 @@ TEST(TrainConfig, ConfigThatIsADirectoryNamesTheFlag) {
   }
   fs::remove_all(dir);
 }
+
+TEST(TrainConfig, ConfigThatIsADeviceNamesTheFlag) {
+  try {
+    ftune::config::load_train_config("/dev/null");
+    FAIL() << "no error for a device";
+  } catch (const ftune::Error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "/dev/null: --config: not a regular file (expected a YAML config file)");
+  }
+}
