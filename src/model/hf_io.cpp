@@ -70,10 +70,11 @@ void load_weights_into(LlamaForCausalLM& m, const std::map<std::string, at::Tens
   }
   check_checkpoint(m->config(), found, origin);
   torch::NoGradGuard no_grad;
-  for (auto& p : m->named_parameters()) p.value().copy_(weights.at(p.key()));
+  for (auto& [name, p] : base_parameters(*m)) p.copy_(weights.at(name));
 }
 
 LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
+  FTUNE_CHECK(!opts.quant, dir.string(), ": quantized loading is not available yet");
   LlamaConfig cfg = load_config(dir);  // validated, parameter count overflow-checked
   const std::string cfg_path = (dir / "config.json").string();
   const at::ScalarType dtype = opts.dtype.value_or(
@@ -97,7 +98,7 @@ LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
   }
   // Each weight is written once, straight from the mapping into its final dtype and device.
   torch::NoGradGuard no_grad;
-  for (auto& p : m->named_parameters()) files.reader(p.key()).read_into(p.key(), p.value());
+  for (auto& [name, p] : base_parameters(*m)) files.reader(name).read_into(name, p);
   return m;
 }
 
@@ -105,9 +106,9 @@ void save_model(const fs::path& dir, LlamaForCausalLM& m, int64_t max_shard_byte
   fs::create_directories(dir);
   io::TensorList tensors;
   at::ScalarType dtype = at::kFloat;
-  for (const auto& p : m->named_parameters()) {
-    tensors.emplace_back(p.key(), p.value().detach());
-    dtype = p.value().scalar_type();
+  for (const auto& [name, p] : base_parameters(*m)) {
+    tensors.emplace_back(name, p.detach());
+    dtype = p.scalar_type();
   }
   LlamaConfig cfg = m->config();
   cfg.torch_dtype = dtype_name(dtype);

@@ -12,12 +12,16 @@
 #include <string>
 
 #include "model/llama.h"
+#include "quant/nf4.h"
 
 namespace ftune::model {
 
 struct LoadOptions {
   std::optional<at::ScalarType> dtype;  // default: config torch_dtype (float16 becomes float32)
   at::Device device = at::kCPU;
+  // Quantize the linear weights of the decoder layers while loading (QLoRA's frozen base); the
+  // embeddings, norms and lm_head stay in `dtype`.
+  std::optional<quant::QuantOptions> quant;
 };
 
 at::ScalarType dtype_from_name(const std::string& name, const std::string& origin);  // fp32/bf16/...

@@ -98,9 +98,30 @@ at::Tensor rope_inv_freq(const LlamaConfig& c) {
   return at::where(medium, smoothed, scaled);
 }
 
-LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const at::TensorOptions& opts) {
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const at::TensorOptions& opts)
+    : in_features_(in), out_features_(out) {
   weight = register_parameter("weight", at::empty({out, in}, opts));  // [out, in]
   if (has_bias) bias = register_parameter("bias", at::empty({out}, opts));
+}
+
+at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  at::Tensor y = at::linear(x, weight, bias);
+  if (!lora_A) return y;
+  const at::Tensor h = lora_dropout > 0 ? at::dropout(x, lora_dropout, is_training()) : x;
+  // PEFT: result + lora_B(lora_A(dropout(x))) * scaling, in the activation dtype.
+  at::Tensor delta = at::linear(at::linear(h.to(lora_A->weight.scalar_type()), lora_A->weight),
+                                lora_B->weight);
+  delta = delta * lora_scale;
+  if (delta.scalar_type() == y.scalar_type()) return y + delta;
+  return (y.to(delta.scalar_type()) + delta).to(y.scalar_type());  // PEFT adds in the adapter dtype
+}
+
+std::vector<std::pair<std::string, at::Tensor>> base_parameters(torch::nn::Module& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : m.named_parameters()) {
+    if (p.key().find(".lora_") == std::string::npos) out.emplace_back(p.key(), p.value());
+  }
+  return out;
 }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const at::TensorOptions& opts) {
@@ -265,6 +286,10 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
     opts.cache->v.resize(config_.num_hidden_layers);
   }
   const bool checkpoint = grad_checkpointing_ && torch::GradMode::is_enabled() && !opts.cache;
+  // A checkpointed layer's output needs grad only if its input does: with a frozen embedding
+  // (LoRA) the input must be marked, or the adapters of every layer would get no gradient
+  // (what transformers' enable_input_require_grads works around).
+  if (checkpoint && !x.requires_grad()) x = x.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto layer = model->layers->ptr<LlamaDecoderLayerImpl>(i);
     if (checkpoint) {

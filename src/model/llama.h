@@ -32,14 +32,31 @@ struct ForwardOptions {
 };
 
 // nn.Linear without torch::nn::Linear's kaiming init: weight [out, in] and bias [out] (undefined
-// when absent) are allocated uninitialized in `opts`.
+// when absent) are allocated uninitialized in `opts`. A LoRA adapter (lora::apply_lora) adds
+// lora_scale * lora_B(lora_A(dropout(x))) to the output; A and B are registered as the submodules
+// "lora_A" and "lora_B", so their parameters carry PEFT's names (...q_proj.lora_A.weight).
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opts);
-  at::Tensor forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+  at::Tensor forward(const at::Tensor& x);
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+
   at::Tensor weight, bias;
+  // LoRA: A [r, in], B [out, r] (fp32, trainable); null when this linear has no adapter.
+  std::shared_ptr<LinearImpl> lora_A, lora_B;
+  double lora_scale = 0;    // alpha / r, or alpha / sqrt(r) with rsLoRA
+  double lora_dropout = 0;  // dropout probability on the adapter's input (training only)
+  double lora_alpha = 0;    // as configured, for adapter_config.json
+  bool lora_rslora = false;
+
+ private:
+  int64_t in_features_, out_features_;
 };
 TORCH_MODULE(Linear);
+
+// Every parameter of the base model (HF names), without LoRA adapters: what a model dir holds.
+std::vector<std::pair<std::string, at::Tensor>> base_parameters(torch::nn::Module& m);
 
 // nn.Embedding (no padding_idx, no max_norm) with an uninitialized weight [num, dim].
 class EmbeddingImpl : public torch::nn::Module {

@@ -18,10 +18,13 @@ class Strategy {
   virtual ~Strategy() = default;
 
   // Prepares the model (wrap, shard, inject adapters) and returns the parameters to train, by
-  // name. Called once, before the optimizer is built.
+  // name: by default every parameter that requires grad (frozen ones never reach the optimizer).
+  // Called once, before the optimizer is built.
   virtual optim::NamedTensors prepare(model::LlamaForCausalLM& m) {
     optim::NamedTensors out;
-    for (const auto& p : m->named_parameters()) out.emplace_back(p.key(), p.value());
+    for (const auto& p : m->named_parameters()) {
+      if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+    }
     return out;
   }
 
