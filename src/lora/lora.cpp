@@ -56,14 +56,21 @@ std::string leaf(const std::string& name) { return name.substr(name.rfind('.') +
 }  // namespace
 
 void apply_lora(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed) {
+  const std::vector<std::string> targets = resolve_targets(o.targets, "lora.targets");
+  apply_lora_to(m, o, seed, [&](const std::string& name) {
+    return std::find(targets.begin(), targets.end(), leaf(name)) != targets.end();
+  });
+}
+
+void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed,
+                   const std::function<bool(const std::string&)>& select) {
   FTUNE_CHECK(o.r > 0, "lora.r: expected a positive rank, got ", o.r);
   FTUNE_CHECK(!has_lora(m), "apply_lora: the model already carries adapters");
-  const std::vector<std::string> targets = resolve_targets(o.targets, "lora.targets");
   for (auto& p : m->parameters()) p.requires_grad_(false);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const double scale = lora_scale(o);
   for (auto& [name, lin] : decoder_linears(m)) {
-    if (std::find(targets.begin(), targets.end(), leaf(name)) == targets.end()) continue;
+    if (!select(name)) continue;
     const auto dev = lin->weight.defined() ? lin->weight.device() : at::Device(at::kCPU);
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(dev);
     const int64_t in = lin->in_features(), out = lin->out_features();

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,6 +41,11 @@ double lora_scale(const LoraOptions& o);
 // linear of each decoder layer, initialized as PEFT does from `seed`. The model must not already
 // carry adapters.
 void apply_lora(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed);
+
+// The same for the decoder linears whose module path ("model.layers.0.self_attn.q_proj") `select`
+// accepts (o.targets is not consulted): for adapters that cover only some layers.
+void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed,
+                   const std::function<bool(const std::string&)>& select);
 
 // Whether `m` carries adapters.
 bool has_lora(model::LlamaForCausalLM& m);
