@@ -17,14 +17,14 @@ namespace ftune::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, text, dtype, device = "cpu";
+  std::string model, adapter, text, dtype, device = "cpu";
   int64_t seq_len = 0, batch = 1;
   bool json = false;
 };
 
 void run_eval(const EvalArgs& a) {
   const std::string text = read_text_file(a.text, "--text");
-  auto m = load_inference_model("eval", a.model, a.dtype, a.device);
+  auto m = load_inference_model("eval", a.model, a.dtype, a.device, a.adapter);
   const auto& cfg = m.model->config();
   FTUNE_CHECK(a.seq_len <= cfg.max_position_embeddings, "eval: --seq-len: ", a.seq_len,
               " exceeds max_position_embeddings ", cfg.max_position_embeddings, " of ", a.model,
@@ -61,6 +61,7 @@ void register_eval(CLI::App& app) {
   auto a = std::make_shared<EvalArgs>();
   auto* cmd = app.add_subcommand("eval", "Mean next-token NLL and perplexity over a text file");
   cmd->add_option("--model", a->model, "HF model directory")->required()->type_name("DIR");
+  add_adapter_option(cmd, a->adapter);
   cmd->add_option("--text", a->text, "UTF-8 text file to evaluate")->required()->type_name("FILE");
   cmd->add_option("--seq-len", a->seq_len,
                   "Window length in tokens (>= 2); windows are consecutive and non-overlapping")

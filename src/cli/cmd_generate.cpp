@@ -13,7 +13,7 @@ namespace ftune::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string model, prompt, dtype, device = "cpu";
+  std::string model, adapter, prompt, dtype, device = "cpu";
   int64_t max_new_tokens = 64, seed = 0;
   bool greedy = false, chat = false, json = false;
   double temperature = 1.0, top_p = 1.0;
@@ -23,7 +23,7 @@ void run_generate(const GenerateArgs& a, bool sampling_flags_given) {
   FTUNE_CHECK(!(a.greedy && sampling_flags_given),
               "generate: --greedy: cannot be combined with --temperature, --top-p or --seed");
   require_utf8(a.prompt, "generate", "--prompt");
-  auto m = load_inference_model("generate", a.model, a.dtype, a.device);
+  auto m = load_inference_model("generate", a.model, a.dtype, a.device, a.adapter);
   std::vector<int64_t> prompt;
   if (a.chat) {
     auto messages = nlohmann::ordered_json::array({{{"role", "user"}, {"content", a.prompt}}});
@@ -55,6 +55,7 @@ void register_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   auto* cmd = app.add_subcommand("generate", "Generate text from a prompt");
   cmd->add_option("--model", a->model, "HF model directory")->required()->type_name("DIR");
+  add_adapter_option(cmd, a->adapter);
   cmd->add_option("--prompt", a->prompt, "Prompt text (UTF-8)")->required();
   cmd->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate at most (default 64)")
       ->type_name("INT")

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "lora/adapter.h"
 #include "model/device.h"
 #include "tokenizer/unicode.h"
 
@@ -93,8 +94,9 @@ void require_file(const std::string& path, const std::string& flag, const std::s
 namespace {
 // `dir` must be a directory holding at least one of `any_of`, listed in `names` for the message.
 void require_dir_with(const std::string& dir, const std::string& flag,
-                      std::initializer_list<const char*> any_of, const std::string& names) {
-  const std::string what = "an HF model dir with " + names;
+                      std::initializer_list<const char*> any_of, const std::string& names,
+                      const std::string& kind = "an HF model dir") {
+  const std::string what = kind + " with " + names;
   std::error_code ec;
   const auto st = fs::status(dir, ec);
   FTUNE_CHECK(fs::exists(st), dir, ": ", flag, ": no such directory (expected ", what, ")");
@@ -102,12 +104,18 @@ void require_dir_with(const std::string& dir, const std::string& flag,
   for (const char* f : any_of) {
     if (fs::exists(fs::path(dir) / f)) return;
   }
-  fail(dir, ": ", flag, ": no ", names, " (expected an HF model dir)");
+  fail(dir, ": ", flag, ": no ", names, " (expected ", kind, ")");
 }
 }  // namespace
 
 void require_model_dir(const std::string& dir, const std::string& flag) {
   require_dir_with(dir, flag, {"config.json"}, "config.json");
+}
+
+lora::AdapterConfig require_adapter_dir(const std::string& dir, const std::string& flag) {
+  require_dir_with(dir, flag, {lora::kAdapterConfigFile}, lora::kAdapterConfigFile,
+                   "a PEFT adapter dir");
+  return lora::read_adapter_config(dir);
 }
 
 void require_tokenizer_dir(const std::string& dir, const std::string& flag) {
@@ -139,20 +147,25 @@ std::string read_text_file(const std::string& path, const std::string& flag) {
   return text;
 }
 
+void check_model_out_dir(const std::string& out_str, const std::string& flag, bool force) {
+  FTUNE_CHECK(!out_str.empty(), flag, ": expected a directory, got \"\"");
+  std::error_code ec;
+  const auto st = fs::status(out_str, ec);
+  if (!fs::exists(st)) return;
+  FTUNE_CHECK(fs::is_directory(st), out_str, ": ", flag,
+              ": exists and is not a directory (expected a new or empty directory)");
+  FTUNE_CHECK(force || fs::is_empty(out_str, ec), out_str, ": ", flag,
+              ": directory exists and is not empty (pass --force to replace the model files "
+              "in it)");
+}
+
 void write_model_dir(const std::string& out_str, const std::string& flag, bool force,
                      const std::function<void(const fs::path&)>& write) {
-  FTUNE_CHECK(!out_str.empty(), flag, ": expected a directory, got \"\"");
+  check_model_out_dir(out_str, flag, force);
   const fs::path out = out_str;
   std::error_code ec;
-  const auto st = fs::status(out, ec);
-  const bool existed = fs::exists(st);
-  if (existed) {
-    FTUNE_CHECK(fs::is_directory(st), out_str, ": ", flag,
-                ": exists and is not a directory (expected a new or empty directory)");
-    FTUNE_CHECK(force || fs::is_empty(out, ec), out_str, ": ", flag,
-                ": directory exists and is not empty (pass --force to replace the model files "
-                "in it)");
-  } else if (out.has_parent_path()) {
+  const bool existed = fs::exists(fs::status(out, ec));
+  if (!existed && out.has_parent_path()) {
     fs::create_directories(out.parent_path(), ec);
     FTUNE_CHECK(!ec, out_str, ": ", flag, ": cannot create the parent directory: ", ec.message());
   }
@@ -195,8 +208,10 @@ void write_model_dir(const std::string& out_str, const std::string& flag, bool f
 }
 
 InferenceModel load_inference_model(const std::string& cmd, const std::string& dir,
-                                    const std::string& dtype, const std::string& device) {
+                                    const std::string& dtype, const std::string& device,
+                                    const std::string& adapter) {
   require_model_dir(dir, "--model");
+  if (!adapter.empty()) require_adapter_dir(adapter, "--adapter");
   model::LoadOptions opts;
   if (!dtype.empty()) opts.dtype = model::dtype_from_name(dtype, cmd + ": --dtype");
   opts.device = model::parse_device(device, cmd + ": --device");
@@ -204,8 +219,16 @@ InferenceModel load_inference_model(const std::string& cmd, const std::string& d
   tok::Tokenizer tok = tok::Tokenizer::load(dir);
   tok::check_fits_vocab(tok, model::load_config(dir).vocab_size, dir + "/config.json");
   InferenceModel out{model::load_model(dir, opts), std::move(tok), opts.device};
+  if (!adapter.empty()) lora::load_adapter(adapter, out.model);
   out.model->eval();
   return out;
+}
+
+void add_adapter_option(CLI::App* cmd, std::string& adapter) {
+  cmd->add_option("--adapter", adapter,
+                  "PEFT LoRA adapter dir (adapter_config.json, adapter_model.safetensors) to "
+                  "apply, unmerged, on top of --model")
+      ->type_name("DIR");
 }
 
 }  // namespace ftune::cli

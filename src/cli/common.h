@@ -11,6 +11,7 @@
 #include <functional>
 #include <string>
 
+#include "lora/adapter.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
 
@@ -26,6 +27,8 @@ CLI::Validator in_zero_one();              // a number in (0, 1]
 void require_file(const std::string& path, const std::string& flag, const std::string& what);
 // `dir` must be a directory holding config.json (an HF model dir).
 void require_model_dir(const std::string& dir, const std::string& flag);
+// `dir` must be a directory holding adapter_config.json; returns it parsed and checked.
+lora::AdapterConfig require_adapter_dir(const std::string& dir, const std::string& flag);
 // `dir` must be a directory holding tokenizer.json or tokenizer.model.
 void require_tokenizer_dir(const std::string& dir, const std::string& flag);
 // `text` must be valid UTF-8; the error names `where`, `flag` and the first bad byte offset.
@@ -39,6 +42,9 @@ std::string read_text_file(const std::string& path, const std::string& flag);
 // directory; a non-empty one needs `force`, and then only the model files (config, weights,
 // generation config, tokenizer files) are replaced and every other file in it is left alone.
 // `write(tmp)` fills a fresh sibling directory, which is moved into place only once complete.
+// The checks of write_model_dir on `out` alone, for commands that can fail them before a long
+// load.
+void check_model_out_dir(const std::string& out, const std::string& flag, bool force);
 void write_model_dir(const std::string& out, const std::string& flag, bool force,
                      const std::function<void(const std::filesystem::path&)>& write);
 
@@ -49,8 +55,14 @@ struct InferenceModel {
 };
 
 // Loads `dir` (weights in `dtype`, "" = config's torch_dtype) plus its tokenizer, in eval mode.
-// `cmd` is the subcommand, used to name the --dtype/--device flags in errors.
+// `cmd` is the subcommand, used to name the --dtype/--device flags in errors. A non-empty
+// `adapter` is a PEFT adapter dir injected into the model unmerged (lora::load_adapter); its
+// adapter_config.json is checked before the base model loads.
 InferenceModel load_inference_model(const std::string& cmd, const std::string& dir,
-                                    const std::string& dtype, const std::string& device);
+                                    const std::string& dtype, const std::string& device,
+                                    const std::string& adapter = "");
+
+// Adds the --adapter DIR option (a PEFT LoRA adapter dir, applied unmerged) to `cmd`.
+void add_adapter_option(CLI::App* cmd, std::string& adapter);
 
 }  // namespace ftune::cli

@@ -1,14 +1,16 @@
 // PEFT adapter directories (../shared/REFERENCE.md §2): adapter_config.json and
 // adapter_model.safetensors with keys base_model.model.<module>.lora_{A,B}.weight. Saving writes
-// what PEFT's save_pretrained writes for a LoRA model; loading takes what PEFT wrote (a list of
-// module names, one name, or a regex matched against module paths as PEFT does) and rejects
-// anything ftune would silently compute differently (DoRA, rank/alpha patterns, bias training,
-// layers_to_transform, modules_to_save, fan_in_fan_out). Every error names the file and field.
-// Defines AdapterConfig, read_adapter_config, save_adapter, load_adapter.
+// what PEFT's save_pretrained writes for a LoRA model; loading takes what PEFT 0.17 writes
+// (target_modules and exclude_modules as names, full module paths or a regex, matched as PEFT's
+// check_target_module_exists does; "all-linear") and rejects anything ftune would silently compute
+// differently (DoRA, rank/alpha patterns, bias training, lora_bias, layers_to_transform,
+// modules_to_save, fan_in_fan_out, ...). Every error names the file and field.
+// Defines AdapterConfig, read_adapter_config, select_adapter_modules, save_adapter, load_adapter.
 #pragma once
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "lora/lora.h"
 
@@ -18,14 +20,33 @@ constexpr char kAdapterConfigFile[] = "adapter_config.json";
 constexpr char kAdapterWeightsFile[] = "adapter_model.safetensors";
 constexpr char kPeftKeyPrefix[] = "base_model.model.";
 
+// PEFT's target_modules / exclude_modules: a list of names (a module matches a name when its path
+// is the name or ends in ".<name>"), or one string matched whole as a regex (re.fullmatch).
+struct ModuleMatcher {
+  std::vector<std::string> names;  // the list form
+  std::string regex;               // the string form (set when is_regex)
+  bool is_regex = false;
+  bool all_linear = false;         // the string "all-linear" (case-insensitive, as PEFT)
+  bool matches(const std::string& path) const;
+};
+
 struct AdapterConfig {
-  LoraOptions options;                 // targets as names (resolved against `m` by load_adapter)
-  std::string target_regex;            // set when target_modules was a string that is a regex
+  LoraOptions options;  // r, alpha, dropout, rslora; targets unused (see `targets`)
+  ModuleMatcher targets;
+  ModuleMatcher exclude;  // empty names and no regex: nothing excluded
   std::string base_model_name_or_path;
 };
 
-// Parses and checks <dir>/adapter_config.json.
+// Parses and checks <dir>/adapter_config.json (no model needed).
 AdapterConfig read_adapter_config(const std::filesystem::path& dir);
+
+// The decoder linears of `m` the config adapts, as module paths in named_modules() order. Errors
+// (naming `origin`'s target_modules) when a target name matches no module of `m`, when the
+// targets reach a module ftune cannot adapt (lm_head, embed_tokens, a norm, a whole layer) or
+// when nothing is selected.
+std::vector<std::string> select_adapter_modules(const AdapterConfig& c,
+                                                model::LlamaForCausalLM& m,
+                                                const std::string& origin);
 
 // Writes <dir>/adapter_config.json and <dir>/adapter_model.safetensors (fp32), each atomically, for
 // the adapters `m` carries. `base_model` goes to base_model_name_or_path.
@@ -33,7 +54,8 @@ void save_adapter(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
                   const std::string& base_model);
 
 // Injects the adapters <dir> describes into `m` (which must carry none) and loads their weights,
-// after checking every key and shape against the model. Adapters are fp32 on m's device.
+// after checking every key and shape against the model. Adapters are fp32 on m's device. On error
+// `m` may carry partly loaded adapters: discard it.
 void load_adapter(const std::filesystem::path& dir, model::LlamaForCausalLM& m);
 
 // Loads only the adapter weights of <dir> into the adapters `m` already carries (same modules and

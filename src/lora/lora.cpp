@@ -57,9 +57,17 @@ std::string leaf(const std::string& name) { return name.substr(name.rfind('.') +
 
 void apply_lora(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed) {
   const std::vector<std::string> targets = resolve_targets(o.targets, "lora.targets");
-  apply_lora_to(m, o, seed, [&](const std::string& name) {
+  auto select = [&](const std::string& name) {
     return std::find(targets.begin(), targets.end(), leaf(name)) != targets.end();
-  });
+  };
+  // PEFT accepts any rank; a rank above the dims of a module is almost surely a typo in a config.
+  for (auto& [name, lin] : decoder_linears(m)) {
+    if (!select(name)) continue;
+    FTUNE_CHECK(o.r <= std::min(lin->in_features(), lin->out_features()), "lora.r: ", o.r,
+                " exceeds the dims of ", name, " [", lin->out_features(), ", ",
+                lin->in_features(), "]");
+  }
+  apply_lora_to(m, o, seed, select);
 }
 
 void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed,
@@ -74,8 +82,6 @@ void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t se
     const auto dev = lin->weight.defined() ? lin->weight.device() : at::Device(at::kCPU);
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(dev);
     const int64_t in = lin->in_features(), out = lin->out_features();
-    FTUNE_CHECK(o.r <= std::min(in, out), "lora.r: ", o.r, " exceeds the dims of ", name, " [",
-                out, ", ", in, "]");
     auto a = std::make_shared<model::LinearImpl>(in, o.r, false, opts);   // weight [r, in]
     auto b = std::make_shared<model::LinearImpl>(o.r, out, false, opts);  // weight [out, r]
     {
@@ -93,6 +99,31 @@ void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t se
     lin->lora_alpha = o.alpha;
     lin->lora_rslora = o.rslora;
   }
+}
+
+int64_t merge_lora(model::LlamaForCausalLM& m) {
+  // TODO(lead, QLoRA): a 4-bit base linear (LinearImpl::nf4) has no dense `weight` to add to.
+  // Dequantize first, here, before the loop:
+  //   model::dequantize_linears(m, m->lm_head_weight().scalar_type());
+  // (the embedding keeps the model dtype under NF4, so it names the dtype to dequantize to).
+  torch::NoGradGuard no_grad;
+  int64_t merged = 0;
+  for (auto& [name, lin] : decoder_linears(m)) {
+    if (!lin->lora_A) continue;
+    FTUNE_CHECK(lin->weight.defined(), "merge: ", name, ": the base weight is not dense");
+    // PEFT's get_delta_weight: (B @ A) * scaling, in fp32; then weight += delta in W's dtype.
+    const at::Tensor a = lin->lora_A->weight.to(at::kFloat), b = lin->lora_B->weight.to(at::kFloat);
+    const at::Tensor delta = at::matmul(b, a) * lin->lora_scale;  // [out, in]
+    lin->weight.copy_(lin->weight.to(at::kFloat) + delta.to(lin->weight.device()));
+    lin->unregister_module("lora_A");
+    lin->unregister_module("lora_B");
+    lin->lora_A = nullptr;
+    lin->lora_B = nullptr;
+    lin->lora_scale = lin->lora_dropout = lin->lora_alpha = 0;
+    lin->lora_rslora = false;
+    ++merged;
+  }
+  return merged;
 }
 
 bool has_lora(model::LlamaForCausalLM& m) {

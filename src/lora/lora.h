@@ -43,7 +43,8 @@ double lora_scale(const LoraOptions& o);
 void apply_lora(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed);
 
 // The same for the decoder linears whose module path ("model.layers.0.self_attn.q_proj") `select`
-// accepts (o.targets is not consulted): for adapters that cover only some layers.
+// accepts (o.targets is not consulted): for adapters that cover only some layers. Unlike
+// apply_lora it accepts any rank, also one above a module's dims, as PEFT does.
 void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t seed,
                    const std::function<bool(const std::string&)>& select);
 
@@ -56,6 +57,12 @@ LoraOptions lora_options_of(model::LlamaForCausalLM& m);
 // The adapter parameters by model name (model.layers.0.self_attn.q_proj.lora_A.weight, ...), in
 // named_parameters() order. PEFT's file key is "base_model.model." + this name.
 std::vector<std::pair<std::string, at::Tensor>> adapter_parameters(model::LlamaForCausalLM& m);
+
+// Folds every adapter into its base weight, W += scale * B @ A (computed in fp32, stored in W's
+// dtype, as PEFT's merge_and_unload), then removes the adapters: afterwards `m` is a plain model
+// (has_lora false, named_parameters() the base's alone) that save_model writes as usual.
+// Returns the number of linears merged.
+int64_t merge_lora(model::LlamaForCausalLM& m);
 
 // Every (module name, Linear) of the decoder layers' linears, e.g. ("model.layers.0.mlp.up_proj",
 // ...), in named_modules() order.

@@ -107,11 +107,11 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const at::TensorO
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
   at::Tensor y = at::linear(x, weight, bias);
   if (!lora_A) return y;
-  const at::Tensor h = lora_dropout > 0 ? at::dropout(x, lora_dropout, is_training()) : x;
-  // PEFT: result + lora_B(lora_A(dropout(x))) * scaling, in the activation dtype.
-  at::Tensor delta = at::linear(at::linear(h.to(lora_A->weight.scalar_type()), lora_A->weight),
-                                lora_B->weight);
-  delta = delta * lora_scale;
+  // PEFT: x is cast to the adapter's dtype first, then dropout, then
+  // result + lora_B(lora_A(dropout(x))) * scaling.
+  at::Tensor h = x.to(lora_A->weight.scalar_type());
+  if (lora_dropout > 0) h = at::dropout(h, lora_dropout, is_training());
+  at::Tensor delta = at::linear(at::linear(h, lora_A->weight), lora_B->weight) * lora_scale;
   if (delta.scalar_type() == y.scalar_type()) return y + delta;
   return (y.to(delta.scalar_type()) + delta).to(y.scalar_type());  // PEFT adds in the adapter dtype
 }
