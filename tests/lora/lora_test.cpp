@@ -106,7 +106,7 @@ TEST(AdapterConfig, RefusesWhatFtuneDoesNotCompute) {
             std::string::npos);
   EXPECT_NE(error_of([] {
               read_adapter_config(
-                  write_config(R"({"peft_type":"LORA","r":2,"target_modules":"(?P<x>q)"})"));
+                  write_config(R"J({"peft_type":"LORA","r":2,"target_modules":"(?P<x>q)"})J"));
             }).find("is not a regex ftune can read"),
             std::string::npos);
   EXPECT_NE(error_of([] { read_adapter_config(fs::temp_directory_path() / "no-such-adapter"); })

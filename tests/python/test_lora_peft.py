@@ -11,7 +11,7 @@ import torch
 
 from ftune_testing import ftune, run, tool, write_json
 
-TOL = 1e-5
+TOL = 1e-6  # measured 0.0 (bit-identical) for every case
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 3
 
 SHAPES = {
@@ -48,7 +48,7 @@ def _ids(seed=0, batch=2, seq=23):
 def _hf(model_dir, dtype=torch.float32):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).eval()
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
 def _peft(model_dir, adapter_dir):
@@ -92,11 +92,12 @@ def _peft_adapter(model_dir, out, seed=0, **lora_kw):
 
 # (shape, targets, rslora, layers): ftune's save_adapter writes names, or a regex of module paths
 # when only some layers carry adapters.
+# Case ids with "more" run in the slow ctest (lora_peft_more), the rest in make test (lora_peft).
 FTUNE_CASES = [
-    ("gqa", "q_proj,v_proj", False, ""),
-    ("gqa", "all-linear", True, ""),
-    ("tied", "k_proj,o_proj,down_proj", False, "1"),
-    ("tied", "all-linear", True, ""),
+    pytest.param("gqa", "q_proj,v_proj", False, "", id="gqa-names"),
+    pytest.param("gqa", "all-linear", True, "", id="gqa-all-rslora-more"),
+    pytest.param("tied", "k_proj,o_proj,down_proj", False, "1", id="tied-layer1"),
+    pytest.param("tied", "all-linear", True, "", id="tied-all-rslora-more"),
 ]
 
 
@@ -130,13 +131,15 @@ def test_ftune_adapter_loads_in_peft(models, tmp_path, shape, targets, rslora, l
 # PEFT-written adapters: a list, a regex string, all-linear (saved as full module paths), rslora,
 # exclude_modules.
 PEFT_CASES = [
-    ("gqa", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
-    ("gqa", dict(r=3, lora_alpha=6, target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.up_proj)",
-                 use_rslora=True)),
-    ("gqa", dict(r=2, lora_alpha=4, target_modules="all-linear")),
-    ("tied", dict(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
-    ("tied", dict(r=4, lora_alpha=8, target_modules=["gate_proj", "o_proj"],
-                  exclude_modules=["model.layers.0.mlp.gate_proj"])),
+    pytest.param("gqa", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), id="gqa-list"),
+    pytest.param("gqa", dict(r=3, lora_alpha=6, use_rslora=True,
+                             target_modules=r".*\.layers\.1\.(self_attn\.k_proj|mlp\.up_proj)"),
+                 id="gqa-regex-rslora"),
+    pytest.param("gqa", dict(r=2, lora_alpha=4, target_modules="all-linear"), id="gqa-all-linear"),
+    pytest.param("tied", dict(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True),
+                 id="tied-all-rslora-more"),
+    pytest.param("tied", dict(r=4, lora_alpha=8, target_modules=["gate_proj", "o_proj"],
+                              exclude_modules=["model.layers.0.mlp.gate_proj"]), id="tied-exclude-more"),
 ]
 
 
@@ -156,7 +159,7 @@ def test_peft_adapter_loads_in_ftune(models, tmp_path, shape, kw):
     assert _max_diff(base_logits, ref) > 1e-2
 
 
-@pytest.mark.parametrize("shape,rslora", [("gqa", False), ("tied", True)])
+@pytest.mark.parametrize("shape,rslora", [("gqa", False), pytest.param("tied", True, id="tied-rslora-more")])
 def test_merge_matches_merge_and_unload(models, tmp_path, shape, rslora):
     from safetensors.torch import load_file
 
@@ -228,7 +231,7 @@ def test_eval_with_adapter_matches_peft(models, tmp_path):
     assert abs(base["nll"] - out["nll"]) > 1e-2
 
 
-@pytest.mark.parametrize("shape", ["gqa", "tied"])
+@pytest.mark.parametrize("shape", ["gqa", pytest.param("tied", id="tied-more")])
 def test_generate_with_adapter_matches_peft(models, tmp_path, shape):
     from transformers import AutoTokenizer
 
@@ -289,8 +292,11 @@ def test_bad_adapters(models, tmp_path):
         shutil.copytree(good, d)
         return d
 
-    def both(adapter, *fragments):
+    def both(adapter, *fragments, eval_too=False):
+        """merge fails; with eval_too, `eval --adapter` fails with the same line (same loader)."""
         _expect_error(tmp_path, ["--model", m, "--adapter", adapter], *fragments)
+        if not eval_too:
+            return
         p = ftune("eval", "--model", m, "--adapter", adapter, "--text", tmp_path / "t.txt",
                   "--seq-len", "16", check=False)
         lines = p.stderr.strip().splitlines()
@@ -302,7 +308,7 @@ def test_bad_adapters(models, tmp_path):
     # modules the model lacks
     d = fresh("c_attn")
     _edit_config(d, target_modules=["c_attn"])
-    both(d, "adapter_config.json: target_modules: 'c_attn' matches no module of this model")
+    both(d, "adapter_config.json: target_modules: 'c_attn' matches no module of this model", eval_too=True)
     # a module ftune cannot adapt
     d = fresh("lm_head")
     _edit_config(d, target_modules=["q_proj", "lm_head"])
@@ -314,7 +320,7 @@ def test_bad_adapters(models, tmp_path):
     # r in the config differs from the tensors
     d = fresh("rank")
     _edit_config(d, r=8)
-    both(d, "has rank 4, but adapter_config.json says r = 8")
+    both(d, "has rank 4, but adapter_config.json says r = 8", eval_too=True)
     # a tensor the config does not select
     d = fresh("extra")
     _edit_config(d, target_modules=["q_proj"])
@@ -322,7 +328,7 @@ def test_bad_adapters(models, tmp_path):
     # adapters for other bases: another hidden size, more layers
     other = _init_model(tmp_path / "wide", "gqa", hidden_size=64)
     wide = _peft_adapter(other, tmp_path / "wide_adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
-    both(wide, "[4, 64] does not fit", "an adapter for another base model?")
+    both(wide, "[4, 64] does not fit", "an adapter for another base model?", eval_too=True)
     deep = _init_model(tmp_path / "deep", "gqa", num_hidden_layers=3)
     deep_adapter = _peft_adapter(deep, tmp_path / "deep_adapter", r=4, lora_alpha=8,
                                  target_modules=["q_proj"])
@@ -331,7 +337,7 @@ def test_bad_adapters(models, tmp_path):
     # missing adapter_config.json; missing weights
     d = fresh("noconfig")
     (d / "adapter_config.json").unlink()
-    both(d, "--adapter: no adapter_config.json (expected a PEFT adapter dir)")
+    both(d, "--adapter: no adapter_config.json (expected a PEFT adapter dir)", eval_too=True)
     d = fresh("noweights")
     (d / "adapter_model.safetensors").unlink()
     both(d, "adapter_model.safetensors: missing")
@@ -341,7 +347,7 @@ def test_bad_adapters(models, tmp_path):
     # DoRA, as PEFT writes it (config use_dora and lora_magnitude_vector tensors)
     dora = _peft_adapter(m, tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj"],
                          use_dora=True)
-    both(dora, "adapter_config.json: use_dora: true is not supported")
+    both(dora, "adapter_config.json: use_dora: true is not supported", eval_too=True)
     _edit_config(dora, use_dora=False)
     both(dora, "lora_magnitude_vector", "DoRA weights are not supported")
     # other configs ftune would compute differently
