@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <unistd.h>
+
 #include "core/error.h"
 #include "lora/adapter.h"
 
@@ -26,10 +28,19 @@ model::LlamaForCausalLM tiny_model() {
   return m;
 }
 
+// One temp dir per process, removed at exit.
+struct TempRoot {
+  fs::path path = fs::temp_directory_path() / ("lora_test_" + std::to_string(::getpid()));
+  ~TempRoot() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 fs::path write_config(const std::string& json) {
+  static TempRoot root;
   static int n = 0;
-  fs::path dir = fs::temp_directory_path() / ("lora_test_" + std::to_string(::getpid()) + "_" +
-                                              std::to_string(n++));
+  fs::path dir = root.path / std::to_string(n++);
   fs::create_directories(dir);
   std::ofstream(dir / kAdapterConfigFile) << json;
   return dir;

@@ -4,7 +4,8 @@
 //     applies LoRA to the model (apply_lora; with --layers only those decoder layers), fills B with
 //     seeded random values too (PEFT's B starts at zero, which would hide every B-side bug) and
 //     writes the adapter with save_adapter.
-//   lora_tool logits --model DIR [--adapter DIR] [--merge] --ids ids.json --out out.safetensors
+//   lora_tool logits --model DIR [--adapter DIR] [--merge] [--dtype bf16] --ids ids.json
+//                    --out out.safetensors
 //     loads the model (and the adapter, unmerged; with --merge merged by merge_lora) and writes
 //     its logits for the ids, plus "lora_params" (how many adapter parameters the model holds).
 #include <CLI/CLI.hpp>
@@ -64,8 +65,10 @@ int init(const std::string& model_dir, const std::string& out, const lora::LoraO
 }
 
 int logits(const std::string& model_dir, const std::string& adapter, bool merge,
-           const std::string& ids_path, const std::string& out) {
-  auto m = model::load_model(model_dir);
+           const std::string& dtype, const std::string& ids_path, const std::string& out) {
+  model::LoadOptions lo;
+  if (!dtype.empty()) lo.dtype = model::dtype_from_name(dtype, "--dtype");
+  auto m = model::load_model(model_dir, lo);
   if (!adapter.empty()) lora::load_adapter(adapter, m);
   if (merge) lora::merge_lora(m);
   m->eval();
@@ -87,7 +90,7 @@ int logits(const std::string& model_dir, const std::string& adapter, bool merge,
 int main(int argc, char** argv) {
   CLI::App app{"ftune LoRA test driver"};
   app.require_subcommand(1);
-  std::string model_dir, out, targets = "q_proj,v_proj", layers, adapter, ids;
+  std::string model_dir, out, targets = "q_proj,v_proj", layers, adapter, ids, dtype;
   lora::LoraOptions o;
   int64_t seed = 0;
   bool merge = false;
@@ -104,6 +107,7 @@ int main(int argc, char** argv) {
   lg->add_option("--model", model_dir)->required();
   lg->add_option("--adapter", adapter);
   lg->add_flag("--merge", merge);
+  lg->add_option("--dtype", dtype);
   lg->add_option("--ids", ids)->required();
   lg->add_option("--out", out)->required();
   CLI11_PARSE(app, argc, argv);
@@ -112,7 +116,7 @@ int main(int argc, char** argv) {
       o.targets = split(targets);
       return init(model_dir, out, o, layers, static_cast<uint64_t>(seed));
     }
-    return logits(model_dir, adapter, merge, ids, out);
+    return logits(model_dir, adapter, merge, dtype, ids, out);
   } catch (const std::exception& e) {
     std::cerr << "lora_tool: error: " << e.what() << "\n";
     return 1;

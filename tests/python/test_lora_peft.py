@@ -12,6 +12,7 @@ import torch
 from ftune_testing import ftune, run, tool, write_json
 
 TOL = 1e-6  # measured 0.0 (bit-identical) for every case
+BF16_TOL = 2 ** -5  # one bf16 ulp at |logit| ~ 4; measured 0.0
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 3
 
 SHAPES = {
@@ -114,6 +115,11 @@ def test_ftune_adapter_loads_in_peft(models, tmp_path, shape, targets, rslora, l
     run(args)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["use_rslora"] == rslora and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    # names when every layer is adapted, else a regex of the module paths
+    assert isinstance(cfg["target_modules"], str if layers else list)
+    from safetensors.torch import load_file
+    for k, v in load_file(adapter / "adapter_model.safetensors").items():
+        assert k.startswith("base_model.model.model.layers.") and v.dtype == torch.float32, k
     ids = _ids()
     ours, n = _ftune_logits(tmp_path, m, ids, adapter)
     pm = _peft(m, adapter)
@@ -202,6 +208,27 @@ def test_merge_bf16_equals_peft_bf16_merge(models, tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     for k, v in mine.items():
         assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k]), k
+
+
+def test_bf16_base_fp32_adapter_matches_peft(models, tmp_path):
+    """A bf16 base with fp32 adapters (PEFT's autocast_adapter_dtype): same logits as PEFT."""
+    from peft import PeftModel
+
+    m = models["gqa"]
+    adapter = _peft_adapter(m, tmp_path / "adapter", seed=8, r=4, lora_alpha=8,
+                            target_modules="all-linear")
+    ids = _ids(3)
+    from safetensors.torch import load_file
+
+    out = tmp_path / "l.safetensors"
+    run([tool("lora_tool"), "logits", "--model", m, "--adapter", adapter, "--dtype", "bf16", "--ids",
+         write_json(tmp_path / "ids.json", ids.tolist()), "--out", out])
+    ours = load_file(out)["logits"]
+    pm = PeftModel.from_pretrained(_hf(m, torch.bfloat16), adapter).eval()
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        ref = pm(ids).logits.float()
+    assert _max_diff(ours, ref) <= BF16_TOL
 
 
 def test_eval_with_adapter_matches_peft(models, tmp_path):
