@@ -3,7 +3,8 @@
 // kaiming-uniform(a = sqrt(5)), B [out, r] is zero, so an injected model computes exactly what the
 // base did; the output gains scale * B(A(dropout(x))), scale = alpha / r (alpha / sqrt(r) with
 // rsLoRA). Adapters are fp32 on the model's device whatever the base dtype (bf16, or NF4).
-// Defines LoraOptions, kLinearModules, resolve_targets, apply_lora and the adapter queries.
+// Defines LoraOptions, kLinearModules, resolve_targets, apply_lora, merge_lora and the adapter
+// queries.
 #pragma once
 
 #include <cstdint>
