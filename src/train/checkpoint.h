@@ -45,8 +45,9 @@ std::filesystem::path checkpoint_dir(const std::filesystem::path& output_dir, in
 // checkpoints. `meta` is stored in trainer_state.json beside the state (config, total steps).
 // The tokenizer files of `tokenizer_dir` (if given) are copied in, so the checkpoint is a model
 // dir that eval/generate take as is. A model that carries LoRA adapters is saved as an adapter
-// dir whose base_model_name_or_path is `base_model`. Test seam: crash_point("checkpoint:after_weights") (core/fs.h)
-// runs midway, after the weights and optimizer state, before the RNG and trainer_state.json.
+// dir whose base_model_name_or_path is `base_model`. Test seam:
+// crash_point("checkpoint:after_weights") (core/fs.h) runs midway, after the weights and optimizer
+// state, before the RNG and trainer_state.json.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       model::LlamaForCausalLM& m, const optim::AdamW& opt,
                                       const TrainState& state, int64_t keep_last,

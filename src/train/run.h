@@ -1,8 +1,8 @@
 // One `ftune train` run from a validated config: resolve the model (dir or preset:NAME), tokenize
 // the data, check a checkpoint to resume against the config, build the model/optimizer/schedule,
 // resume, run the loop, save the final model in HF layout (an adapter dir in PEFT layout for a
-// LoRA run, whose strategy is wrapped in LoraStrategy) and report. Each component gets only its own options, built here from the
-// config sections. Defines RunSummary, run_training.
+// LoRA run, whose strategy is wrapped in LoraStrategy) and report. Each component gets only its
+// own options, built here from the config sections. Defines RunSummary, run_training.
 #pragma once
 
 #include <filesystem>
