@@ -14,22 +14,25 @@ std::string mb(int64_t bytes) {
 
 }  // namespace
 
-int64_t frozen_base_bytes(model::LlamaForCausalLM& m) {
-  int64_t bytes = 0;
+BaseSize frozen_base_size(model::LlamaForCausalLM& m) {
+  BaseSize b;
   for (const auto& p : m->parameters()) {
-    if (!p.requires_grad()) bytes += static_cast<int64_t>(p.nbytes());
+    if (p.requires_grad()) continue;
+    b.params += p.numel();
+    b.bytes += static_cast<int64_t>(p.nbytes());
   }
-  return bytes;
+  return b;
 }
 
 ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt) {
   ParamReport r;
-  for (const auto& p : m->parameters()) r.total += p.numel();
   for (const auto& [name, p] : opt.params()) {
     r.trainable += p.numel();
     r.trainable_bytes += static_cast<int64_t>(p.nbytes());
   }
-  r.base_bytes = frozen_base_bytes(m);
+  const BaseSize base = frozen_base_size(m);
+  r.total = r.trainable + base.params;
+  r.base_bytes = base.bytes;
   for (const auto& [name, t] : opt.state()) r.optimizer_bytes += static_cast<int64_t>(t.nbytes());
   return r;
 }

@@ -9,7 +9,8 @@ the bundled alpaca sample data (packed rows, loss on the responses only).
 - final/ is a PEFT adapter dir (PEFT loads it); the base model files are untouched; checkpoints
   hold the adapter, and optimizer.safetensors holds state for the adapters only.
 - Resume after stop_after is bit-exact against an uninterrupted run.
-- A bf16 base is held in bf16 (the reported frozen-base bytes are 2 per parameter), adapters fp32.
+- A bf16 base is held in bf16 (the reported frozen-base bytes are 2 per parameter), adapters fp32;
+  chat data with padded rows and activation checkpointing trains.
 - Config errors are one line naming the key, and nothing is written.
 """
 import hashlib
@@ -166,13 +167,16 @@ def test_resume_is_bit_exact(tmp_path, base):
     assert "lora.r: the config differs from the one of checkpoint" in line and "4 -> 8" in line
 
 
-def test_bf16_base_preset_and_padding(tmp_path):
-    """A bf16 LoRA run on a preset (no packing, response-only): the frozen base is held in bf16
-    (2 bytes a parameter, as reported), the adapters in fp32, and it learns."""
+def test_bf16_base_preset_chat_and_padding(tmp_path):
+    """A bf16 LoRA run on a preset, chat data (loss on the assistant turns), one conversation a
+    padded row, activation checkpointing: the frozen base is held in bf16 (2 bytes a parameter,
+    as reported), the adapters in fp32, and it learns."""
     out = tmp_path / "run"
     p = train(out, "model.dtype=bf16", "lora.targets=all-linear", "lora.r=8",
               "training.steps=12", "training.micro_batch=2", "training.lr=1e-2",
-              "data.packing=false", "data.seq_len=256", "logging.log_every=1")
+              "data.train=data/sample_chat.jsonl", "data.format=chat",
+              "model.grad_checkpointing=true", "data.packing=false", "data.seq_len=256",
+              "logging.log_every=1")
     got = metrics(out)
     assert got[-1]["loss"] < got[0]["loss"], [m["loss"] for m in got]
     m = re.search(r"parameters: (\d+) trainable of (\d+) .*frozen base ([\d.]+) MB, trainable "
