@@ -45,19 +45,7 @@ ftune() {
   t0=$(now)
   $FT train --config "$cfg" --set training.output_dir="$out" --set training.threads="$T" \
     --set logging.peak_flops="$PEAK" "$@" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
-  record "$c" "$r" ftune "$t0" "$($PY - "$out/metrics.jsonl" <<'PYEOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-prev, step_s, step_tokens = 0, [], []
-for m in rows:  # log_every 1: one line per step; tokens are cumulative
-    n = m["tokens"] - prev
-    prev = m["tokens"]
-    step_tokens.append(n)
-    step_s.append(n / m["tokens_per_s"])
-print(json.dumps({"step_s": step_s, "step_tokens": step_tokens, "mfu_logged": rows[-1]["mfu"],
-                  "final_loss": rows[-1]["loss"]}))
-PYEOF
-)"
+  record "$c" "$r" ftune "$t0" "$($PY bench/ftune_steps.py "$out/metrics.jsonl")"
 }
 
 peer() {  # CASE ROUND IMPL SCRIPT ARGS...

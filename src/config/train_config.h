@@ -1,13 +1,16 @@
 // The `ftune train` config: YAML sections model / data / training / logging, each an options
-// struct with defaults. load_train_config() reads the file, applies `--set section.key=value`
-// overrides and rejects unknown sections and keys; validate() checks every value (and the
-// cross-field rules) once, before anything is allocated, with errors naming file:line and key.
-// Sections reserved for later features (lora, quant, parallel) are errors until they exist.
+// struct with defaults, and the optional sections lora and quant, whose presence (even empty,
+// `lora: {}`) turns LoRA / QLoRA's 4-bit base on. load_train_config() reads the file, applies
+// `--set section.key=value` overrides and rejects unknown sections and keys; validate() checks
+// every value (and the cross-field rules) once, before anything is allocated, with errors naming
+// file:line and key. The section reserved for a later feature (parallel) is an error until it
+// exists.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -117,11 +120,45 @@ struct LoggingOptions {
   }
 };
 
+// LoRA adapters on a frozen base (PEFT's defaults). lora::LoraOptions is built from this.
+struct LoraSection {
+  int64_t r = 8;                // rank
+  double alpha = 8;             // scale numerator (PEFT's lora_alpha): scale alpha / r
+  double dropout = 0;           // dropout on the adapter input while training
+  std::vector<std::string> targets = {"q_proj", "v_proj"};  // module names, or all-linear
+  bool rslora = false;          // scale alpha / sqrt(r)
+
+  template <class V> void fields(V& v) {
+    v("r", r);
+    v("alpha", alpha);
+    v("dropout", dropout);
+    v("targets", targets);
+    v("rslora", rslora);
+  }
+};
+
+// QLoRA's frozen base: the decoder's linear weights quantized at load time (needs lora).
+struct QuantSection {
+  std::string type = "nf4";        // nf4 (NormalFloat4, bitsandbytes' layout)
+  bool double_quant = true;        // quantize the absmax too
+  int64_t blocksize = 64;          // weights per absmax
+  std::string compute_dtype = "bf16";  // bf16 | fp32: what weights are dequantized to
+
+  template <class V> void fields(V& v) {
+    v("type", type);
+    v("double_quant", double_quant);
+    v("blocksize", blocksize);
+    v("compute_dtype", compute_dtype);
+  }
+};
+
 struct TrainConfig {
   ModelOptions model;
   DataOptions data;
   TrainingOptions training;
   LoggingOptions logging;
+  std::optional<LoraSection> lora;    // present = LoRA: the base is frozen, adapters train
+  std::optional<QuantSection> quant;  // present = the frozen base is 4-bit (QLoRA)
 
   std::string file;  // the YAML file it came from ("" when built in code)
   Origins origins;   // "section.key" -> "<file>:<line>" or "--set ..."
@@ -140,7 +177,7 @@ struct TrainConfig {
 struct ConfigChange {
   std::string key, before, after;  // "section.key" and the two values as text
 };
-// The keys whose values differ, in key order.
+// The keys whose values differ, in key order; a key of an absent section reads "(none)".
 std::vector<ConfigChange> diff_configs(const TrainConfig& before, const TrainConfig& after);
 // Whether changing `key` between a checkpoint and its resumption keeps it the same run (logging,
 // eval/save cadence, output place, threads, device). training.steps/epochs are judged by the

@@ -77,8 +77,10 @@ void apply_override(YAML::Node& root, const std::string& assignment, Origins& or
     fail(origin, ": ", path, ": malformed value: ", e.msg);
   }
   if (parsed.IsNull()) parsed = YAML::Node(value);  // "key=" sets an empty string
-  FTUNE_CHECK(parsed.IsScalar(), origin, ": ", path, ": expected a single value, got ",
-              describe(parsed));
+  bool list_of_scalars = parsed.IsSequence();
+  for (const auto& item : parsed) list_of_scalars = list_of_scalars && item.IsScalar();
+  FTUNE_CHECK(parsed.IsScalar() || list_of_scalars, origin, ": ", path,
+              ": expected a single value or a list of values, got ", describe(parsed));
   YAML::Node sec = root[section];
   FTUNE_CHECK(!sec.IsDefined() || sec.IsNull() || sec.IsMap(), origin, ": ", section,
               ": the config file's section is not a mapping");
@@ -169,6 +171,26 @@ void SectionReader::operator()(const char* key, std::string& out) {
   if (auto n = scalar(key)) out = n->Scalar();
 }
 
+void SectionReader::operator()(const char* key, std::vector<std::string>& out) {
+  known_.insert(key);
+  if (!node_.IsDefined() || !node_.IsMap()) return;
+  const YAML::Node& section = node_;
+  YAML::Node n = section[key];
+  if (!n.IsDefined() || n.IsNull()) return;
+  const std::string path = section_ + "." + key;
+  if (!origins_.count(path)) origins_[path] = mark_of(file_, n);
+  if (n.IsScalar()) {
+    out = {n.Scalar()};
+    return;
+  }
+  if (!n.IsSequence()) type_error(key, n, "a list of names");
+  out.clear();
+  for (const auto& item : n) {
+    if (!item.IsScalar()) type_error(key, item, "a list of names");
+    out.push_back(item.Scalar());
+  }
+}
+
 void SectionReader::finish() const {
   if (!node_.IsDefined() || !node_.IsMap()) return;
   for (auto it = node_.begin(); it != node_.end(); ++it) {
@@ -186,6 +208,13 @@ void SectionEmitter::operator()(const char* key, const std::string& v) {
   YAML::Emitter e;
   e << v;  // quotes the string when YAML would read it as something else
   os_ << "  " << key << ": " << (v.empty() ? "\"\"" : e.c_str()) << "\n";
+}
+
+void SectionEmitter::operator()(const char* key, const std::vector<std::string>& v) {
+  if (skip_.count(key)) return;
+  YAML::Emitter e;
+  e << YAML::Flow << v;
+  os_ << "  " << key << ": " << e.c_str() << "\n";
 }
 
 }  // namespace ftune::config

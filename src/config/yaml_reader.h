@@ -29,7 +29,8 @@ YAML::Node load_yaml_file(const std::filesystem::path& path);
 YAML::Node parse_yaml_text(const std::string& text, const std::string& origin);
 
 // Applies one "section.key=value" override to `root` (the value is parsed as a YAML scalar, so
-// `true`, `3`, `1e-4` keep their types) and records its origin. Errors name the override.
+// `true`, `3`, `1e-4` keep their types, or as a flow list of scalars, `[q_proj, v_proj]`) and
+// records its origin. Errors name the override.
 void apply_override(YAML::Node& root, const std::string& assignment, Origins& origins);
 
 // Shortest decimal text that round-trips the double ("0.0001", "3", "1e-08").
@@ -45,6 +46,8 @@ class SectionReader {
   void operator()(const char* key, double& out);
   void operator()(const char* key, bool& out);
   void operator()(const char* key, std::string& out);
+  // A list of strings: a YAML list, or one value as a list of one.
+  void operator()(const char* key, std::vector<std::string>& out);
   void finish() const;
 
  private:
@@ -75,6 +78,7 @@ class SectionEmitter {
     if (!skip_.count(key)) os_ << "  " << key << ": " << (v ? "true" : "false") << "\n";
   }
   void operator()(const char* key, const std::string& v);
+  void operator()(const char* key, const std::vector<std::string>& v);  // flow list [a, b]
 
  private:
   std::ostringstream& os_;
@@ -90,6 +94,11 @@ class SectionFlattener {
   void operator()(const char* key, const double& v) { out_[prefix_ + key] = format_double(v); }
   void operator()(const char* key, const bool& v) { out_[prefix_ + key] = v ? "true" : "false"; }
   void operator()(const char* key, const std::string& v) { out_[prefix_ + key] = "\"" + v + "\""; }
+  void operator()(const char* key, const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (const auto& x : v) s += (s.size() > 1 ? ", " : "") + x;
+    out_[prefix_ + key] = s + "]";
+  }
 
  private:
   std::map<std::string, std::string>& out_;

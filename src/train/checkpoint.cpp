@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/safetensors.h"
+#include "lora/adapter.h"
 #include "model/hf_io.h"
 
 namespace ftune::train {
@@ -108,13 +109,22 @@ TrainState TrainState::from_json(const json& j, const std::string& origin) {
   return s;
 }
 
+void save_trained(const fs::path& dir, model::LlamaForCausalLM& m, const std::string& base_model) {
+  if (lora::has_lora(m)) {
+    lora::save_adapter(dir, m, base_model);
+  } else {
+    model::save_model(dir, m);
+  }
+}
+
 fs::path checkpoint_dir(const fs::path& output_dir, int64_t step) {
   return output_dir / "checkpoints" / ("step-" + std::to_string(step));
 }
 
 fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
                          const optim::AdamW& opt, const TrainState& state, int64_t keep_last,
-                         const json& meta, const fs::path& tokenizer_dir) {
+                         const json& meta, const fs::path& tokenizer_dir,
+                         const std::string& base_model) {
   const fs::path root = output_dir / "checkpoints";
   const fs::path final_dir = checkpoint_dir(output_dir, state.step);
   const fs::path tmp = root / (".tmp-step-" + std::to_string(state.step) + "-" +
@@ -123,7 +133,7 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
 
-  model::save_model(tmp, m);
+  save_trained(tmp, m, base_model);
   io::save_safetensors(tmp / "optimizer.safetensors", opt.state());
 
   if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
@@ -214,7 +224,9 @@ CheckpointInfo read_checkpoint_info(const fs::path& dir) {
 
 TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt) {
   const TrainState state = read_checkpoint_info(dir).state;
-  {
+  if (lora::has_lora(m)) {
+    lora::load_adapter_weights(dir, m);
+  } else {
     auto weights = io::load_weights(dir);
     torch::NoGradGuard no_grad;
     model::load_weights_into(m, weights, dir.string());

@@ -1,5 +1,6 @@
 // Training checkpoints: <output_dir>/checkpoints/step-<N>/ with the model (HF layout, loadable by
-// transformers), optimizer state, RNG states and trainer_state.json (step, data position, counters).
+// transformers) or, for a LoRA run, only its adapter (PEFT's adapter dir: the frozen base is not
+// copied), optimizer state, RNG states and trainer_state.json (step, data position, counters).
 // A checkpoint is written into a hidden temp dir and renamed into place only when complete;
 // trainer_state.json, written last, marks completeness; older checkpoints beyond keep_last are
 // removed only after the new one is in place. So a run killed at any moment leaves every earlier
@@ -43,13 +44,21 @@ std::filesystem::path checkpoint_dir(const std::filesystem::path& output_dir, in
 // Writes checkpoints/step-<state.step> atomically, then deletes all but the newest `keep_last`
 // checkpoints. `meta` is stored in trainer_state.json beside the state (config, total steps).
 // The tokenizer files of `tokenizer_dir` (if given) are copied in, so the checkpoint is a model
-// dir that eval/generate take as is. Test seam: crash_point("checkpoint:after_weights") (core/fs.h)
-// runs midway, after the weights and optimizer state, before the RNG and trainer_state.json.
+// dir that eval/generate take as is. A model that carries LoRA adapters is saved as an adapter
+// dir whose base_model_name_or_path is `base_model`. Test seam:
+// crash_point("checkpoint:after_weights") (core/fs.h) runs midway, after the weights and optimizer
+// state, before the RNG and trainer_state.json.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       model::LlamaForCausalLM& m, const optim::AdamW& opt,
                                       const TrainState& state, int64_t keep_last,
                                       const nlohmann::json& meta = nlohmann::json::object(),
-                                      const std::filesystem::path& tokenizer_dir = {});
+                                      const std::filesystem::path& tokenizer_dir = {},
+                                      const std::string& base_model = {});
+
+// Writes `m` into `dir` as a training run's output: a model dir (HF layout), or an adapter dir
+// (PEFT layout, base_model_name_or_path = `base_model`) when `m` carries LoRA adapters.
+void save_trained(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
+                  const std::string& base_model);
 
 // The parsed trainer_state.json of a checkpoint dir (format checked, not the tensors): the
 // state, and the meta stored beside it ("config", "total_steps").
@@ -66,7 +75,8 @@ std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::pa
 // Removes temp dirs a killed run left in output_dir/checkpoints.
 void remove_stale_checkpoint_temps(const std::filesystem::path& output_dir);
 
-// Restores model weights, optimizer state and the CPU (and CUDA) RNG states from `dir`; returns
+// Restores model weights (the adapter weights into a model that carries adapters, which must
+// match the checkpoint's), optimizer state and the CPU (and CUDA) RNG states from `dir`; returns
 // the saved TrainState (as read_checkpoint_info). Errors name the checkpoint file.
 TrainState load_checkpoint(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
                            optim::AdamW& opt);

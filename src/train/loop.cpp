@@ -187,7 +187,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       if (main) {
         const auto tc = Clock::now();
         auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta,
-                                   o.tokenizer_dir);
+                                   o.tokenizer_dir, o.base_model);
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
         progress.message("saved checkpoint " + dir.string() + buf);

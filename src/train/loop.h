@@ -39,6 +39,7 @@ struct LoopOptions {
   std::filesystem::path output_dir;
   nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
   std::filesystem::path tokenizer_dir;  // its tokenizer files go into each checkpoint
+  std::string base_model;         // a LoRA checkpoint's base_model_name_or_path
 };
 
 struct EvalResult {

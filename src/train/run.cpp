@@ -11,17 +11,22 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <sstream>
 
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/dataset.h"
+#include "lora/adapter.h"
+#include "lora/lora.h"
 #include "model/device.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
+#include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"
+#include "train/report.h"
 
 namespace ftune::train {
 namespace fs = std::filesystem;
@@ -246,8 +251,56 @@ std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_
   return info;
 }
 
+// The LoRA options of the run (targets resolved and checked against the model's shapes), or none.
+// Runs before anything is allocated.
+std::optional<lora::LoraOptions> lora_options(const config::TrainConfig& cfg,
+                                              const ModelSource& src) {
+  if (!cfg.lora) return std::nullopt;
+  const config::LoraSection& l = *cfg.lora;
+  lora::LoraOptions o;
+  o.r = l.r;
+  o.alpha = l.alpha;
+  o.dropout = l.dropout;
+  o.rslora = l.rslora;
+  o.targets = lora::resolve_targets(l.targets, cfg.where("lora.targets") + ": lora.targets");
+  // A [r, in] and B [out, r] need r <= min(in, out) of every targeted linear.
+  const model::LlamaConfig& c = src.config;
+  const int64_t q = c.num_attention_heads * c.dim_head(), kv = c.num_key_value_heads * c.dim_head();
+  const std::map<std::string, int64_t> smallest_dim = {
+      {"q_proj", std::min(q, c.hidden_size)},  {"k_proj", std::min(kv, c.hidden_size)},
+      {"v_proj", std::min(kv, c.hidden_size)}, {"o_proj", std::min(q, c.hidden_size)},
+      {"gate_proj", std::min(c.intermediate_size, c.hidden_size)},
+      {"up_proj", std::min(c.intermediate_size, c.hidden_size)},
+      {"down_proj", std::min(c.intermediate_size, c.hidden_size)}};
+  for (const auto& t : o.targets) {
+    FTUNE_CHECK(o.r <= smallest_dim.at(t), cfg.where("lora.r"), ": lora.r: ", o.r,
+                " exceeds the smallest dimension ", smallest_dim.at(t), " of ", t, " in ",
+                src.origin);
+  }
+  return o;
+}
+
+// How the model's weights are held. Full fine-tuning keeps fp32 master weights (bf16 compute
+// comes from autocast). A LoRA base is frozen, so it needs no fp32 master copy: it is stored in
+// model.dtype, or quantized (quant); the adapters are fp32 whatever the base (lora::apply_lora).
+model::LoadOptions load_options(const config::TrainConfig& cfg, at::Device device) {
+  model::LoadOptions lo;
+  lo.dtype = cfg.lora && cfg.model.dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  lo.device = device;
+  if (cfg.quant) {
+    quant::QuantOptions q;
+    q.type = cfg.quant->type;
+    q.double_quant = cfg.quant->double_quant;
+    q.blocksize = cfg.quant->blocksize;
+    q.compute_dtype = cfg.quant->compute_dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+    lo.quant = q;
+  }
+  return lo;
+}
+
 model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelSource& src,
                                     at::Device device, bool main) {
+  const model::LoadOptions lo = load_options(cfg, device);
   model::LlamaForCausalLM m{nullptr};
   if (src.preset) {
     src.config.check_fits_in_memory(at::kFloat, cfg.where("model.path") + ": model.path: " +
@@ -256,11 +309,12 @@ model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelS
     model::init_weights(m, static_cast<uint64_t>(cfg.training.seed));
     // The initial weights in HF layout: the base a resumed or replayed run starts from.
     if (main) model::save_model(src.dir, m);
-    m->to(device);
+    if (lo.quant) {
+      m = model::load_model(src.dir, lo);  // quantized as an HF dir would be
+    } else {
+      m->to(device, *lo.dtype);
+    }
   } else {
-    model::LoadOptions lo;
-    lo.dtype = at::kFloat;  // fp32 master weights; bf16 compute comes from autocast
-    lo.device = device;
     m = model::load_model(src.dir, lo);
   }
   m->set_grad_checkpointing(cfg.model.grad_checkpointing);
@@ -308,14 +362,16 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   lo.output_dir = t.output_dir;
   lo.checkpoint_meta = {{"total_steps", total_steps}, {"config", yaml}};
   lo.tokenizer_dir = src.dir;
+  lo.base_model = src.dir.string();
   return lo;
 }
 
 // Saves final/ (when the run finished) and the loss plot, prints the summary.
 RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaForCausalLM& m,
-                    const ModelSource& src, const fs::path& out, const fs::path& metrics_path,
-                    bool main) {
+                    const optim::AdamW& opt, const ModelSource& src, const fs::path& out,
+                    const fs::path& metrics_path, bool main) {
   RunSummary s;
+  s.params = param_report(m, opt);
   s.steps = state.step;
   s.total_steps = total_steps;
   s.tokens = state.tokens_seen;
@@ -331,7 +387,7 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
     const fs::path tmp = out / (".tmp-final-" + std::to_string(::getpid()));
     std::error_code ec;
     fs::remove_all(tmp, ec);
-    model::save_model(tmp, m);
+    save_trained(tmp, m, src.dir.string());  // a model dir, or an adapter dir for LoRA
     model::copy_tokenizer_files(src.dir, tmp);
     replace_dir_atomic(tmp, out / "final");
     s.final_dir = out / "final";
@@ -350,7 +406,10 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
     os << ")";
   }
   os << "\n";
-  if (!s.final_dir.empty()) os << "model: " << s.final_dir.string() << "\n";
+  os << format_param_report(s.params) << "\n";
+  if (!s.final_dir.empty()) {
+    os << (lora::has_lora(m) ? "adapter: " : "model: ") << s.final_dir.string() << "\n";
+  }
   if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
   os << "metrics: " << metrics_path.string() << " (plot: " << (out / "loss_curve.svg").string()
      << ")\n";
@@ -383,6 +442,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
 
   // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
   const ModelSource src = resolve_model_config(cfg);
+  const std::optional<lora::LoraOptions> lora = lora_options(cfg, src);
   check_inputs(cfg);
   const at::Device device =
       model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
@@ -408,7 +468,15 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
 
   // 4. Model, strategy, optimizer; then the checkpoint's state over them.
   model::LlamaForCausalLM m = build_model(cfg, src, device, main);
-  optim::AdamW opt(strategy.prepare(m), adamw_options(t));
+  std::optional<LoraStrategy> lora_strategy;
+  if (lora) lora_strategy.emplace(strategy, *lora, static_cast<uint64_t>(t.seed));
+  Strategy& run_strategy = lora_strategy ? static_cast<Strategy&>(*lora_strategy) : strategy;
+  optim::AdamW opt(run_strategy.prepare(m), adamw_options(t));
+  if (lora && t.dump_batches && main && !resume) {
+    // With the dumped batches, the adapter the run starts from: what a replay needs besides the
+    // base (tests feed both to transformers + PEFT).
+    lora::save_adapter(out / "batches" / "initial_adapter", m, src.dir.string());
+  }
   TrainState state;
   if (resume) {
     const fs::path dir = resume->state_file.parent_path();
@@ -432,11 +500,12 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
                  static_cast<long long>(rows), static_cast<long long>(total_steps),
                  static_cast<long long>(t.micro_batch * t.grad_accum), lo.peak_flops,
                  cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
+    std::fprintf(stderr, "%s\n", format_param_report(param_report(m, opt)).c_str());
   }
-  state = train_loop(m, strategy, opt, data.train, data.valid, state, lo, metrics);
+  state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
 
   // 6. Final model and summary.
-  return finalize(state, total_steps, m, src, out, metrics.path(), main);
+  return finalize(state, total_steps, m, opt, src, out, metrics.path(), main);
 }
 
 }  // namespace ftune::train

@@ -1,13 +1,15 @@
 // One `ftune train` run from a validated config: resolve the model (dir or preset:NAME), tokenize
 // the data, check a checkpoint to resume against the config, build the model/optimizer/schedule,
-// resume, run the loop, save the final model in HF layout and report. Each component gets only its own options, built here from the
-// config sections. Defines RunSummary, run_training.
+// resume, run the loop, save the final model in HF layout (an adapter dir in PEFT layout for a
+// LoRA run, whose strategy is wrapped in LoraStrategy) and report. Each component gets only its
+// own options, built here from the config sections. Defines RunSummary, run_training.
 #pragma once
 
 #include <filesystem>
 #include <string>
 
 #include "config/train_config.h"
+#include "train/report.h"
 #include "train/strategy.h"
 
 namespace ftune::train {
@@ -21,6 +23,7 @@ struct RunSummary {
   double eval_loss = 0;       // of the last evaluation; NaN when there was none
   int64_t eval_step = -1;     // the step eval_loss was measured at
   bool finished = false;      // false when stopped early (training.stop_after)
+  ParamReport params;         // parameter counts and memory by role, at the end
   std::filesystem::path output_dir, final_dir, last_checkpoint;
 };
 

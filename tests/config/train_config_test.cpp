@@ -122,8 +122,8 @@ TEST(TrainConfig, UnknownKeyNamesFileLineAndKey) {
 }
 
 TEST(TrainConfig, UnknownOrLaterSectionIsAnError) {
-  std::string e = error_of(std::string(kGood) + "lora:\n  r: 8\n");
-  EXPECT_NE(e.find("cfg.yaml:29: lora: section not supported yet"), std::string::npos) << e;
+  std::string e = error_of(std::string(kGood) + "parallel:\n  dp: 2\n");
+  EXPECT_NE(e.find("cfg.yaml:29: parallel: section not supported yet"), std::string::npos) << e;
   e = error_of(std::string(kGood) + "optimizer:\n  lr: 1\n");
   EXPECT_NE(e.find("cfg.yaml:29: optimizer: unknown section"), std::string::npos) << e;
 }
@@ -279,4 +279,106 @@ TEST(TrainConfig, ConfigThatIsADeviceNamesTheFlag) {
     EXPECT_EQ(std::string(e.what()),
               "/dev/null: --config: not a regular file (expected a YAML config file)");
   }
+}
+
+TEST(TrainConfig, LoraAndQuantSectionsAreOnWhenPresent) {
+  TrainConfig c = parse_train_config(kGood, "cfg.yaml");
+  EXPECT_FALSE(c.lora.has_value());
+  EXPECT_FALSE(c.quant.has_value());
+  // An empty section turns the feature on with PEFT's defaults.
+  c = parse_train_config(std::string(kGood) + "lora:\n", "cfg.yaml");
+  c.validate();
+  ASSERT_TRUE(c.lora.has_value());
+  EXPECT_EQ(c.lora->r, 8);
+  EXPECT_DOUBLE_EQ(c.lora->alpha, 8);
+  EXPECT_DOUBLE_EQ(c.lora->dropout, 0);
+  EXPECT_EQ(c.lora->targets, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_FALSE(c.lora->rslora);
+  c = parse_train_config(std::string(kGood) +
+                             "lora:\n  r: 16\n  alpha: 32\n  dropout: 0.05\n"
+                             "  targets: [q_proj, k_proj, down_proj]\n  rslora: true\n"
+                             "quant:\n  type: nf4\n  double_quant: false\n  blocksize: 128\n"
+                             "  compute_dtype: fp32\n",
+                         "cfg.yaml");
+  c.validate();
+  EXPECT_EQ(c.lora->r, 16);
+  EXPECT_DOUBLE_EQ(c.lora->alpha, 32);
+  EXPECT_DOUBLE_EQ(c.lora->dropout, 0.05);
+  EXPECT_EQ(c.lora->targets, (std::vector<std::string>{"q_proj", "k_proj", "down_proj"}));
+  EXPECT_TRUE(c.lora->rslora);
+  ASSERT_TRUE(c.quant.has_value());
+  EXPECT_FALSE(c.quant->double_quant);
+  EXPECT_EQ(c.quant->blocksize, 128);
+  EXPECT_EQ(c.quant->compute_dtype, "fp32");
+  // A YAML block list, one name as a list of one, and a flow list through --set.
+  c = parse_train_config(std::string(kGood) + "lora:\n  targets:\n    - o_proj\n    - up_proj\n",
+                         "cfg.yaml");
+  EXPECT_EQ(c.lora->targets, (std::vector<std::string>{"o_proj", "up_proj"}));
+  c = parse_train_config(kGood, "cfg.yaml", {"lora.targets=all-linear"});
+  EXPECT_EQ(c.lora->targets, (std::vector<std::string>{"all-linear"}));
+  c = parse_train_config(kGood, "cfg.yaml", {"lora.targets=[k_proj,gate_proj]", "lora.r=4"});
+  EXPECT_EQ(c.lora->targets, (std::vector<std::string>{"k_proj", "gate_proj"}));
+  EXPECT_EQ(c.lora->r, 4);
+}
+
+TEST(TrainConfig, LoraAndQuantErrorsNameTheKey) {
+  const std::string good(kGood);  // 28 lines
+  std::string e = error_of(good + "quant:\n  type: nf4\n");
+  EXPECT_NE(e.find("cfg.yaml:29: quant: needs a lora section"), std::string::npos) << e;
+  e = error_of(good + "lora:\nquant:\n  type: fp4\n");
+  EXPECT_NE(e.find("cfg.yaml:31: quant.type: expected one of nf4, got \"fp4\""), std::string::npos)
+      << e;
+  e = error_of(good + "lora:\n  r: 0\n");
+  EXPECT_NE(e.find("cfg.yaml:30: lora.r: expected a positive rank, got 0"), std::string::npos)
+      << e;
+  e = error_of(good + "lora:\n  dropout: 1\n");
+  EXPECT_NE(e.find("cfg.yaml:30: lora.dropout: expected a value in [0, 1), got 1"),
+            std::string::npos) << e;
+  e = error_of(good + "lora:\n  targets: []\n");
+  EXPECT_NE(e.find("cfg.yaml:30: lora.targets: expected at least one module name"),
+            std::string::npos) << e;
+  e = error_of(good + "lora:\n  targets: {q: 1}\n");
+  EXPECT_NE(e.find("cfg.yaml:30: lora.targets: expected a list of names, got a mapping"),
+            std::string::npos) << e;
+  e = error_of(good + "lora:\nquant:\n  blocksize: 48\n");
+  EXPECT_NE(e.find("quant.blocksize: expected a power of two from 64 to 4096, got 48"),
+            std::string::npos) << e;
+  e = error_of(good + "lora:\nquant:\n  compute_dtype: fp16\n");
+  EXPECT_NE(e.find("quant.compute_dtype: expected one of bf16, fp32, got \"fp16\""),
+            std::string::npos) << e;
+  e = error_of(good + "lora:\n  rank: 8\n");
+  EXPECT_NE(e.find("cfg.yaml:30: lora.rank: unknown key (lora takes: alpha, dropout, r, rslora, "
+                   "targets)"), std::string::npos) << e;
+  e = error_of(good, {"quant.type=nf4"});
+  EXPECT_NE(e.find("quant: needs a lora section"), std::string::npos) << e;
+}
+
+TEST(TrainConfig, LoraAndQuantRoundTripAndCountOnResume) {
+  const TrainConfig plain = parse_train_config(kGood, "cfg.yaml");
+  const TrainConfig c = parse_train_config(
+      std::string(kGood) + "lora:\n  r: 4\n  targets: [q_proj, v_proj]\nquant:\n", "cfg.yaml");
+  const std::string yaml = c.to_yaml();
+  EXPECT_NE(yaml.find("lora:\n  r: 4\n"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("  targets: [q_proj, v_proj]\n"), std::string::npos) << yaml;
+  EXPECT_NE(yaml.find("quant:\n  type: nf4\n"), std::string::npos) << yaml;
+  const TrainConfig again = parse_train_config(yaml, "resolved.yaml");
+  EXPECT_TRUE(ftune::config::diff_configs(c, again).empty());
+  EXPECT_EQ(plain.to_yaml().find("lora:"), std::string::npos);
+  // Turning LoRA on, or changing its rank, is a different run.
+  auto d = ftune::config::diff_configs(plain, c);
+  ASSERT_FALSE(d.empty());
+  bool saw_r = false;
+  for (const auto& ch : d) {
+    EXPECT_FALSE(ftune::config::keeps_run_on_resume(ch.key)) << ch.key;
+    if (ch.key == "lora.r") {
+      saw_r = true;
+      EXPECT_EQ(ch.before, "(none)");
+      EXPECT_EQ(ch.after, "4");
+    }
+  }
+  EXPECT_TRUE(saw_r);
+  const TrainConfig r8 = parse_train_config(yaml, "x.yaml", {"lora.r=8"});
+  d = ftune::config::diff_configs(c, r8);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].key, "lora.r");
 }

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin
-from train_testing import CONFIG, FAST, metrics, rel, train
+from train_testing import CONFIG, FAST, metrics, rel, replay_step, train
 
 # --- parity with a plain PyTorch/transformers loop --------------------------------------------
 
@@ -52,30 +52,15 @@ def reference_run(base: Path, batch_dir: Path, steps: int, *, lr, schedule, warm
     sched = make[schedule]()
     out = []
     for step in range(1, steps + 1):
-        t = load_file(batch_dir / f"step-{step}.safetensors")
-        n_micro = len([k for k in t if k.endswith(".input_ids")])
-        micro = [{k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(f"mb{i}.")}
-                 for i in range(n_micro)]
-        # The loss is normalized by the target tokens of the whole accumulated batch.
-        total = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
         lr_now = sched.get_last_lr()[0]
-        loss_sum = 0.0
-        for m in micro:
-            logits = model(input_ids=m["input_ids"], position_ids=m["positions"],
-                           attention_mask=m["attn_mask"].bool()).logits
-            V = logits.shape[-1]
-            ls = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, V), m["labels"][:, 1:].reshape(-1),
-                ignore_index=-100, reduction="sum")
-            (ls / float(max(total, 1))).backward()
-            loss_sum += ls.item()
+        loss, total = replay_step(model, batch_dir, step)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                               max_norm if max_norm > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        out.append({"step": step, "loss": loss_sum / max(total, 1), "lr": lr_now,
-                    "grad_norm": norm.item(), "targets": total})
+        out.append({"step": step, "loss": loss, "lr": lr_now, "grad_norm": norm.item(),
+                    "targets": total})
     return model, out
 
 

@@ -43,3 +43,28 @@ def write(path: Path, text: str) -> Path:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def replay_step(model, batch_dir: Path, step: int):
+    """Forward + backward of the micro-batches ftune dumped for `step` (training.dump_batches)
+    through a transformers model, the loss normalized by the target tokens of the whole
+    accumulated batch as ftune does. Returns (mean loss, target tokens)."""
+    import torch
+    from safetensors.torch import load_file
+
+    t = load_file(batch_dir / f"step-{step}.safetensors")
+    n_micro = len([k for k in t if k.endswith(".input_ids")])
+    micro = [{k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(f"mb{i}.")}
+             for i in range(n_micro)]
+    total = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+    loss_sum = 0.0
+    for m in micro:
+        logits = model(input_ids=m["input_ids"], position_ids=m["positions"],
+                       attention_mask=m["attn_mask"].bool()).logits
+        V = logits.shape[-1]
+        ls = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, V), m["labels"][:, 1:].reshape(-1),
+            ignore_index=-100, reduction="sum")
+        (ls / float(max(total, 1))).backward()
+        loss_sum += ls.item()
+    return loss_sum / max(total, 1), total

@@ -1,0 +1,41 @@
+// LoRA through the Strategy seam: prepare() injects the adapters (freezing the base) and then
+// hands the model to the wrapped strategy, which sees only the adapters as trainable; every other
+// seam (gradient sync, clipping, sums over ranks) is the inner strategy's. So LoRA composes with
+// SingleDevice today and with DDP/FSDP later without a second loop.
+// Defines LoraStrategy.
+#pragma once
+
+#include <cstdint>
+
+#include "lora/lora.h"
+#include "train/strategy.h"
+
+namespace ftune::train {
+
+class LoraStrategy : public Strategy {
+ public:
+  // `inner` must outlive this. Adapters are initialized from `seed` as PEFT initializes them.
+  LoraStrategy(Strategy& inner, lora::LoraOptions options, uint64_t seed)
+      : inner_(inner), options_(std::move(options)), seed_(seed) {}
+
+  optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
+    lora::apply_lora(m, options_, seed_);
+    return inner_.prepare(m);
+  }
+  int64_t global_sum(int64_t local) override { return inner_.global_sum(local); }
+  double global_sum(double local) override { return inner_.global_sum(local); }
+  void after_backward(const optim::NamedTensors& params) override {
+    inner_.after_backward(params);
+  }
+  double clip_and_step(optim::AdamW& opt, double lr, double max_grad_norm) override {
+    return inner_.clip_and_step(opt, lr, max_grad_norm);
+  }
+  bool is_main() const override { return inner_.is_main(); }
+
+ private:
+  Strategy& inner_;
+  lora::LoraOptions options_;
+  uint64_t seed_;
+};
+
+}  // namespace ftune::train

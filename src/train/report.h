@@ -1,0 +1,40 @@
+// What a training run holds in memory, by role: parameter counts (trainable and total) and the
+// bytes of the frozen base, of the trainable parameters and of the optimizer state, from the
+// tensors themselves (not a formula), logged at start and in the run summary.
+// Defines ParamReport, BaseSize, frozen_base_size, param_report, format_param_report.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "model/llama.h"
+#include "optim/adamw.h"
+
+namespace ftune::train {
+
+struct ParamReport {
+  int64_t trainable = 0;        // parameters the optimizer updates
+  int64_t total = 0;            // trainable + frozen base parameters
+  int64_t base_bytes = 0;       // frozen base (see frozen_base_size); 0 in full fine-tuning
+  int64_t trainable_bytes = 0;  // the trainable parameters' storage
+  int64_t optimizer_bytes = 0;  // optimizer state (AdamW: exp_avg, exp_avg_sq, step)
+};
+
+// The frozen base: parameters (the count of the weights they stand for) and bytes held.
+struct BaseSize {
+  int64_t params = 0;
+  int64_t bytes = 0;
+};
+
+// The frozen (requires_grad false) parameters of `m`, counted dense. A 4-bit linear whose packed
+// weight and statistics are not dense parameters must be counted here: extend this function (its
+// logical weight count in `params`, the bytes of every tensor it holds in `bytes`).
+BaseSize frozen_base_size(model::LlamaForCausalLM& m);
+
+ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt);
+
+// "parameters: 1234 trainable of 56789 (2.17%); memory: frozen base 12.34 MB, trainable
+// 1.23 MB, optimizer state 2.46 MB" (MB = 1e6 bytes).
+std::string format_param_report(const ParamReport& r);
+
+}  // namespace ftune::train
