@@ -9,7 +9,7 @@
 //     random ids with labels = ids; one JSON line.
 //   loss_tool profile --model DIR --batch B --seq T --steps N --trace FILE [--docs K] [--plain]
 //             [--clip X] [--wd X]
-//     N training steps as train_loop runs them (forward_loss, backward, clip, fused AdamW); the
+//     N training steps as train_loop runs them (forward_loss, backward, AdamW::clip_and_step); the
 //     steps after the first under the autograd profiler, written as a chrome trace; K > 1 splits
 //     every row into K documents with the block-diagonal mask, K = 1 is plain causal attention.
 #include <CLI/CLI.hpp>
@@ -29,7 +29,6 @@
 #include "model/loss.h"
 #include "proc_status.h"
 #include "optim/adamw.h"
-#include "optim/grad_clip.h"
 
 namespace {
 
@@ -102,8 +101,6 @@ int profile(model::LlamaForCausalLM& m, int64_t B, int64_t T, int64_t steps, int
   optim::AdamWOptions ao;
   ao.weight_decay = wd;
   optim::AdamW opt(params, ao);
-  std::vector<at::Tensor> plist;
-  for (const auto& p : params) plist.push_back(p.second);
   model::ForwardOptions fo;
   if (docs > 1) std::tie(fo.positions, fo.attn_mask) = packed_mask(B, T, docs);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
@@ -114,8 +111,7 @@ int profile(model::LlamaForCausalLM& m, int64_t B, int64_t T, int64_t steps, int
     opt.zero_grad();
     model::LossSum ls = loss_of(m, ids, ids, fo, plain, 0);
     (ls.sum / static_cast<double>(ls.count)).backward();
-    optim::clip_grad_norm(plist, clip);
-    opt.step(1e-4);
+    opt.clip_and_step(1e-4, clip);
     step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   };
   one_step();  // warm-up, not profiled
