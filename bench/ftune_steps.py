@@ -12,4 +12,5 @@ for m in rows:  # log_every 1: one line per step; tokens are cumulative
     step_tokens.append(n)
     step_s.append(n / m["tokens_per_s"])
 print(json.dumps({"step_s": step_s, "step_tokens": step_tokens, "mfu_logged": rows[-1]["mfu"],
-                  "final_loss": rows[-1]["loss"]}))
+                  "final_loss": rows[-1]["loss"],
+                  "step_targets": [m["target_tokens"] for m in rows]}))

@@ -8,8 +8,17 @@
 #      micro-batch to its longest example; wall time of the training loop.
 # The machine may be shared, so each case runs ROUNDS times in alternating order and the report
 # uses per-step medians; MFU is against the best `ftune bench gemm` rate measured during the run.
+#   3. equal work (issue 7 part 6), SmolLM2-135M shape, fp32, micro batch 2, seq 256, 2 threads:
+#      ftune on the packed tiny recipe (bench/configs/train_packed.yaml) against the minimal
+#      transformers loop (bench/peer_train.py: random ids, labels=ids, torch.optim.AdamW,
+#      zero_grad(set_to_none=True)), each with clipping (max norm 1.0) + weight decay (0.01) off
+#      and on; ftune also on the same text with every token a target (data.format text), the
+#      peer's work per step. Median tok/s of steps MEDIAN_FROM..STEPS (5..15).
 # Usage: bench/train_cpu.sh [--report]   (repo root, after `make build`; env THREADS=2 ROUNDS=2
 #        FTUNE_BIN=build/bin/ftune; --report reprints the tables of the last run)
+#        CASES=all (default) | smollm2_equal (only case 3; also PRESET=smollm2-135m STEPS=15
+#        MEDIAN_FROM=5, e.g. `CASES=smollm2_equal PRESET=tiny STEPS=3 MEDIAN_FROM=2 ROUNDS=1` as a
+#        quick check that the script works)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${THREADS:-2}
@@ -21,6 +30,11 @@ DATA=data/sample_train.jsonl
 export OMP_NUM_THREADS=$T
 mkdir -p "$W/models" "$W/out"
 RES=$W/out/results.jsonl
+CASES=${CASES:-all}
+PRESET=${PRESET:-smollm2-135m}
+STEPS=${STEPS:-15}
+MEDIAN_FROM=${MEDIAN_FROM:-5}
+PEAK=${PEAK:-0}
 
 gemm() { $FT bench gemm --threads "$T" | tee -a "$W/out/gemm.jsonl"; }
 
@@ -39,13 +53,14 @@ PYEOF
 }
 
 # ftune CASE ROUND CONFIG --set ...: runs ftune train, turns its metrics.jsonl into a record.
-ftune() {
-  local c=$1 r=$2 cfg=$3 out=$W/out/ftune_$1 t0
+ftune() {  # env FT_IMPL names the ftune variant in the results (default "ftune")
+  local c=$1 r=$2 cfg=$3 impl=${FT_IMPL:-ftune} t0
+  local out=$W/out/${impl}_$1
   shift 3
   t0=$(now)
   $FT train --config "$cfg" --set training.output_dir="$out" --set training.threads="$T" \
     --set logging.peak_flops="$PEAK" "$@" >"$out.log" 2>&1 || { cat "$out.log"; exit 1; }
-  record "$c" "$r" ftune "$t0" "$($PY bench/ftune_steps.py "$out/metrics.jsonl")"
+  record "$c" "$r" "$impl" "$t0" "$($PY bench/ftune_steps.py "$out/metrics.jsonl")"
 }
 
 peer() {  # CASE ROUND IMPL SCRIPT ARGS...
@@ -77,6 +92,46 @@ epoch_ft() { ftune epoch "$1" bench/configs/train_epoch.yaml --set model.path=$T
 epoch_hf() { peer epoch "$1" hf_trainer hf_train.py --mode padded --model $TINY --seq-len 512 \
   --micro-batch 4 --epochs 1; }
 
+# Case 3, equal work. eq_ft ROUND on|off recipe|text; eq_pt ROUND on|off.
+EQM=$W/models/$PRESET
+TEXT=$W/models/sample_text.jsonl  # data/sample_train.jsonl as plain text: every token a target
+eq_ft() {
+  local sets=(--set model.path="$EQM" --set data.seq_len=256 --set training.micro_batch=2
+              --set training.steps="$STEPS")
+  [ "$2" = off ] && sets+=(--set training.max_grad_norm=0 --set training.weight_decay=0)
+  [ "$3" = text ] && sets+=(--set data.train="$TEXT" --set data.format=text)
+  FT_IMPL=ftune_$3 ftune "eq_$2" "$1" bench/configs/train_packed.yaml "${sets[@]}"
+}
+eq_pt() {
+  local c=eq_$2 t0 out args=()
+  [ "$2" = on ] && args=(--clip 1.0 --weight-decay 0.01)
+  t0=$(now)
+  out=$($PY bench/peer_train.py --threads "$T" --model "$EQM" --seq-len 256 --micro-batch 2 \
+    --steps "$STEPS" "${args[@]}" 2>"$W/out/$c.peer.log" | tail -1) || { cat "$W/out/$c.peer.log"; exit 1; }
+  record "$c" "$1" transformers_loop "$t0" "$out"
+}
+run_equal() {
+  [ -f "$EQM/model.safetensors" ] ||
+    $FT init-model --preset "$PRESET" --out "$EQM" --dtype fp32 >/dev/null
+  $PY - "$DATA" "$TEXT" <<'PYEOF'
+import json, sys
+with open(sys.argv[2], "w") as out:
+    for line in open(sys.argv[1]):
+        if line.strip():
+            e = json.loads(line)
+            text = "\n".join(x for x in (e["instruction"], e.get("input") or "", e["output"]) if x)
+            out.write(json.dumps({"text": text}) + "\n")
+PYEOF
+  local r s
+  for r in $(seq 1 "$ROUNDS"); do
+    echo "equal work, round $r/$ROUNDS (load $(load1))"
+    for s in off on; do  # alternate the side that runs first
+      if (((r + ${#s}) % 2)); then eq_ft "$r" $s recipe; eq_ft "$r" $s text; eq_pt "$r" $s
+      else eq_pt "$r" $s; eq_ft "$r" $s text; eq_ft "$r" $s recipe; fi
+    done
+  done
+}
+
 run_all() {
   : >"$RES"
   : >"$W/out/gemm.jsonl"
@@ -100,7 +155,42 @@ run_all() {
     gemm
   done
 }
-[ "${1:-}" = --report ] || run_all  # --report: reprint the tables of the last run only
+if [ "${1:-}" != --report ]; then  # --report: reprint the tables of the last run only
+  case $CASES in
+    all) run_all; run_equal ;;
+    smollm2_equal) : >"$RES"; echo "# $(date -u +%F) threads=$T rounds=$ROUNDS preset=$PRESET" \
+      "steps=$STEPS torch=$($PY -c 'import torch;print(torch.__version__)')"; run_equal ;;
+    *) echo "CASES: expected all or smollm2_equal, got $CASES" >&2; exit 1 ;;
+  esac
+fi
+
+# Equal work: median tok/s of steps MEDIAN_FROM..STEPS per run, best round.
+$PY - "$RES" "$MEDIAN_FROM" <<'PYEOF'
+import json, statistics as st, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if '"eq_' in l]
+first = int(sys.argv[2]) - 1
+if recs:
+    med = {}
+    for r in recs:
+        tok = [n / d for n, d in zip(r["step_tokens"][first:], r["step_s"][first:])]
+        k = (r["impl"], r["case"][3:])
+        med[k] = max(med.get(k, 0), st.median(tok))
+        if "step_targets" in r:
+            med[k + ("targets",)] = st.median(r["step_targets"][first:]) / r["step_tokens"][0]
+    print(f"\n| equal work: side | clip 1.0 + decay 0.01 | median tok/s, steps {first + 1}+ (best round) |"
+          " vs transformers loop | clip + decay cost | targets / token |")
+    print("|---|---|---|---|---|---|")
+    for impl in ("ftune_recipe", "ftune_text", "transformers_loop"):
+        for s in ("off", "on"):
+            if (impl, s) not in med:
+                continue
+            v, peer = med[(impl, s)], med.get(("transformers_loop", s))
+            cost = (1 - med[(impl, "on")] / med[(impl, "off")]) * 100 if s == "on" and (impl, "off") in med else None
+            print(f"| {impl} | {s} | {v:.1f} | {v / peer:.2f}x |" if peer else f"| {impl} | {s} | {v:.1f} | |",
+                  f"{cost:.1f}% |" if cost is not None else " |",
+                  f"{med[(impl, s, 'targets')]:.2f} |" if (impl, s, "targets") in med else "1.00 |")
+PYEOF
+[ "$CASES" = all ] || exit 0
 
 $PY - "$RES" "$W/out/gemm.jsonl" <<'PYEOF'
 import json, statistics as st, sys

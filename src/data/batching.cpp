@@ -159,6 +159,18 @@ Batch BatchStream::collate(const std::vector<Row>& rows) const {
   at::Tensor causal = at::ones({T, T}, at::kBool).tril();
   batch.attn_mask = (s.unsqueeze(2) == s.unsqueeze(1)).logical_and_(causal).unsqueeze(1);  // [B, 1, T, T]
   batch.target_tokens = batch.labels.slice(1, 1).ne(kIgnoreIndex).sum().item<int64_t>();
+  // Causal when no target lies beyond a row's first segment: every position that predicts a
+  // target then sees only its own document under plain causal attention too (a segment's first
+  // label is always -100, so a target and the position before it share a segment).
+  batch.causal = std::all_of(rows.begin(), rows.end(), [&](const Row& row) {
+    const auto n = static_cast<int64_t>(row.ids.size());
+    int64_t doc = 0;
+    while (doc < n && row.seg[doc] == 0) ++doc;
+    for (int64_t t = doc; t < n; ++t) {
+      if (row.labels[t] != kIgnoreIndex) return false;
+    }
+    return true;
+  });
   return batch;
 }
 

@@ -41,6 +41,10 @@ struct Batch {
   at::Tensor labels;     // [B, T] int64, -100 = no loss (prompt, padding, cross-document)
   at::Tensor positions;  // [B, T] int64, reset to 0 at each packed document
   at::Tensor attn_mask;  // [B, 1, T, T] bool (true = may attend): causal within a document
+  // In every row, all target tokens lie in the first segment (one document from position 0; what
+  // follows is padding or prompt-only text): plain causal attention then gives the same loss as
+  // attn_mask, so the model may skip the mask. Always true when padding.
+  bool causal = false;
   int64_t target_tokens = 0;  // count of labels[:, 1:] != -100: the targets the loss predicts
 };
 

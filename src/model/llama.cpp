@@ -15,15 +15,14 @@
 namespace ftune::model {
 namespace {
 
-at::Tensor rotate_half(const at::Tensor& x) {
-  auto halves = x.chunk(2, -1);
-  return at::cat({-halves[1], halves[0]}, -1);
-}
-
-// q, k: [B, heads, T, hd]; cos/sin: [B, T, hd]
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  auto c = cos.unsqueeze(1), s = sin.unsqueeze(1);
-  return x * c + rotate_half(x) * s;
+// transformers' x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1). The sign is
+// moved into the table once per forward (sin_signed = cat(-sin1, sin2), see hidden_states), so a
+// layer swaps the halves with one roll instead of chunk + neg + cat, forward and backward; the
+// products are bit for bit the same ((-a) * b == a * (-b) in IEEE arithmetic).
+// q, k: [B, heads, T, hd]; cos/sin_signed: [B, T, hd]
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin_signed) {
+  auto c = cos.unsqueeze(1), s = sin_signed.unsqueeze(1);
+  return x * c + x.roll(x.size(-1) / 2, -1) * s;
 }
 
 // Recomputes one decoder layer during backward (reentrant checkpointing, as torch.utils.checkpoint
@@ -274,6 +273,8 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
             .unsqueeze(0).expand({B, T});
   at::Tensor x = model->embed_tokens(input_ids);  // [B, T, H]
   auto [cos, sin] = rope(positions, x.scalar_type());
+  const int64_t half = sin.size(-1) / 2;
+  sin = at::cat({-sin.slice(-1, 0, half), sin.slice(-1, half)}, -1);  // sign of rotate_half
   at::Tensor mask = opts.attn_mask;
   if (!mask.defined() && past > 0 && T > 1) {
     // New tokens attend to the whole cache and causally among themselves.

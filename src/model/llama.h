@@ -79,7 +79,8 @@ TORCH_MODULE(RMSNorm);
 class LlamaAttentionImpl : public torch::nn::Module {
  public:
   LlamaAttentionImpl(const LlamaConfig& c, const at::TensorOptions& opts);
-  // x: [B, T, H]; cos/sin: [B, T, head_dim]
+  // x: [B, T, H]; cos/sin: [B, T, head_dim], sin with rotate_half's sign folded in:
+  // cat(-sin[..., :hd/2], sin[..., hd/2:]) (hidden_states builds it once per forward)
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& attn_mask, at::Tensor* k_cache, at::Tensor* v_cache);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};

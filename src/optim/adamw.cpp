@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "optim/grad_clip.h"
 
 namespace ftune::optim {
 
@@ -31,7 +32,28 @@ void AdamW::step(double lr) {
   }
 }
 
-void AdamW::step_fused(double lr) {
+double AdamW::clip_and_step(double lr, double max_grad_norm) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> ps;
+  ps.reserve(params_.size());
+  for (const auto& p : params_) ps.push_back(p.second);
+  const at::Tensor norm = grad_norm(ps);
+  if (!opts_.fused || max_grad_norm <= 0) {
+    clip_grads_with_norm(ps, max_grad_norm, norm);
+    step(lr);
+    return norm.item<double>();
+  }
+  // The factor as clip_grads_with_norm computes it (fp32); < 1 only when clipping is active.
+  const at::Tensor coef = at::clamp((norm + 1e-6).reciprocal() * max_grad_norm, std::nullopt, 1.0);
+  if (coef.item<float>() < 1.0f) {
+    step_fused(lr, coef.reciprocal());
+  } else {
+    step_fused(lr);
+  }
+  return norm.item<double>();
+}
+
+void AdamW::step_fused(double lr, const std::optional<at::Tensor>& grad_scale) {
   // One kernel call per (weight decay, device, dtype) group, like torch's _fused_adamw grouping.
   // The kernel reads each step count from a float32 scalar tensor that the caller has advanced.
   struct Group {
@@ -53,7 +75,9 @@ void AdamW::step_fused(double lr) {
     const double wd = std::get<0>(key) ? opts_.weight_decay : 0.0;
     at::_fused_adamw_(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, /*max_exp_avg_sqs=*/{}, g.steps,
                       lr, opts_.beta1, opts_.beta2, wd, opts_.eps, /*amsgrad=*/false,
-                      /*maximize=*/false);
+                      /*maximize=*/false,
+                      grad_scale ? std::optional<at::Tensor>(grad_scale->to(g.params[0].device()))
+                                 : std::nullopt);
   }
 }
 

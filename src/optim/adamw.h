@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,6 +37,12 @@ class AdamW {
   // One update with learning rate `lr`; parameters without a gradient are skipped (their step
   // count does not advance), as in PyTorch.
   void step(double lr);
+  // clip_grad_norm(params, max_grad_norm) then step(lr); returns the norm before clipping. Fused,
+  // the clip factor goes into the AdamW kernel (its grad_scale input divides each gradient as it
+  // is read) instead of a separate pass over every gradient, and there is no scaling at all when
+  // the norm is within max_grad_norm. The clipped gradients (also written back) then differ from
+  // clip_grad_norm's by the rounding of g / (1 / c) vs g * c.
+  double clip_and_step(double lr, double max_grad_norm);
   // Drops every gradient (PyTorch's zero_grad(set_to_none=True)).
   void zero_grad();
 
@@ -56,7 +63,7 @@ class AdamW {
   std::vector<int64_t> steps_;
 
   void step_unfused(double lr);
-  void step_fused(double lr);
+  void step_fused(double lr, const std::optional<at::Tensor>& grad_scale = std::nullopt);
 };
 
 }  // namespace ftune::optim

@@ -21,15 +21,18 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// Loss sum (fp32 scalar, differentiable) and its target count for one micro-batch.
+// Loss sum (fp32 scalar, differentiable) and its target count for one micro-batch. The loss
+// projects only the positions that carry a target (model::chunked_lm_loss_sum), so the full
+// [B, T, V] logits never exist. A batch whose rows each hold one document goes without the dense
+// mask: SDPA's is_causal path skips the masked half of the attention.
 model::LossSum forward_loss(model::LlamaForCausalLM& m, const data::Batch& b, bool bf16,
                             at::Device device) {
   model::AutocastScope autocast(device.type(), bf16);
   model::ForwardOptions fo;
   fo.positions = b.positions.to(device);
-  fo.attn_mask = b.attn_mask.to(device);
-  at::Tensor logits = m->forward(b.input_ids.to(device), fo);  // [B, T, V]
-  return model::causal_lm_loss_sum(logits, b.labels.to(device));
+  if (!b.causal) fo.attn_mask = b.attn_mask.to(device);
+  at::Tensor hidden = m->hidden_states(b.input_ids.to(device), fo);  // [B, T, H]
+  return model::chunked_lm_loss_sum(hidden, m->lm_head_weight(), b.labels.to(device));
 }
 
 void dump_batches(const std::filesystem::path& dir, int64_t step,

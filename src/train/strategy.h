@@ -39,11 +39,7 @@ class Strategy {
   // Clips the total gradient norm (0 = no clipping) and updates; returns the norm before
   // clipping. A sharded strategy computes the norm across shards here.
   virtual double clip_and_step(optim::AdamW& opt, double lr, double max_grad_norm) {
-    std::vector<at::Tensor> params;
-    for (const auto& p : opt.params()) params.push_back(p.second);
-    const double norm = optim::clip_grad_norm(params, max_grad_norm);
-    opt.step(lr);
-    return norm;
+    return opt.clip_and_step(lr, max_grad_norm);
   }
 
   // Whether this process writes files and logs (rank 0).

@@ -191,6 +191,41 @@ std::vector<Example> docs(int64_t n) {
   return ex;
 }
 
+// Batch::causal (the model may drop the mask) must hold exactly when plain causal attention gives
+// every position that predicts a target the same row of attn_mask.
+TEST(Causal, FlagIffCausalAttentionMatchesTheMaskAtEveryTarget) {
+  std::mt19937_64 rng(5);
+  int64_t seen[2] = {0, 0};
+  for (bool packing : {true, false}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      std::vector<Example> ex;
+      const int64_t n = 1 + static_cast<int64_t>(rng() % 4);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t len = 1 + static_cast<int64_t>(rng() % 14);
+        // Some documents are all prompt: they carry no target.
+        ex.push_back(doc(i, len, rng() % 3 == 0 ? len : static_cast<int64_t>(rng() % len)));
+      }
+      BatchStream s(ex, {.seq_len = 12, .packing = packing, .pad_id = kPad, .seed = 1});
+      for (const Batch& b : s.all_batches(2)) {
+        const int64_t T = b.input_ids.size(1);
+        const at::Tensor tril = at::ones({T, T}, at::kBool).tril();
+        bool same = true;
+        for (int64_t r = 0; r < b.input_ids.size(0); ++r) {
+          const std::vector<int64_t> labels = row_vec(b.labels, r);
+          for (int64_t t = 0; t + 1 < T; ++t) {
+            if (labels[t + 1] != kIgnoreIndex) same &= at::equal(b.attn_mask[r][0][t], tril[t]);
+          }
+        }
+        EXPECT_EQ(b.causal, same);
+        if (!packing) EXPECT_TRUE(b.causal);
+        ++seen[b.causal];
+      }
+    }
+  }
+  EXPECT_GT(seen[0], 0);
+  EXPECT_GT(seen[1], 0);
+}
+
 TEST(Shuffle, EveryEpochIsADeterministicPermutation) {
   const int64_t n = 20;
   BatchStream a(docs(n), {.seq_len = 16, .packing = false, .pad_id = kPad, .seed = 42});

@@ -20,18 +20,9 @@
 #include "io/safetensors.h"
 #include "model/hf_io.h"
 #include "model/loss.h"
+#include "proc_status.h"
 
 namespace {
-
-// A "VmRSS:" / "VmHWM:" line of /proc/self/status, in bytes.
-int64_t proc_status_bytes(const std::string& key) {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line)) {
-    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1)) * 1024;
-  }
-  return -1;
-}
 
 int load_memory(const std::string& model_dir, const std::string& dtype) {
   using namespace ftune;
