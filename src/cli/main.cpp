@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   ftune::cli::register_bench(app);
   ftune::cli::register_train(app);
   ftune::cli::register_convert(app);
+  ftune::cli::register_quantize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {
