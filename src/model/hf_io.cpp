@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <set>
 
@@ -196,6 +197,19 @@ LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
     const auto getter = [&](const std::string& key) {
       return files.contains(key) ? files.reader(key).tensor(key).clone() : at::Tensor();
     };
+    // One scratch buffer, reused for every weight read before quantizing: allocating and
+    // freeing a dense weight per linear fragments the heap around the packed results (measured:
+    // +20-40 MB of peak on a 25M-parameter model).
+    at::Tensor scratch;
+    if (opts.quant) {
+      int64_t most = 0;
+      for (auto& [mod, lin] : linears(m)) {
+        if (mod.rfind("model.layers.", 0) == 0) {
+          most = std::max(most, lin->out_features() * lin->in_features());
+        }
+      }
+      scratch = at::empty({most}, at::TensorOptions().dtype(dtype));
+    }
     for (auto& [mod, lin] : linears(m)) {
       if (mod.rfind("model.layers.", 0) != 0) continue;
       const std::string name = mod + ".weight";
@@ -205,10 +219,9 @@ LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
             getter, name, files.reader(name + kNf4StateSuffix).path().string(), shape));
         lin->set_nf4(std::make_shared<quant::Nf4Tensor>(w->to(opts.device)), compute_dtype, topts);
       } else if (opts.quant) {
-        at::Tensor dense = at::empty(shape, at::TensorOptions().dtype(dtype));
+        at::Tensor dense = scratch.slice(0, 0, shape[0] * shape[1]).view(shape);
         files.reader(name).read_into(name, dense);
         auto w = std::make_shared<quant::Nf4Tensor>(quant::quantize_nf4(dense, *opts.quant));
-        dense = at::Tensor();
         lin->set_nf4(std::make_shared<quant::Nf4Tensor>(w->to(opts.device)), compute_dtype, topts);
       } else {
         lin->set_dense_weight(at::empty(shape, topts));

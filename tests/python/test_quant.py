@@ -188,10 +188,13 @@ def test_load_time_peak_memory_is_the_4bit_model_plus_one_weight(tmp_path):
     q_peak = q["peak"] - q["rss_before"]
     largest = 4 * 512 * 2048  # one fp32 MLP weight, the largest dense tensor read for quantizing
     held = q["nf4_bytes"] + q["dense_bytes"]
+    runtime = dense_peak - dense["dense_bytes"]  # what a load costs beyond the weights it keeps
     print(f"load peak above baseline: dense {dense_peak / 1e6:.1f} MB ({dense['dense_bytes'] / 1e6:.1f} MB "
           f"of weights), 4-bit {q_peak / 1e6:.1f} MB ({held / 1e6:.1f} MB held, one dense weight "
           f"{largest / 1e6:.1f} MB)")
-    assert q_peak <= 1.3 * (held + largest) + 4e6
+    # The 4-bit model, one dense weight being quantized and its file pages (one read chunk), and
+    # the same fixed cost the dense load has: never a dense copy of the model.
+    assert q_peak <= held + 2 * largest + runtime + 2e6
     assert q_peak < 0.45 * dense_peak
 
 
@@ -224,7 +227,7 @@ def test_bad_bitsandbytes_checkpoint_is_one_clear_error(tmp_path):
     key = "model.layers.1.mlp.down_proj.weight"
     t[key + ".absmax"] = t[key + ".absmax"][:-1].clone()
     save_file(t, q / "model.safetensors", metadata={"format": "pt"})
-    p = ftune("eval", "--model", q, "--text", str(d / "config.json"), check=False)
+    p = ftune("eval", "--model", q, "--text", str(d / "config.json"), "--seq-len", "16", check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     n = 64 * 172 // 64
     assert p.stderr.strip() == (f"ftune: error: {q / 'model.safetensors'}: {key}.absmax: shape [{n - 1}], "
