@@ -50,13 +50,13 @@ void run_quantize(const QuantizeArgs& a) {
 void register_quantize(CLI::App& app) {
   auto a = std::make_shared<QuantizeArgs>();
   auto* cmd = app.add_subcommand(
-      "quantize", "Write a model with NF4 linear weights in bitsandbytes' layout (QLoRA base)");
+      "quantize", "Write a model with 4-bit NF4 linear weights in bitsandbytes' layout");
   cmd->add_option("--model", a->model, "HF model directory to quantize")->required()->type_name("DIR");
   cmd->add_option("--out", a->out, "Output model directory: new or empty, or any with --force")
       ->required()
       ->type_name("DIR");
   cmd->add_option("--blocksize", a->blocksize,
-                  "Elements per absmax: 64 (default, bitsandbytes' and QLoRA's), 128, ..., 4096")
+                  "Elements per absmax: 64 (default, as bitsandbytes), 128, ..., 4096")
       ->type_name("INT");
   cmd->add_flag("--no-double-quant", a->no_double_quant,
                 "Keep the absmax in fp32 (4.5 bits/param) instead of 8-bit (4.127 bits/param)");

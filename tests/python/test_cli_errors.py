@@ -13,7 +13,7 @@ import torch
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin, write_json
 
-SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert"
+SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, quantize"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_help_and_version_exit_zero():
 
 def test_help_describes_only_what_exists():
     """Full fine-tuning on one CPU or GPU; no LoRA, QLoRA or multi-device claims anywhere."""
-    cmds = [[], ["tokenize"], ["init-model"], ["eval"], ["generate"], ["train"], ["convert"],
+    cmds = [[], ["tokenize"], ["init-model"], ["eval"], ["generate"], ["train"], ["convert"], ["quantize"],
             ["bench"], ["bench", "forward"], ["bench", "gemm"]]
     for cmd in cmds:
         out = ftune(*cmd, "--help").stdout.lower()
