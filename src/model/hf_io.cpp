@@ -80,17 +80,24 @@ bool is_decoder_linear_weight(const std::string& name) {
 // Bytes of `c`'s weights with the decoder linears in NF4 (double quant: 4.127 bits/param) and
 // everything else in `dtype`; refuses, as check_fits_in_memory does, more than physical RAM.
 void check_fits_in_memory_nf4(const LlamaConfig& c, at::ScalarType dtype, const std::string& origin) {
-  double need = 0;
-  for (const auto& [name, shape] : parameter_shapes(c)) {
-    double n = 1;
-    for (int64_t d : shape) n *= static_cast<double>(d);
-    need += is_decoder_linear_weight(name) ? n * (0.5 + 1.0 / 64) : n * c10::elementSize(dtype);
-  }
+  // From the sizes alone (parameter_shapes would walk every layer of an absurd config).
+  const double h = static_cast<double>(c.hidden_size), i = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.num_attention_heads * c.dim_head());
+  const double kv = static_cast<double>(c.num_key_value_heads * c.dim_head());
+  const double linear = static_cast<double>(c.num_hidden_layers) * (2 * h * q + 2 * h * kv + 3 * h * i);
+  const double rest = static_cast<double>(c.num_parameters()) - linear;
+  const double need = linear * (0.5 + 1.0 / 64) + rest * static_cast<double>(c10::elementSize(dtype));
   const int64_t have = physical_memory_bytes();
   auto gb = [](double bytes) { return std::round(bytes / 1e8) / 10; };
   FTUNE_CHECK(have <= 0 || need <= static_cast<double>(have), origin, ": model needs ", gb(need),
               " GB with 4-bit linears and the rest in ", dtype_name(dtype),
               ", more than this machine's ", gb(static_cast<double>(have)), " GB");
+}
+
+// Whether config.json says the checkpoint is bitsandbytes 4-bit (transformers' quantization_config).
+bool config_says_4bit(const LlamaConfig& c) {
+  auto q = c.extra.find("quantization_config");
+  return q != c.extra.end() && q->is_object() && q->value("load_in_4bit", false);
 }
 
 // The compute dtype config.json's quantization_config names (transformers' bnb_4bit_compute_dtype).
@@ -150,6 +157,13 @@ LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
   const std::string cfg_path = (dir / "config.json").string();
   const at::ScalarType dtype = opts.dtype.value_or(
       cfg.torch_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat);
+  if (opts.device.is_cpu()) {
+    if (opts.quant || config_says_4bit(cfg)) {
+      check_fits_in_memory_nf4(cfg, dtype, cfg_path);
+    } else {
+      cfg.check_fits_in_memory(dtype, cfg_path);
+    }
+  }
   // Headers only: names, shapes and dtypes are checked before any weight memory is allocated.
   io::SafetensorsDir files(dir);
   std::map<std::string, TensorMeta> found;
@@ -172,13 +186,6 @@ LlamaForCausalLM load_model(const fs::path& dir, const LoadOptions& opts) {
   }
   check_checkpoint(cfg, found, dir.string(), nf4_stored);
   const bool nf4 = opts.quant || !nf4_stored.empty();
-  if (opts.device.is_cpu()) {
-    if (nf4) {
-      check_fits_in_memory_nf4(cfg, dtype, cfg_path);
-    } else {
-      cfg.check_fits_in_memory(dtype, cfg_path);
-    }
-  }
   const at::ScalarType compute_dtype =
       opts.quant ? opts.quant->compute_dtype : config_compute_dtype(cfg, cfg_path).value_or(dtype);
   LlamaForCausalLM m{nullptr};
