@@ -15,5 +15,6 @@ void register_bench(CLI::App& app);
 void register_train(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_merge(CLI::App& app);
+void register_quantize(CLI::App& app);
 
 }  // namespace ftune::cli

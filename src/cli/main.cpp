@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   ftune::cli::register_train(app);
   ftune::cli::register_convert(app);
   ftune::cli::register_merge(app);
+  ftune::cli::register_quantize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "model/hf_io.h"
 
 namespace ftune::lora {
 
@@ -79,7 +80,7 @@ void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t se
   const double scale = lora_scale(o);
   for (auto& [name, lin] : decoder_linears(m)) {
     if (!select(name)) continue;
-    const auto dev = lin->weight.defined() ? lin->weight.device() : at::Device(at::kCPU);
+    const auto dev = lin->device();
     const auto opts = at::TensorOptions().dtype(at::kFloat).device(dev);
     const int64_t in = lin->in_features(), out = lin->out_features();
     auto a = std::make_shared<model::LinearImpl>(in, o.r, false, opts);   // weight [r, in]
@@ -102,10 +103,9 @@ void apply_lora_to(model::LlamaForCausalLM& m, const LoraOptions& o, uint64_t se
 }
 
 int64_t merge_lora(model::LlamaForCausalLM& m) {
-  // TODO(lead, QLoRA): a 4-bit base linear (LinearImpl::nf4) has no dense `weight` to add to.
-  // Dequantize first, here, before the loop:
-  //   model::dequantize_linears(m, m->lm_head_weight().scalar_type());
-  // (the embedding keeps the model dtype under NF4, so it names the dtype to dequantize to).
+  // A 4-bit base has no dense weight to add to: dequantize it (bitsandbytes' values) into the
+  // dtype the rest of the model keeps, as merging a QLoRA adapter does in PEFT.
+  if (model::has_nf4_linears(m)) model::dequantize_linears(m, m->lm_head_weight().scalar_type());
   torch::NoGradGuard no_grad;
   int64_t merged = 0;
   for (auto& [name, lin] : decoder_linears(m)) {

@@ -103,8 +103,38 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const at::TensorO
   if (has_bias) bias = register_parameter("bias", at::empty({out}, opts));
 }
 
+at::Device LinearImpl::device() const { return nf4 ? nf4->device() : weight.device(); }
+
+void LinearImpl::materialize_bias(const at::TensorOptions& opts) {
+  if (!bias.defined() || !bias.is_meta()) return;
+  parameters_.erase("bias");
+  bias = register_parameter("bias", at::empty({out_features_}, opts));
+}
+
+void LinearImpl::set_nf4(std::shared_ptr<quant::Nf4Tensor> w, at::ScalarType compute_dtype,
+                         const at::TensorOptions& bias_opts) {
+  FTUNE_CHECK(w && w->shape == std::vector<int64_t>({out_features_, in_features_}),
+              "Linear::set_nf4: expected a weight of shape [", out_features_, ", ", in_features_, "]");
+  if (parameters_.contains("weight")) parameters_.erase("weight");  // gone, not a frozen parameter
+  weight = at::Tensor();
+  materialize_bias(bias_opts.device(w->device()));
+  nf4 = std::move(w);
+  nf4_compute_dtype = compute_dtype;
+}
+
+void LinearImpl::set_dense_weight(const at::Tensor& w) {
+  FTUNE_CHECK(w.sizes() == at::IntArrayRef({out_features_, in_features_}),
+              "Linear::set_dense_weight: expected a weight of shape [", out_features_, ", ",
+              in_features_, "], got ", w.sizes());
+  const bool was_nf4 = nf4 != nullptr;
+  nf4.reset();
+  if (parameters_.contains("weight")) parameters_.erase("weight");
+  weight = register_parameter("weight", w, /*requires_grad=*/!was_nf4);
+  materialize_bias(w.options());
+}
+
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
-  at::Tensor y = at::linear(x, weight, bias);
+  at::Tensor y = nf4 ? quant::nf4_linear(x, *nf4, bias, nf4_compute_dtype) : at::linear(x, weight, bias);
   if (!lora_A) return y;
   // PEFT: x is cast to the adapter's dtype first, then dropout, then
   // result + lora_B(lora_A(dropout(x))) * scaling.
@@ -187,9 +217,10 @@ at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
   return down_proj(at::silu(gate_proj(x)) * up_proj(x));
 }
 
-LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts) {
-  self_attn = register_module("self_attn", LlamaAttention(c, opts));
-  mlp = register_module("mlp", LlamaMLP(c, opts));
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts,
+                                             std::optional<at::TensorOptions> linear_opts) {
+  self_attn = register_module("self_attn", LlamaAttention(c, linear_opts.value_or(opts)));
+  mlp = register_module("mlp", LlamaMLP(c, linear_opts.value_or(opts)));
   input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
   post_attention_layernorm =
       register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
@@ -202,18 +233,26 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const at::Tensor&
   return h + mlp(post_attention_layernorm(h));
 }
 
-LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts) {
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts,
+                               std::optional<at::TensorOptions> linear_opts) {
   embed_tokens = register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, opts));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(LlamaDecoderLayer(c, opts));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    layers->push_back(LlamaDecoderLayer(c, opts, linear_opts));
+  }
   norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, opts));
 }
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts)
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts,
+                                           bool nf4_linears)
     : config_(c) {
   c.validate("config");
-  if (opts.device().is_cpu()) c.check_fits_in_memory(opts.dtype().toScalarType(), "config");
-  model = register_module("model", LlamaModel(c, opts));
+  if (opts.device().is_cpu() && !nf4_linears) {
+    c.check_fits_in_memory(opts.dtype().toScalarType(), "config");
+  }
+  model = register_module("model", LlamaModel(c, opts, nf4_linears ? std::optional<at::TensorOptions>(
+                                                                         opts.device(at::kMeta))
+                                                                   : std::nullopt));
   if (!c.tie_word_embeddings) {
     lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, opts));
   }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "quant/nf4.h"
 
 namespace ftune::model {
 
@@ -35,14 +36,27 @@ struct ForwardOptions {
 // when absent) are allocated uninitialized in `opts`. A LoRA adapter (lora::apply_lora) adds
 // lora_scale * lora_B(lora_A(dropout(x))) to the output; A and B are registered as the submodules
 // "lora_A" and "lora_B", so their parameters carry PEFT's names (...q_proj.lora_A.weight).
+// A 4-bit linear (QLoRA's frozen base) holds its weight in `nf4` instead: `weight` is then
+// undefined and not a parameter, and forward computes quant::nf4_linear.
 class LinearImpl : public torch::nn::Module {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, const at::TensorOptions& opts);
   at::Tensor forward(const at::Tensor& x);
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
+  // Where the base weight lives (the dense weight's device, or the NF4 tensors').
+  at::Device device() const;
+  // Makes this a 4-bit linear: drops the dense `weight` parameter; matmuls run in compute_dtype.
+  // A bias still on the meta device (built for loading) gets uninitialized storage in bias_opts.
+  void set_nf4(std::shared_ptr<quant::Nf4Tensor> w, at::ScalarType compute_dtype,
+               const at::TensorOptions& bias_opts = {});
+  // Makes this a dense linear again with `w` [out, in] as the registered `weight` parameter
+  // (frozen when it replaces an NF4 weight); drops `nf4`. A meta bias gets storage like `w`.
+  void set_dense_weight(const at::Tensor& w);
 
   at::Tensor weight, bias;
+  std::shared_ptr<quant::Nf4Tensor> nf4;  // the 4-bit weight; null for a dense linear
+  at::ScalarType nf4_compute_dtype = at::kBFloat16;
   // LoRA: A [r, in], B [out, r] (fp32, trainable); null when this linear has no adapter.
   std::shared_ptr<LinearImpl> lora_A, lora_B;
   double lora_scale = 0;    // alpha / r, or alpha / sqrt(r) with rsLoRA
@@ -51,6 +65,7 @@ class LinearImpl : public torch::nn::Module {
   bool lora_rslora = false;
 
  private:
+  void materialize_bias(const at::TensorOptions& opts);
   int64_t in_features_, out_features_;
 };
 TORCH_MODULE(Linear);
@@ -98,7 +113,10 @@ TORCH_MODULE(LlamaMLP);
 
 class LlamaDecoderLayerImpl : public torch::nn::Module {
  public:
-  LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts);
+  // The attention and MLP linears are built in `linear_opts` (default: `opts`); the meta device
+  // there allocates nothing, for linears a loader turns into NF4 ones.
+  LlamaDecoderLayerImpl(const LlamaConfig& c, const at::TensorOptions& opts,
+                        std::optional<at::TensorOptions> linear_opts = std::nullopt);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& attn_mask, at::Tensor* k_cache = nullptr,
                      at::Tensor* v_cache = nullptr);
@@ -110,7 +128,8 @@ TORCH_MODULE(LlamaDecoderLayer);
 
 class LlamaModelImpl : public torch::nn::Module {
  public:
-  LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts);
+  LlamaModelImpl(const LlamaConfig& c, const at::TensorOptions& opts,
+                 std::optional<at::TensorOptions> linear_opts = std::nullopt);
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
@@ -122,7 +141,11 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // Validates `c` and, for CPU tensors, checks that the weights fit in this machine's memory
   // (LlamaConfig::check_fits_in_memory with origin "config"); then allocates every parameter
   // uninitialized in `opts` (dtype and device; default fp32 on the CPU).
-  explicit LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts = at::kFloat);
+  // With `nf4_linears` the decoder layers' linear weights are placeholders on the meta device
+  // (nothing allocated, no memory check for them): the caller (model::load_model) must give each
+  // one its NF4 weight (LinearImpl::set_nf4) or a dense one before use.
+  explicit LlamaForCausalLMImpl(const LlamaConfig& c, const at::TensorOptions& opts = at::kFloat,
+                                bool nf4_linears = false);
 
   // Final hidden states after the last norm: [B, T, H].
   at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& opts = {});

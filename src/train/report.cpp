@@ -3,6 +3,8 @@
 
 #include <cstdio>
 
+#include "model/hf_io.h"
+
 namespace ftune::train {
 namespace {
 
@@ -21,6 +23,10 @@ BaseSize frozen_base_size(model::LlamaForCausalLM& m) {
     b.params += p.numel();
     b.bytes += static_cast<int64_t>(p.nbytes());
   }
+  // 4-bit linears hold packed data and statistics outside the parameters.
+  const model::BaseBytes nf4 = model::base_bytes(m);
+  b.params += nf4.nf4_params;
+  b.bytes += nf4.nf4_bytes;
   return b;
 }
 

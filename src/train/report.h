@@ -26,9 +26,8 @@ struct BaseSize {
   int64_t bytes = 0;
 };
 
-// The frozen (requires_grad false) parameters of `m`, counted dense. A 4-bit linear whose packed
-// weight and statistics are not dense parameters must be counted here: extend this function (its
-// logical weight count in `params`, the bytes of every tensor it holds in `bytes`).
+// The frozen base of `m`: its frozen (requires_grad false) dense parameters plus its 4-bit linears
+// (their logical weight count, and the bytes of the packed data and statistics).
 BaseSize frozen_base_size(model::LlamaForCausalLM& m);
 
 ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt);

@@ -317,6 +317,10 @@ model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelS
   } else {
     m = model::load_model(src.dir, lo);
   }
+  FTUNE_CHECK(cfg.lora || !model::has_nf4_linears(m), cfg.where("model.path"), ": model.path: ",
+              src.dir.string(), " holds 4-bit (bitsandbytes NF4) linear weights, which full "
+              "fine-tuning cannot update: add a lora section (QLoRA), or train the unquantized "
+              "model");
   m->set_grad_checkpointing(cfg.model.grad_checkpointing);
   return m;
 }

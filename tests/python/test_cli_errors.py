@@ -13,7 +13,7 @@ import torch
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin, write_json
 
-SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge"
+SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge, quantize"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_help_describes_only_what_exists():
     """Fine-tuning on one CPU or GPU; no multi-device claims anywhere (LoRA adapters exist: merge,
     eval/generate --adapter)."""
     cmds = [[], ["tokenize"], ["init-model"], ["eval"], ["generate"], ["train"], ["convert"],
-            ["merge"], ["bench"], ["bench", "forward"], ["bench", "gemm"]]
+            ["merge"], ["quantize"], ["bench"], ["bench", "forward"], ["bench", "gemm"]]
     for cmd in cmds:
         out = ftune(*cmd, "--help").stdout.lower()
         for word in ("many devices", "multi-gpu", "multiple devices",
