@@ -140,7 +140,10 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
   // result + lora_B(lora_A(dropout(x))) * scaling.
   at::Tensor h = x.to(lora_A->weight.scalar_type());
   if (lora_dropout > 0) h = at::dropout(h, lora_dropout, is_training());
-  at::Tensor delta = at::linear(at::linear(h, lora_A->weight), lora_B->weight) * lora_scale;
+  // The scale multiplies the rank-r activations [.., r], not the [.., out] product as PEFT
+  // writes it: the same value up to rounding, for r/out of the elementwise work (forward and
+  // backward).
+  at::Tensor delta = at::linear(at::linear(h, lora_A->weight) * lora_scale, lora_B->weight);
   if (delta.scalar_type() == y.scalar_type()) return y + delta;
   return (y.to(delta.scalar_type()) + delta).to(y.scalar_type());  // PEFT adds in the adapter dtype
 }

@@ -11,7 +11,7 @@ import torch
 
 from ftune_testing import ftune, run, tool, write_json
 
-TOL = 1e-6  # measured 0.0 (bit-identical) for every case
+TOL = 1e-5  # the bound (fp32 logits); measured <= 1.7e-6 (ftune scales the rank-r activations, PEFT the product)
 BF16_TOL = 2 ** -5  # one bf16 ulp at |logit| ~ 4; measured 0.0
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! " * 3
 
