@@ -9,7 +9,7 @@ cd "$root"
 
 apt_pkgs=(cmake g++ make ninja-build ccache pkg-config libsentencepiece-dev libyaml-cpp-dev
           nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libbenchmark-dev libpcre2-dev libicu-dev
-          clang libclang-rt-dev)
+          clang libclang-rt-dev libgloo-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,575 @@
+// c10d behind ftune's ProcessGroup; see process_group.h. The TCPStore server takes over a socket
+// bound here to MASTER_ADDR (c10d would listen on every interface), Gloo's pairs bind to the
+// address that routes to MASTER_ADDR (or GLOO_SOCKET_IFNAME), and every failure is rethrown as one
+// ftune::Error line naming this rank, the collective, the time waited and what the store knows of
+// the other ranks (the first one that failed and why, or the ones that lag behind).
+#include "parallel/process_group.h"
+
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <c10/util/Exception.h>
+#include <c10/util/Logging.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if FTUNE_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <regex>
+#include <vector>
+
+#include "core/error.h"
+
+namespace ftune::parallel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+int parse_int(const std::string& name, const std::string& value, int lo, int hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(value.c_str(), &end, 10);
+  FTUNE_CHECK(!value.empty() && *end == '\0' && errno == 0 && v >= lo && v <= hi,
+              "environment: ", name, "=", value, ": expected an integer in [", lo, ", ", hi, "]");
+  return static_cast<int>(v);
+}
+
+std::string seconds_text(milliseconds ms) {
+  std::ostringstream os;
+  os << static_cast<double>(ms.count()) / 1000.0 << " s";
+  return os.str();
+}
+
+std::string first_line(std::string s) {
+  const auto nl = s.find('\n');
+  if (nl != std::string::npos) s.resize(nl);
+  return s;
+}
+
+std::vector<uint8_t> bytes_of(const std::string& s) { return {s.begin(), s.end()}; }
+std::string string_of(const std::vector<uint8_t>& b) { return {b.begin(), b.end()}; }
+
+// A listening socket on host:port only (port 0: the kernel picks one), for the TCPStore server.
+int listen_on(const std::string& host, int port, const std::string& origin) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  const std::string port_text = std::to_string(port);
+  const int rc = ::getaddrinfo(host.c_str(), port_text.c_str(), &hints, &res);
+  FTUNE_CHECK(rc == 0, origin, ": MASTER_ADDR=", host, ": cannot resolve: ", gai_strerror(rc));
+  int err = 0;
+  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      err = errno;
+      continue;
+    }
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd, a->ai_addr, a->ai_addrlen) == 0 && ::listen(fd, 2048) == 0) {
+      ::freeaddrinfo(res);
+      return fd;
+    }
+    err = errno;
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  if (err == EADDRINUSE) {
+    fail(origin, ": MASTER_PORT=", port, ": ", host, ":", port, " is already in use (another run? "
+         "pick another port, or `ftune launch --master-port 0` for a free one)");
+  }
+  fail(origin, ": MASTER_ADDR=", host, ": cannot listen on ", host, ":", port, ": ",
+       std::strerror(err), " (MASTER_ADDR must be an address of rank 0's host)");
+}
+
+// The local address that routes to `host` (a connected UDP socket sends nothing): the interface
+// Gloo binds its pairs to, so they listen where the other ranks can reach them, and only there.
+std::string local_address_towards(const std::string& host, int port) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return host;
+  std::string out = host;
+  const int fd = ::socket(res->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd >= 0 && ::connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof(ss);
+    char buf[INET6_ADDRSTRLEN] = {};
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
+      const void* addr = ss.ss_family == AF_INET
+                             ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr)
+                             : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr);
+      if (::inet_ntop(ss.ss_family, addr, buf, sizeof(buf)) != nullptr) out = buf;
+    }
+  }
+  if (fd >= 0) ::close(fd);
+  ::freeaddrinfo(res);
+  return out;
+}
+
+std::optional<std::string> process_getenv(const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return std::nullopt;
+  return std::string(v);
+}
+
+}  // namespace
+
+std::string first_host_of_nodelist(const std::string& nodelist) {
+  // "prefix[a-b,c]suffix,..." -> prefix + a (zero padding kept) + suffix; "a,b" -> "a".
+  std::string first;
+  int depth = 0;
+  for (char c : nodelist) {
+    if (c == '[') ++depth;
+    if (c == ']') --depth;
+    if (c == ',' && depth == 0) break;
+    first += c;
+  }
+  const auto open = first.find('[');
+  if (open == std::string::npos) return first;
+  const auto close = first.find(']', open);
+  FTUNE_CHECK(close != std::string::npos, "environment: SLURM_JOB_NODELIST=", nodelist,
+              ": unbalanced '['");
+  std::string range = first.substr(open + 1, close - open - 1);
+  range = range.substr(0, range.find(','));
+  range = range.substr(0, range.find('-'));
+  return first.substr(0, open) + range + first.substr(close + 1);
+}
+
+DistEnv read_dist_env(const std::function<std::optional<std::string>(const char*)>& getenv) {
+  DistEnv e;
+  auto get_int = [&](const char* name, int lo, int hi) -> std::optional<int> {
+    const auto v = getenv(name);
+    if (!v) return std::nullopt;
+    return parse_int(name, *v, lo, hi);
+  };
+  constexpr int kMax = 1 << 20;
+  const char* rank_var = nullptr;
+  const char* size_var = nullptr;
+  if (getenv("RANK") || getenv("WORLD_SIZE")) {
+    rank_var = "RANK", size_var = "WORLD_SIZE";
+    e.source = "torchrun";
+    e.local_rank = get_int("LOCAL_RANK", 0, kMax).value_or(-1);
+    e.local_world_size = get_int("LOCAL_WORLD_SIZE", 1, kMax).value_or(-1);
+  } else if (getenv("SLURM_PROCID")) {
+    rank_var = "SLURM_PROCID", size_var = "SLURM_NTASKS";
+    e.source = "slurm";
+    e.local_rank = get_int("SLURM_LOCALID", 0, kMax).value_or(-1);
+    // SLURM_NTASKS_PER_NODE may read "4" or "4(x2)"; only its leading count matters here.
+    if (auto v = getenv("SLURM_NTASKS_PER_NODE")) {
+      const std::string lead = v->substr(0, v->find_first_not_of("0123456789"));
+      if (!lead.empty()) e.local_world_size = parse_int("SLURM_NTASKS_PER_NODE", lead, 1, kMax);
+    }
+  } else if (getenv("OMPI_COMM_WORLD_RANK")) {
+    rank_var = "OMPI_COMM_WORLD_RANK", size_var = "OMPI_COMM_WORLD_SIZE";
+    e.source = "ompi";
+    e.local_rank = get_int("OMPI_COMM_WORLD_LOCAL_RANK", 0, kMax).value_or(-1);
+    e.local_world_size = get_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1, kMax).value_or(-1);
+  } else {
+    return e;  // one process
+  }
+  const auto rank = get_int(rank_var, 0, kMax);
+  const auto size = get_int(size_var, 1, kMax);
+  FTUNE_CHECK(rank && size, "environment: ", rank ? size_var : rank_var, " is not set (", rank_var,
+              " and ", size_var, " come together; set both, or neither for one process)");
+  e.rank = *rank;
+  e.world_size = *size;
+  FTUNE_CHECK(e.rank < e.world_size, "environment: ", rank_var, "=", e.rank, ": must be below ",
+              size_var, "=", e.world_size);
+  if (e.local_rank < 0) e.local_rank = e.world_size == 1 ? 0 : e.rank;
+  if (e.local_world_size < 0) e.local_world_size = e.world_size;
+  FTUNE_CHECK(e.local_rank < e.local_world_size || e.source == "slurm", "environment: local rank ",
+              e.local_rank, " must be below the local world size ", e.local_world_size);
+
+  if (auto a = getenv("MASTER_ADDR")) {
+    e.master_addr = *a;
+  } else if (e.source == "slurm") {
+    if (auto nl = getenv("SLURM_JOB_NODELIST")) e.master_addr = first_host_of_nodelist(*nl);
+  }
+  if (auto p = getenv("MASTER_PORT")) e.master_port = parse_int("MASTER_PORT", *p, 1, 65535);
+  if (e.master_port == 0 && e.source != "torchrun") e.master_port = 29500;
+  if (e.world_size > 1) {
+    FTUNE_CHECK(!e.master_addr.empty(), "environment: MASTER_ADDR is not set: with ", size_var, "=",
+                e.world_size, " every rank needs the host of rank 0 (e.g. MASTER_ADDR=127.0.0.1 "
+                "on one node)");
+    FTUNE_CHECK(e.master_port != 0, "environment: MASTER_PORT is not set: with ", size_var, "=",
+                e.world_size, " every rank needs the port of rank 0's store (e.g. 29500)");
+  }
+  if (auto a = getenv("TORCHELASTIC_USE_AGENT_STORE")) {
+    e.agent_store = *a == "True" || *a == "true" || *a == "1";
+  }
+  return e;
+}
+
+DistEnv read_dist_env() { return read_dist_env(process_getenv); }
+
+int64_t CommStats::total_payload() const {
+  int64_t n = 0;
+  for (const auto& [k, v] : payload_bytes) n += v;
+  return n;
+}
+
+int64_t CommStats::total_wire() const {
+  int64_t n = 0;
+  for (const auto& [k, v] : wire_bytes) n += v;
+  return n;
+}
+
+struct ProcessGroup::Impl {
+  DistEnv env;
+  GroupOptions opts;
+  c10::intrusive_ptr<c10d::Store> store;  // prefixed "ftune/"
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::mutex stats_mutex;
+  CommStats stats;
+  int64_t step = -1;
+  bool failed = false;
+
+  void count(const char* op, int64_t payload, double wire_factor) {
+    std::lock_guard<std::mutex> lock(stats_mutex);
+    stats.calls[op] += 1;
+    stats.payload_bytes[op] += payload;
+    stats.wire_bytes[op] += static_cast<int64_t>(static_cast<double>(payload) * wire_factor + 0.5);
+  }
+  double ring_factor() const {  // (n-1)/n
+    return static_cast<double>(env.world_size - 1) / static_cast<double>(env.world_size);
+  }
+
+  // What the store says about the other ranks: the first recorded failure, else who lags.
+  std::string peers_report() {
+    try {
+      std::vector<std::string> failed_keys;
+      for (int r = 0; r < env.world_size; ++r) {
+        if (r == env.rank) continue;
+        const std::string key = "failed/" + std::to_string(r);
+        if (store->check({key})) {
+          return "rank " + std::to_string(r) + " failed: " + string_of(store->get(key));
+        }
+      }
+      std::string behind, silent;
+      for (int r = 0; r < env.world_size; ++r) {
+        if (r == env.rank) continue;
+        const std::string key = "progress/" + std::to_string(r);
+        if (!store->check({key})) {
+          silent += (silent.empty() ? "" : ", ") + std::to_string(r);
+          continue;
+        }
+        const int64_t s = std::stoll(string_of(store->get(key)));
+        if (s < step) {
+          behind += (behind.empty() ? "" : ", ") + ("rank " + std::to_string(r) + " at step " +
+                                                    std::to_string(s));
+        }
+      }
+      std::string out;
+      if (!behind.empty()) {
+        out = "behind this rank (step " + std::to_string(step) + "): " + behind +
+              " (stalled, or still busy: a longer parallel.timeout_s may help)";
+      }
+      if (!silent.empty() && step >= 0) {
+        out += (out.empty() ? "" : "; ") + std::string("never reported a step: rank(s) ") + silent;
+      }
+      return out.empty() ? "no other rank reported a failure" : out;
+    } catch (const std::exception&) {
+      return "the store at " + env.master_addr + ":" + std::to_string(env.master_port) +
+             " is unreachable (rank 0, which hosts it, has likely exited)";
+    }
+  }
+
+  [[noreturn]] void rethrow(const std::string& what, Clock::time_point t0, const std::string& why) {
+    const std::string cause = first_line(why);
+    const bool timed_out = cause.find("imed out") != std::string::npos ||
+                           cause.find("imeout") != std::string::npos;
+    std::ostringstream os;
+    os << "rank " << env.rank << ": " << what;
+    if (step >= 0) os << " (step " << step << ")";
+    if (timed_out) {
+      os << " timed out after " << seconds_text(opts.timeout) << " (parallel.timeout_s)";
+    } else {
+      os << " failed after " << seconds_since(t0) << " s: " << cause;
+    }
+    os << "; " << peers_report();
+    failed = true;
+    throw Error(os.str());
+  }
+
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what,
+            std::optional<milliseconds> timeout = std::nullopt) {
+    const auto t0 = Clock::now();
+    try {
+      work->wait(timeout.value_or(opts.timeout));
+    } catch (const c10::Error& e) {
+      account_wait(t0);
+      rethrow(what, t0, e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      account_wait(t0);
+      rethrow(what, t0, e.what());
+    }
+    account_wait(t0);
+  }
+  void account_wait(Clock::time_point t0) {
+    std::lock_guard<std::mutex> lock(stats_mutex);
+    stats.wait_s += seconds_since(t0);
+  }
+
+  // Starting a collective can itself throw (a closed connection): same message.
+  template <typename F>
+  c10::intrusive_ptr<c10d::Work> start(const std::string& what, F&& f) {
+    const auto t0 = Clock::now();
+    try {
+      return f();
+    } catch (const c10::Error& e) {
+      rethrow(what, t0, e.what_without_backtrace());
+    } catch (const std::exception& e) {
+      rethrow(what, t0, e.what());
+    }
+  }
+
+  void check_tensor(const at::Tensor& t, const std::string& what) const {
+    FTUNE_CHECK(t.is_contiguous(), "rank ", env.rank, ": ", what, ": tensor is not contiguous");
+    FTUNE_CHECK(t.device().type() == opts.device.type(), "rank ", env.rank, ": ", what,
+                ": tensor on ", t.device().str(), ", the group runs on ", opts.device.str());
+  }
+};
+
+struct ProcessGroup::Pending::Work {
+  ProcessGroup::Impl* group = nullptr;
+  c10::intrusive_ptr<c10d::Work> work;
+  std::string what;
+};
+
+void ProcessGroup::Pending::wait() {
+  if (!work_) return;
+  auto w = std::move(work_);
+  w->group->wait(w->work, w->what);
+}
+
+ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+ProcessGroup::~ProcessGroup() {
+  if (!impl_) return;
+  if (impl_->failed || std::uncaught_exceptions() > 0) {
+    // An orderly shutdown would join Gloo's threads, which may sit in a collective with a dead or
+    // stalled peer until the timeout: leave them to the process exit instead.
+    (void)impl_->backend.release();
+    (void)impl_->store.release();
+  }
+}
+
+std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const GroupOptions& o) {
+  // c10d logs each failure it throws, with a stack, at ERROR level; ftune reports it once, in one
+  // line. TORCH_CPP_LOG_LEVEL (as in PyTorch) brings c10d's own logs back for debugging.
+  if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) FLAGS_caffe2_log_level = 3;  // FATAL only
+  auto impl = std::make_unique<Impl>();
+  impl->env = env;
+  impl->opts = o;
+  const std::string origin = "rank " + std::to_string(env.rank) + ": rendezvous";
+  const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+
+  // 1. The store: rank 0 hosts it on a socket bound to MASTER_ADDR only.
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<uint16_t>(env.master_port);
+  so.numWorkers = static_cast<size_t>(env.world_size);
+  so.waitWorkers = false;
+  so.timeout = o.timeout;
+  const bool host = env.rank == 0 && !env.agent_store;
+  so.isServer = host;
+  if (host) so.masterListenFd = listen_on(env.master_addr, env.master_port, origin);
+  c10::intrusive_ptr<c10d::Store> tcp;
+  try {
+    tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
+  } catch (const std::exception& e) {
+    const std::string msg = first_line(dynamic_cast<const c10::Error*>(&e)
+                                           ? dynamic_cast<const c10::Error*>(&e)->what_without_backtrace()
+                                           : e.what());
+    fail(origin, ": cannot reach the store at MASTER_ADDR:MASTER_PORT ", where, " within ",
+         seconds_text(o.timeout), " (is rank 0 running, and are MASTER_ADDR/MASTER_PORT the same "
+         "on every rank?): ", msg);
+  }
+  impl->store = c10::make_intrusive<c10d::PrefixStore>("ftune", tcp);
+  auto& store = *impl->store;
+
+  // 2. Every rank joins once and agrees on WORLD_SIZE.
+  try {
+    const std::string me = std::to_string(env.rank);
+    FTUNE_CHECK(store.add("rank_taken/" + me, 1) == 1, origin, ": RANK ", env.rank,
+                " is already taken by another process: every process needs its own RANK");
+    // Rank 0 publishes first and checks the others; each other rank checks rank 0's value before
+    // publishing its own, so both sides of a mismatch see it before rank 0 (the store) exits.
+    const auto mine = bytes_of(std::to_string(env.world_size));
+    auto check_peer = [&](int r) {
+      const std::string key = "world_size/" + std::to_string(r);
+      store.wait({key}, o.timeout);
+      const int theirs = std::stoi(string_of(store.get(key)));
+      if (theirs != env.world_size && env.rank != 0) store.set("world_size/" + me, mine);
+      FTUNE_CHECK(theirs == env.world_size, origin, ": WORLD_SIZE mismatch: rank ", r, " has ",
+                  theirs, ", this rank has ", env.world_size, " (start every rank with the same "
+                  "WORLD_SIZE)");
+    };
+    if (env.rank == 0) {
+      store.set("world_size/0", mine);
+      for (int r = 1; r < env.world_size; ++r) check_peer(r);
+    } else {
+      check_peer(0);
+      store.set("world_size/" + me, mine);
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    fail(origin, ": not every rank joined the store at ", where, " within ", seconds_text(o.timeout),
+         " (WORLD_SIZE=", env.world_size, "; are all ranks started?): ", first_line(e.what()));
+  }
+
+  // 3. The backend.
+  try {
+    if (o.device.is_cuda()) {
+#if FTUNE_WITH_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(o.device.index()));
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = o.timeout;
+      impl->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl", impl->store), env.rank, env.world_size,
+          no);
+#else
+      fail(origin, ": model.device is ", o.device.str(),
+           " but this ftune was built without CUDA, so without NCCL");
+#endif
+    } else {
+      auto go = c10d::ProcessGroupGloo::Options::create(o.timeout);
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      go->devices.push_back(
+          ifname != nullptr && *ifname != '\0'
+              ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+              : c10d::ProcessGroupGloo::createDeviceForHostname(
+                    local_address_towards(env.master_addr, env.master_port)));
+      go->threads = 2;
+      impl->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
+          c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store), env.rank, env.world_size,
+          go);
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
+         first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
+         first_line(e.what()));
+  }
+  return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
+}
+
+int ProcessGroup::rank() const { return impl_->env.rank; }
+int ProcessGroup::size() const { return impl_->env.world_size; }
+milliseconds ProcessGroup::timeout() const { return impl_->opts.timeout; }
+
+ProcessGroup::Pending ProcessGroup::all_reduce_async(const at::Tensor& t, const std::string& what) {
+  impl_->check_tensor(t, what);
+  impl_->count("all_reduce", t.numel() * t.element_size(), 2.0 * impl_->ring_factor());
+  std::vector<at::Tensor> ts{t};
+  Pending p;
+  p.work_ = std::make_shared<Pending::Work>();
+  p.work_->group = impl_.get();
+  p.work_->what = what;
+  p.work_->work = impl_->start(what, [&] { return impl_->backend->allreduce(ts); });
+  return p;
+}
+
+void ProcessGroup::all_reduce(const at::Tensor& t, const std::string& what) {
+  all_reduce_async(t, what).wait();
+}
+
+void ProcessGroup::broadcast(const at::Tensor& t, int root, const std::string& what) {
+  impl_->check_tensor(t, what);
+  impl_->count("broadcast", t.numel() * t.element_size(), 1.0);
+  std::vector<at::Tensor> ts{t};
+  c10d::BroadcastOptions bo;
+  bo.rootRank = root;
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->broadcast(ts, bo); }), what);
+}
+
+void ProcessGroup::all_gather_into(const at::Tensor& out, const at::Tensor& in,
+                                   const std::string& what) {
+  impl_->check_tensor(in, what);
+  impl_->check_tensor(out, what);
+  FTUNE_CHECK(out.numel() == in.numel() * size(), "rank ", rank(), ": ", what, ": output has ",
+              out.numel(), " elements, expected ", size(), " x ", in.numel());
+  impl_->count("all_gather", out.numel() * out.element_size(), impl_->ring_factor());
+  at::Tensor o = out, i = in;
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->_allgather_base(o, i); }), what);
+}
+
+void ProcessGroup::reduce_scatter(const at::Tensor& out, const at::Tensor& in,
+                                  const std::string& what) {
+  impl_->check_tensor(in, what);
+  impl_->check_tensor(out, what);
+  FTUNE_CHECK(in.numel() == out.numel() * size(), "rank ", rank(), ": ", what, ": input has ",
+              in.numel(), " elements, expected ", size(), " x ", out.numel());
+  impl_->count("reduce_scatter", in.numel() * in.element_size(), impl_->ring_factor());
+  at::Tensor o = out, i = in;
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->_reduce_scatter_base(o, i); }), what);
+}
+
+void ProcessGroup::send(const at::Tensor& t, int dst, const std::string& what) {
+  impl_->check_tensor(t, what);
+  impl_->count("send", t.numel() * t.element_size(), 1.0);
+  std::vector<at::Tensor> ts{t};
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->send(ts, dst, 0); }), what);
+}
+
+void ProcessGroup::recv(const at::Tensor& t, int src, const std::string& what) {
+  impl_->check_tensor(t, what);
+  impl_->count("recv", t.numel() * t.element_size(), 0.0);
+  std::vector<at::Tensor> ts{t};
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->recv(ts, src, 0); }), what);
+}
+
+void ProcessGroup::barrier(const std::string& what, std::optional<milliseconds> timeout) {
+  c10d::BarrierOptions bo;
+  bo.timeout = timeout.value_or(impl_->opts.timeout);
+  if (impl_->opts.device.is_cuda()) bo.device_ids = {impl_->opts.device.index()};
+  impl_->count("barrier", 0, 0.0);
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->barrier(bo); }), what, bo.timeout);
+}
+
+void ProcessGroup::mark_progress(int64_t step) {
+  impl_->step = step;
+  impl_->store->set("progress/" + std::to_string(rank()), bytes_of(std::to_string(step)));
+}
+
+void ProcessGroup::mark_failed(const std::string& message) {
+  impl_->failed = true;
+  try {
+    impl_->store->set("failed/" + std::to_string(rank()), bytes_of(first_line(message)));
+  } catch (const std::exception&) {
+    // The store host may be gone already; the launcher still names this rank.
+  }
+}
+
+CommStats ProcessGroup::take_stats() {
+  std::lock_guard<std::mutex> lock(impl_->stats_mutex);
+  CommStats out = std::move(impl_->stats);
+  impl_->stats = CommStats{};
+  return out;
+}
+
+}  // namespace ftune::parallel
