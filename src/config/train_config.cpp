@@ -9,8 +9,8 @@
 namespace ftune::config {
 namespace {
 
-const char* const kSections[] = {"model", "data", "training", "logging", "lora", "quant"};
-const char* const kLaterSections[] = {"parallel"};
+const char* const kSections[] = {"model", "data", "training", "logging", "parallel", "lora",
+                                 "quant"};
 
 TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins origins) {
   for (auto it = root.begin(); it != root.end(); ++it) {
@@ -20,11 +20,8 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
     if (known) continue;
     const YAML::Mark m = it->first.Mark();
     std::string where = m.is_null() || m.line < 0 ? file : file + ":" + std::to_string(m.line + 1);
-    for (const char* s : kLaterSections) {
-      FTUNE_CHECK(name != s, where, ": ", name, ": section not supported yet by this ftune");
-    }
-    fail(where, ": ", name, ": unknown section (expected model, data, training, logging, lora, "
-         "quant)");
+    fail(where, ": ", name, ": unknown section (expected model, data, training, logging, "
+         "parallel, lora, quant)");
   }
   TrainConfig c;
   c.file = file;
@@ -33,6 +30,7 @@ TrainConfig parse_root(const YAML::Node& root, const std::string& file, Origins 
   read_section(root, "data", file, c.origins, c.data);
   read_section(root, "training", file, c.origins, c.training);
   read_section(root, "logging", file, c.origins, c.logging);
+  read_section(root, "parallel", file, c.origins, c.parallel);
   // An optional section is on when present, even empty (`lora:` or `lora: {}`: all defaults).
   auto optional_section = [&](const char* name, auto& out) {
     const YAML::Node& r = root;  // const lookup: never inserts the section
@@ -146,6 +144,11 @@ void TrainConfig::validate() const {
   one_of("logging.progress", logging.progress, {"auto", "bar", "lines"});
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
+  one_of("parallel.strategy", parallel.strategy, {"auto", "none", "ddp"});
+  check("parallel.bucket_mb", parallel.bucket_mb > 0 && std::isfinite(parallel.bucket_mb),
+        "expected a positive number of MiB, got ", parallel.bucket_mb);
+  check("parallel.timeout_s", parallel.timeout_s > 0 && std::isfinite(parallel.timeout_s),
+        "expected a positive number of seconds, got ", parallel.timeout_s);
 
   // lora.targets names are checked against the model's modules by lora::resolve_targets when the
   // run starts (before anything is allocated); here only what needs no model.
@@ -179,6 +182,7 @@ std::string TrainConfig::to_yaml() const {
   if (training.steps > 0 || training.epochs > 0.0) skip.insert(training.steps > 0 ? "epochs" : "steps");
   emit_section(os, "training", training, skip);
   emit_section(os, "logging", logging);
+  emit_section(os, "parallel", parallel);
   if (lora) emit_section(os, "lora", *lora);
   if (quant) emit_section(os, "quant", *quant);
   return os.str();
@@ -190,6 +194,7 @@ std::map<std::string, std::string> TrainConfig::flatten() const {
   flatten_section(out, "data", data);
   flatten_section(out, "training", training);
   flatten_section(out, "logging", logging);
+  flatten_section(out, "parallel", parallel);
   if (lora) flatten_section(out, "lora", *lora);
   if (quant) flatten_section(out, "quant", *quant);
   return out;
@@ -219,7 +224,7 @@ bool keeps_run_on_resume(const std::string& key) {
       "model.device",        "training.eval_every", "training.eval_at_start",
       "training.save_every", "training.keep_last",  "training.stop_after",
       "training.resume",     "training.output_dir", "training.threads",
-      "training.dump_batches"};
+      "training.dump_batches", "parallel.timeout_s",  "parallel.bucket_mb"};
   return key.rfind("logging.", 0) == 0 || kSameRun.count(key) > 0;
 }
 

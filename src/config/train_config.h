@@ -3,8 +3,7 @@
 // `lora: {}`) turns LoRA / QLoRA's 4-bit base on. load_train_config() reads the file, applies
 // `--set section.key=value` overrides and rejects unknown sections and keys; validate() checks
 // every value (and the cross-field rules) once, before anything is allocated, with errors naming
-// file:line and key. The section reserved for a later feature (parallel) is an error until it
-// exists.
+// file:line and key. The parallel section says how several processes share the work (DDP).
 #pragma once
 
 #include <cstdint>
@@ -152,11 +151,26 @@ struct QuantSection {
   }
 };
 
+// How the processes of a launched run (`ftune launch`, torchrun, SLURM) share the work.
+struct ParallelOptions {
+  std::string strategy = "auto";  // auto (ddp when launched with several processes, else none) |
+                                  // none (one process) | ddp (replicas, gradients all-reduced)
+  double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
+  double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
+                                  // fails, naming the collective and the ranks behind
+  template <class V> void fields(V& v) {
+    v("strategy", strategy);
+    v("bucket_mb", bucket_mb);
+    v("timeout_s", timeout_s);
+  }
+};
+
 struct TrainConfig {
   ModelOptions model;
   DataOptions data;
   TrainingOptions training;
   LoggingOptions logging;
+  ParallelOptions parallel;
   std::optional<LoraSection> lora;    // present = LoRA: the base is frozen, adapters train
   std::optional<QuantSection> quant;  // present = the frozen base is 4-bit (QLoRA)
 

@@ -174,12 +174,13 @@ Batch BatchStream::collate(const std::vector<Row>& rows) const {
   return batch;
 }
 
-Batch BatchStream::next(int64_t micro_batch) {
+Batch BatchStream::next(int64_t micro_batch, int64_t shard, int64_t shards) {
   FTUNE_CHECK(micro_batch >= 1, "training.micro_batch: must be at least 1, got ", micro_batch);
+  FTUNE_CHECK(shards >= 1 && shard >= 0 && shard < shards, "data: shard ", shard, " of ", shards);
   std::vector<Row> rows;
   rows.reserve(static_cast<size_t>(micro_batch));
-  for (int64_t i = 0; i < micro_batch; ++i) {
-    rows.push_back(make_row(layout_, position_));
+  for (int64_t i = 0; i < micro_batch * shards; ++i) {
+    if (i / micro_batch == shard) rows.push_back(make_row(layout_, position_));
     if (++position_ == rows_per_epoch_) {
       ++epoch_;
       position_ = 0;

@@ -72,7 +72,13 @@ class BatchStream {
   BatchStream(std::vector<Example> examples, BatchOptions opts);
   // Next micro-batch of exactly `micro_batch` rows. When an epoch ends mid-batch, the remaining
   // rows come from the start of the next epoch (reshuffled), so every micro-batch has one shape.
-  Batch next(int64_t micro_batch);
+  // Sharded (data parallelism): the stream advances by micro_batch * shards rows, the global
+  // micro-batch, and this shard gets rows [shard * micro_batch, (shard + 1) * micro_batch) of
+  // them. So every rank sees distinct rows, the union is what one process reading
+  // micro_batch * shards rows gets, epoch/position stay global (a checkpoint resumes at any
+  // world size with the same global batch), and an epoch whose rows do not divide evenly
+  // continues into the next one instead of dropping or repeating rows.
+  Batch next(int64_t micro_batch, int64_t shard = 0, int64_t shards = 1);
   int64_t epoch() const { return epoch_; }        // epoch of the next row (advances eagerly)
   int64_t position() const { return position_; }  // rows consumed in the current epoch
   int64_t rows_per_epoch() const { return rows_per_epoch_; }  // packed rows or examples

@@ -32,6 +32,10 @@ struct TrainState {
   double last_loss = std::numeric_limits<double>::quiet_NaN();
   double last_eval_loss = std::numeric_limits<double>::quiet_NaN();
   int64_t last_eval_step = -1;  // the step last_eval_loss was measured at; -1 = none
+  // Communication of this process's part of the run (not checkpointed): ring bytes this rank
+  // sent and seconds it waited on collectives.
+  int64_t comm_bytes = 0;
+  double comm_exposed_s = 0.0;
 
 
   nlohmann::json to_json() const;

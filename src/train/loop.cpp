@@ -83,16 +83,33 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
                       data::BatchStream& train, const std::vector<data::Batch>& valid,
                       TrainState state, const LoopOptions& o, MetricsLog& metrics) {
   const bool main = strategy.is_main();
+  const bool distributed = strategy.world_size() > 1;
+  const DataShard shard = strategy.data_shard();
   const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.total_steps) : o.total_steps;
   Progress progress(o.total_steps, state.step, o.progress_bar && main);
-  const auto batch_dir = o.output_dir / "batches";
-  if (o.dump_batches && main) std::filesystem::create_directories(batch_dir);
+  // Under data parallelism every rank dumps the rows it trained on, in its own folder.
+  const auto batch_dir = distributed ? o.output_dir / "batches" / ("rank" + std::to_string(strategy.rank()))
+                                     : o.output_dir / "batches";
+  if (o.dump_batches) std::filesystem::create_directories(batch_dir);
   m->train();
+
+  // This rank's share of the validation batches (batch i goes to rank i % ranks).
+  std::vector<data::Batch> my_valid;
+  for (size_t i = 0; i < valid.size(); ++i) {
+    if (static_cast<int64_t>(i) % shard.count == shard.index) my_valid.push_back(valid[i]);
+  }
 
   // Evaluates on the validation rows and adds eval_loss/eval_ppl to `rec`.
   auto run_eval = [&](int64_t step, nlohmann::json& rec) {
     const auto te = Clock::now();
-    EvalResult ev = evaluate(m, valid, o.bf16_autocast, o.device);
+    EvalResult ev = evaluate(m, my_valid, o.bf16_autocast, o.device);
+    if (distributed) {  // each rank evaluated its share: sum the NLL and the token counts
+      const double sum = strategy.global_sum(ev.tokens > 0 ? ev.loss * static_cast<double>(ev.tokens)
+                                                           : 0.0);
+      ev.tokens = strategy.global_sum(ev.tokens);
+      ev.loss = ev.tokens > 0 ? sum / static_cast<double>(ev.tokens) : std::nan("");
+      ev.ppl = std::exp(ev.loss);
+    }
     state.last_eval_loss = ev.loss;
     state.last_eval_step = step;
     rec["eval_loss"] = ev.loss;
@@ -112,33 +129,39 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   }
 
   const int64_t first_step = state.step + 1;
+  strategy.take_comm_stats();  // start-up traffic (the parameter broadcast) is not a step's
   // Throughput over the interval since the last metrics line.
-  int64_t interval_tokens = 0;
+  int64_t interval_tokens = 0, interval_steps = 0;
   double interval_s = 0;
+  parallel::CommStats interval_comm;  // summed over the steps since the last metrics line
 
   while (state.step < end) {
     const auto t0 = Clock::now();
     const int64_t index = state.step;  // 0-based index of this optimizer step
     const int64_t step = index + 1;
     const double lr = optim::lr_at(o.schedule, index);
+    strategy.mark_step(step);
 
     std::vector<data::Batch> micro;
-    int64_t local_targets = 0, tokens = 0;
+    int64_t local_targets = 0, local_tokens = 0;
     for (int64_t i = 0; i < o.grad_accum; ++i) {
-      micro.push_back(train.next(o.micro_batch));
+      micro.push_back(train.next(o.micro_batch, shard.index, shard.count));
       local_targets += micro.back().target_tokens;
-      tokens += micro.back().input_ids.numel();
+      local_tokens += micro.back().input_ids.numel();
     }
-    if (o.dump_batches && main) dump_batches(batch_dir, step, micro, lr);
+    if (o.dump_batches) dump_batches(batch_dir, step, micro, lr);
     const int64_t targets = strategy.global_sum(local_targets);
+    const int64_t tokens = distributed ? strategy.global_sum(local_tokens) : local_tokens;
     // A batch of prompts only (no targets) contributes zero loss rather than 0/0.
     const double denom = static_cast<double>(std::max<int64_t>(targets, 1));
 
     opt.zero_grad();
     double loss_sum = 0;
-    for (const auto& b : micro) {
+    for (size_t i = 0; i < micro.size(); ++i) {
+      const auto& b = micro[i];
       model::LossSum ls = forward_loss(m, b, o.bf16_autocast, o.device);
       at::Tensor loss = ls.sum / denom;
+      strategy.before_backward(i + 1 == micro.size());
       loss.backward();
       loss_sum += ls.sum.item<double>();
     }
@@ -160,6 +183,16 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     state.elapsed_s += dt;
     interval_tokens += tokens;
     interval_s += dt;
+    ++interval_steps;
+    if (distributed) {
+      parallel::CommStats cs = strategy.take_comm_stats();
+      for (const auto& [k, v] : cs.payload_bytes) interval_comm.payload_bytes[k] += v;
+      for (const auto& [k, v] : cs.wire_bytes) interval_comm.wire_bytes[k] += v;
+      for (const auto& [k, v] : cs.calls) interval_comm.calls[k] += v;
+      interval_comm.wait_s += cs.wait_s;
+      state.comm_bytes += cs.total_wire();
+      state.comm_exposed_s += cs.wait_s;
+    }
 
     const bool last = step == o.total_steps;
     const bool do_eval = !valid.empty() && ((o.eval_every > 0 && step % o.eval_every == 0) || last);
@@ -179,7 +212,22 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
              {"tokens", state.tokens_seen},
              {"target_tokens", targets},
              {"epoch", state.epoch}};
+      if (distributed) {
+        // Per optimizer step, averaged over the steps since the last line: payload and ring
+        // bytes by collective, and the seconds rank 0 waited on communication.
+        const auto per_step = [&](const std::map<std::string, int64_t>& m) {
+          nlohmann::json j = nlohmann::json::object();
+          for (const auto& [k, v] : m) j[k] = v / interval_steps;
+          return j;
+        };
+        rec["comm_bytes"] = per_step(interval_comm.payload_bytes);
+        rec["comm_wire_bytes"] = per_step(interval_comm.wire_bytes);
+        rec["comm_exposed_s"] = interval_comm.wait_s / static_cast<double>(interval_steps);
+        rec["comm_exposed_frac"] = interval_s > 0 ? interval_comm.wait_s / interval_s : 0.0;
+        interval_comm = parallel::CommStats{};
+      }
       interval_tokens = 0;
+      interval_steps = 0;
       interval_s = 0;
     }
     if (do_eval) run_eval(step, rec);
@@ -195,6 +243,10 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
         std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
         progress.message("saved checkpoint " + dir.string() + buf);
       }
+      // The other ranks wait here, not in the next step's first collective, whose timeout a
+      // long save could exceed.
+      if (distributed) strategy.barrier("barrier after the checkpoint of step " +
+                                        std::to_string(step), o.save_wait_s);
     }
   }
   progress.finish();

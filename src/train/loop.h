@@ -40,6 +40,7 @@ struct LoopOptions {
   nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
   std::filesystem::path tokenizer_dir;  // its tokenizer files go into each checkpoint
   std::string base_model;         // a LoRA checkpoint's base_model_name_or_path
+  double save_wait_s = 1800;      // how long the other ranks wait for rank 0 to save a checkpoint
 };
 
 struct EvalResult {

@@ -1,7 +1,7 @@
 // LoRA through the Strategy seam: prepare() injects the adapters (freezing the base) and then
 // hands the model to the wrapped strategy, which sees only the adapters as trainable; every other
 // seam (gradient sync, clipping, sums over ranks) is the inner strategy's. So LoRA composes with
-// SingleDevice today and with DDP/FSDP later without a second loop.
+// SingleDevice and DDP (which then all-reduces the adapters only) without a second loop.
 // Defines LoraStrategy.
 #pragma once
 
@@ -22,6 +22,10 @@ class LoraStrategy : public Strategy {
     lora::apply_lora(m, options_, seed_);
     return inner_.prepare(m);
   }
+  int rank() const override { return inner_.rank(); }
+  int world_size() const override { return inner_.world_size(); }
+  DataShard data_shard() const override { return inner_.data_shard(); }
+  void before_backward(bool last) override { inner_.before_backward(last); }
   int64_t global_sum(int64_t local) override { return inner_.global_sum(local); }
   double global_sum(double local) override { return inner_.global_sum(local); }
   void after_backward(const optim::NamedTensors& params) override {
@@ -30,7 +34,13 @@ class LoraStrategy : public Strategy {
   double clip_and_step(optim::AdamW& opt, double lr, double max_grad_norm) override {
     return inner_.clip_and_step(opt, lr, max_grad_norm);
   }
-  bool is_main() const override { return inner_.is_main(); }
+  void barrier(const std::string& what, double timeout_s) override {
+    inner_.barrier(what, timeout_s);
+  }
+  void mark_step(int64_t step) override { inner_.mark_step(step); }
+  void mark_failed(const std::string& message) override { inner_.mark_failed(message); }
+  parallel::CommStats take_comm_stats() override { return inner_.take_comm_stats(); }
+  std::string check_replicas() override { return inner_.check_replicas(); }
 
  private:
   Strategy& inner_;

@@ -16,7 +16,9 @@
 namespace ftune::train {
 namespace fs = std::filesystem;
 
-MetricsLog::MetricsLog(const fs::path& path, int64_t keep_through_step) : path_(path) {
+MetricsLog::MetricsLog(const fs::path& path, int64_t keep_through_step, bool enabled)
+    : path_(path) {
+  if (!enabled) return;
   std::string kept;
   if (keep_through_step > 0 && fs::exists(path)) {
     std::istringstream in(read_file(path));
@@ -35,6 +37,7 @@ MetricsLog::MetricsLog(const fs::path& path, int64_t keep_through_step) : path_(
 }
 
 void MetricsLog::write(const nlohmann::json& record) {
+  if (!out_.is_open()) return;
   out_ << record.dump() << "\n";
   out_.flush();
 }

@@ -21,8 +21,9 @@ namespace ftune::train {
 class MetricsLog {
  public:
   // Opens the file; keeps only lines with "step" <= keep_through_step (earlier steps of a
-  // resumed run; a fresh run passes 0 and starts an empty file).
-  MetricsLog(const std::filesystem::path& path, int64_t keep_through_step);
+  // resumed run; a fresh run passes 0 and starts an empty file). A log that is not `enabled`
+  // (the other ranks of a distributed run) never touches the file.
+  MetricsLog(const std::filesystem::path& path, int64_t keep_through_step, bool enabled = true);
   void write(const nlohmann::json& record);
   const std::filesystem::path& path() const { return path_; }
 

@@ -26,6 +26,7 @@
 #include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"
+#include "train/parallelize.h"
 #include "train/report.h"
 
 namespace ftune::train {
@@ -190,10 +191,12 @@ TrainData load_data(const config::TrainConfig& cfg, const ModelSource& src,
   return out;
 }
 
-int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows) {
+// Optimizer steps of the run: training.steps, or the epochs over the global batch (micro_batch *
+// grad_accum rows on each of `world` ranks).
+int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows, int world) {
   const auto& t = cfg.training;
   if (t.steps > 0) return t.steps;
-  const double per_step = static_cast<double>(t.micro_batch * t.grad_accum);
+  const double per_step = static_cast<double>(t.micro_batch * t.grad_accum * world);
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(t.epochs * rows / per_step)));
 }
 
@@ -201,7 +204,7 @@ int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows) {
 // config stored in it may differ only in keys that keep the run the same (else an error that
 // names the keys; training.resume: force skips this), and its step must not exceed the run's.
 std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_t total_steps,
-                                          int64_t rows, bool main) {
+                                          int64_t rows, int world, bool main) {
   const auto& t = cfg.training;
   const fs::path out = t.output_dir;
   std::optional<fs::path> dir;
@@ -223,13 +226,31 @@ std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_
   if (!info.meta.contains("config")) return info;
   const config::TrainConfig saved =
       config::parse_train_config(info.meta.at("config").get<std::string>(), origin + " (config)");
+  // The data stream is global (rows of micro_batch * grad_accum * world per step), so a run may
+  // continue at another world size (DDP <-> one process) as long as that global batch stays.
+  const int64_t saved_world = info.meta.value("world_size", int64_t{1});
+  const bool same_global_batch = saved.training.micro_batch * saved.training.grad_accum *
+                                     saved_world ==
+                                 cfg.training.micro_batch * cfg.training.grad_accum * world;
+  auto batch_layout_key = [](const std::string& k) {
+    return k == "training.micro_batch" || k == "training.grad_accum" || k == "parallel.strategy";
+  };
   std::string changed, notes, first_key;
+  if (!same_global_batch) {
+    first_key = "training.micro_batch";
+    changed = "the global batch (micro_batch x grad_accum x ranks) " +
+              std::to_string(saved.training.micro_batch) + " x " +
+              std::to_string(saved.training.grad_accum) + " x " + std::to_string(saved_world) +
+              " -> " + std::to_string(cfg.training.micro_batch) + " x " +
+              std::to_string(cfg.training.grad_accum) + " x " + std::to_string(world);
+  }
   for (const auto& c : config::diff_configs(saved, cfg)) {
     // How a run is stopped and resumed is expected to change between its parts: no note.
     if (c.key == "training.resume" || c.key == "training.stop_after") continue;
+    if (batch_layout_key(c.key) && !same_global_batch) continue;  // reported as the global batch
     const std::string item = c.key + " " + c.before + " -> " + c.after;
     if (c.key == "training.steps" || c.key == "training.epochs" ||
-        config::keeps_run_on_resume(c.key)) {
+        config::keeps_run_on_resume(c.key) || batch_layout_key(c.key)) {
       notes += (notes.empty() ? "" : ", ") + item;
     } else {
       if (first_key.empty()) first_key = c.key;
@@ -299,7 +320,8 @@ model::LoadOptions load_options(const config::TrainConfig& cfg, at::Device devic
 }
 
 model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelSource& src,
-                                    at::Device device, bool main) {
+                                    at::Device device, Strategy& strategy) {
+  const bool main = strategy.is_main();
   const model::LoadOptions lo = load_options(cfg, device);
   model::LlamaForCausalLM m{nullptr};
   if (src.preset) {
@@ -309,6 +331,7 @@ model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelS
     model::init_weights(m, static_cast<uint64_t>(cfg.training.seed));
     // The initial weights in HF layout: the base a resumed or replayed run starts from.
     if (main) model::save_model(src.dir, m);
+    strategy.barrier("barrier after rank 0 wrote the preset's base model", 1800);
     if (lo.quant) {
       m = model::load_model(src.dir, lo);  // quantized as an HF dir would be
     } else {
@@ -336,7 +359,8 @@ optim::AdamWOptions adamw_options(const config::TrainingOptions& t) {
 }
 
 LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
-                         int64_t total_steps, at::Device device, const std::string& yaml) {
+                         int64_t total_steps, at::Device device, const std::string& yaml,
+                         int world) {
   const auto& t = cfg.training;
   const bool bf16 = cfg.model.dtype == "bf16";
   LoopOptions lo;
@@ -364,7 +388,7 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   lo.flops_per_token = train_flops_per_token(src.config, cfg.data.seq_len);
   lo.device = device;
   lo.output_dir = t.output_dir;
-  lo.checkpoint_meta = {{"total_steps", total_steps}, {"config", yaml}};
+  lo.checkpoint_meta = {{"total_steps", total_steps}, {"config", yaml}, {"world_size", world}};
   lo.tokenizer_dir = src.dir;
   lo.base_model = src.dir.string();
   return lo;
@@ -373,8 +397,13 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
 // Saves final/ (when the run finished) and the loss plot, prints the summary.
 RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaForCausalLM& m,
                     const optim::AdamW& opt, const ModelSource& src, const fs::path& out,
-                    const fs::path& metrics_path, bool main) {
+                    const fs::path& metrics_path, Strategy& strategy) {
+  const bool main = strategy.is_main();
   RunSummary s;
+  s.replicas = strategy.check_replicas();
+  s.world_size = strategy.world_size();
+  s.comm_bytes = state.comm_bytes;
+  s.comm_exposed_s = state.comm_exposed_s;
   s.params = param_report(m, opt);
   s.steps = state.step;
   s.total_steps = total_steps;
@@ -411,6 +440,13 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   }
   os << "\n";
   os << format_param_report(s.params) << "\n";
+  if (s.world_size > 1) {
+    os << "ddp: " << s.world_size << " ranks; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6)
+       << " MB (ring), waited " << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
+       << fmt("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
+       << "% of training time)\n";
+    if (!s.replicas.empty()) os << s.replicas << "\n";
+  }
   if (!s.final_dir.empty()) {
     os << (lora::has_lora(m) ? "adapter: " : "model: ") << s.final_dir.string() << "\n";
   }
@@ -436,32 +472,27 @@ void clean_up_interrupted_writes(const fs::path& out) {
 
 }  // namespace
 
-RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
-  cfg.validate();
-  SingleDevice single_device;
-  Strategy& strategy = strategy_in ? *strategy_in : single_device;
+namespace {
+
+RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device device) {
   const bool main = strategy.is_main();
+  const int world = strategy.world_size();
   const auto& t = cfg.training;
   const fs::path out = t.output_dir;
-
-  // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
   const ModelSource src = resolve_model_config(cfg);
   const std::optional<lora::LoraOptions> lora = lora_options(cfg, src);
-  check_inputs(cfg);
-  const at::Device device =
-      model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
-  if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
-  at::manual_seed(static_cast<uint64_t>(t.seed));
 
   // 2. Tokenizer and data (before the model: data errors should not wait for a big load).
   if (src.preset && main) model::write_byte_level_tokenizer(src.dir);
+  strategy.barrier("barrier after rank 0 wrote the preset's tokenizer");
   const tok::Tokenizer tokenizer = tok::Tokenizer::load(src.dir);
   tok::check_fits_vocab(tokenizer, src.config.vocab_size, src.origin);
   TrainData data = load_data(cfg, src, tokenizer, main);
   const int64_t rows = data.train.rows_per_epoch();
-  const int64_t total_steps = total_steps_of(cfg, rows);
+  const int64_t total_steps = total_steps_of(cfg, rows, world);
   if (main) clean_up_interrupted_writes(out);
-  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, main);
+  strategy.barrier("barrier after rank 0 cleaned up interrupted writes");
+  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, world, main);
 
   // 3. Inputs are good: the resolved config goes next to the outputs, and to stdout.
   const std::string yaml = cfg.to_yaml();
@@ -471,7 +502,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   }
 
   // 4. Model, strategy, optimizer; then the checkpoint's state over them.
-  model::LlamaForCausalLM m = build_model(cfg, src, device, main);
+  model::LlamaForCausalLM m = build_model(cfg, src, device, strategy);
   std::optional<LoraStrategy> lora_strategy;
   if (lora) lora_strategy.emplace(strategy, *lora, static_cast<uint64_t>(t.seed));
   Strategy& run_strategy = lora_strategy ? static_cast<Strategy&>(*lora_strategy) : strategy;
@@ -491,25 +522,59 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
                    static_cast<long long>(state.step));
     }
   }
-  MetricsLog metrics(out / "metrics.jsonl", state.step);
+  MetricsLog metrics(out / "metrics.jsonl", state.step, main);
 
   // 5. Loop.
-  const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml);
+  const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml, world);
   if (main) {
+    const int64_t global_rows = t.micro_batch * t.grad_accum * world;
     std::fprintf(stderr,
-                 "training %s (%lld parameters) on %s: %zu train / %zu valid documents, %lld rows "
-                 "per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
+                 "training %s (%lld parameters) on %s%s: %zu train / %zu valid documents, %lld "
+                 "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
                  src.origin.c_str(), static_cast<long long>(src.config.num_parameters()),
-                 device.str().c_str(), data.train_docs, data.valid_docs,
-                 static_cast<long long>(rows), static_cast<long long>(total_steps),
-                 static_cast<long long>(t.micro_batch * t.grad_accum), lo.peak_flops,
-                 cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
+                 device.str().c_str(),
+                 world > 1 ? (" x " + std::to_string(world) + " ranks (DDP)").c_str() : "",
+                 data.train_docs, data.valid_docs, static_cast<long long>(rows),
+                 static_cast<long long>(total_steps), static_cast<long long>(global_rows),
+                 lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
     std::fprintf(stderr, "%s\n", format_param_report(param_report(m, opt)).c_str());
   }
   state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
 
   // 6. Final model and summary.
-  return finalize(state, total_steps, m, opt, src, out, metrics.path(), main);
+  return finalize(state, total_steps, m, opt, src, out, metrics.path(), run_strategy);
+}
+
+}  // namespace
+
+RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
+  cfg.validate();
+  const auto& t = cfg.training;
+
+  // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
+  resolve_model_config(cfg);
+  check_inputs(cfg);
+  const at::Device configured =
+      model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
+  if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
+  at::manual_seed(static_cast<uint64_t>(t.seed));
+
+  // The strategy: the caller's, or the one the parallel section and the environment say
+  // (rendezvous with the other ranks happens here).
+  ParallelRun pr;
+  if (strategy_in == nullptr) {
+    pr = parallelize(cfg, configured);
+  } else {
+    pr.device = configured;
+  }
+  Strategy& strategy = strategy_in ? *strategy_in : *pr.strategy;
+  try {
+    return run(cfg, strategy, pr.device);
+  } catch (const std::exception& e) {
+    // The other ranks name this one and its error instead of waiting out their timeout.
+    strategy.mark_failed(e.what());
+    throw;
+  }
 }
 
 }  // namespace ftune::train

@@ -1,21 +1,38 @@
 // The seams through which a training strategy (DDP, FSDP, ZeRO, LoRA) changes what the loop does
-// without forking it: which parameters train, how gradients are synchronized, how the clipped
-// optimizer step runs, and how per-rank counts are summed. SingleDevice is the plain case; a
-// strategy overrides only what it changes (DDP: after_backward + global_sum; LoRA: prepare).
-// Defines Strategy, SingleDevice.
+// without forking it: who this process is (rank, device, which rows it reads), which parameters
+// train, when and how gradients are synchronized, how the clipped optimizer step runs, how
+// per-rank counts are summed, and what the communication cost. SingleDevice is the plain case; a
+// strategy overrides only what it changes. The algorithms (buckets, shards, c10d) live in
+// src/parallel; a Strategy adapts one of them to the loop.
+// Defines DataShard, Strategy, SingleDevice.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
+#include "parallel/process_group.h"
 
 namespace ftune::train {
+
+// Which share of each global micro-batch this rank reads: rows [index * mb, (index + 1) * mb) of
+// the mb * count rows the global stream yields (data::BatchStream::next).
+struct DataShard {
+  int64_t index = 0;
+  int64_t count = 1;
+};
 
 class Strategy {
  public:
   virtual ~Strategy() = default;
+
+  // This process's place in the run (one process: rank 0 of 1). Rank 0 alone logs and saves.
+  virtual int rank() const { return 0; }
+  virtual int world_size() const { return 1; }
+  bool is_main() const { return rank() == 0; }
+  virtual DataShard data_shard() const { return {}; }
 
   // Prepares the model (wrap, shard, inject adapters) and returns the parameters to train, by
   // name: by default every parameter that requires grad (frozen ones never reach the optimizer).
@@ -27,6 +44,10 @@ class Strategy {
     }
     return out;
   }
+
+  // Before each micro-batch's backward: whether it is the last one of the optimizer step (DDP
+  // communicates only then).
+  virtual void before_backward(bool /*last_micro_batch*/) {}
 
   // Sums a per-rank quantity over ranks (target tokens of the accumulated batch, loss sums), so
   // the loss is normalized by the global token count.
@@ -42,8 +63,20 @@ class Strategy {
     return opt.clip_and_step(lr, max_grad_norm);
   }
 
-  // Whether this process writes files and logs (rank 0).
-  virtual bool is_main() const { return true; }
+  // Waits until every rank gets here; timeout_s 0 = the group's (parallel.timeout_s).
+  virtual void barrier(const std::string& /*what*/, double /*timeout_s*/ = 0) {}
+
+  // Records the step this rank is at (timeout messages name the ranks behind), and this rank's
+  // fatal error (so the others name it instead of waiting out their timeout).
+  virtual void mark_step(int64_t /*step*/) {}
+  virtual void mark_failed(const std::string& /*message*/) {}
+
+  // What this rank's collectives moved and waited since the last call.
+  virtual parallel::CommStats take_comm_stats() { return {}; }
+
+  // After training: checks that the replicas agree bit for bit; a line for the summary ("" when
+  // there is nothing to check).
+  virtual std::string check_replicas() { return ""; }
 };
 
 class SingleDevice : public Strategy {};
