@@ -55,8 +55,9 @@ def dumped_steps(batch_dir, rank, steps, grad_accum, micro_batch, seq_len):
         t = load_file(os.path.join(batch_dir, f"rank{rank}", f"step-{s}.safetensors"))
         n = len([k for k in t if k.endswith(".input_ids")])
         if n != grad_accum or tuple(t["mb0.input_ids"].shape) != (micro_batch, seq_len):
-            sys.exit(f"{batch_dir}: step {s}: {n} micro-batches of {tuple(t['mb0.input_ids'].shape)}"
-                     f", expected {grad_accum} of ({micro_batch}, {seq_len})")
+            shape = tuple(t["mb0.input_ids"].shape)
+            sys.exit(f"{batch_dir}: step {s}: {n} micro-batches of {shape}, expected {grad_accum}"
+                     f" of ({micro_batch}, {seq_len})")
         out.append([micro(t[f"mb{i}.input_ids"], t[f"mb{i}.labels"], t[f"mb{i}.positions"],
                           t[f"mb{i}.attn_mask"].bool()) for i in range(n)])
     return out
@@ -106,8 +107,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32)
     ap.add_argument("--bucket-mb", type=float, default=25)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
@@ -117,16 +118,17 @@ def main():
     from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32,
+                                             attn_implementation="sdpa")
     if a.lora:
         from peft import LoraConfig, PeftModel, get_peft_model
         if a.adapter:
             model = PeftModel.from_pretrained(model, a.adapter, is_trainable=True)
         else:
             model = get_peft_model(model, LoraConfig(
-                r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj"]))
+                r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none",
+                task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"]))
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -189,9 +191,10 @@ def main():
             "causal_micro_batches": sum(m["attention_mask"] is None for s in steps for m in s),
             "trainable": sum(p.numel() for p in params),
             "allreduce_payload_bytes": sum(p.numel() * p.element_size() for p in params),
-            "step_s": dts, "step_tokens": [world * a.grad_accum * a.micro_batch * a.seq_len] * a.steps,
+            "step_s": dts,
+            "step_tokens": [world * a.grad_accum * a.micro_batch * a.seq_len] * a.steps,
             "step_comm_exposed_s": exposed, "losses": losses, "step_targets": targets_log,
-            "final_loss": losses[-1], "rank_peak_rss_bytes": rss}), flush=True)
+            "final_loss": losses[-1], "self_peak_rss_bytes": rss}), flush=True)
     dist.destroy_process_group()
 
 
