@@ -552,7 +552,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   const auto& t = cfg.training;
 
   // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
-  resolve_model_config(cfg);
+  lora_options(cfg, resolve_model_config(cfg));  // model shape vs seq_len and lora targets
   check_inputs(cfg);
   const at::Device configured =
       model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");

@@ -121,9 +121,18 @@ TEST(TrainConfig, UnknownKeyNamesFileLineAndKey) {
   EXPECT_NE(e.find("--set training.stepz=3: training.stepz: unknown key"), std::string::npos) << e;
 }
 
-TEST(TrainConfig, UnknownOrLaterSectionIsAnError) {
+TEST(TrainConfig, UnknownSectionOrParallelKeyIsAnError) {
   std::string e = error_of(std::string(kGood) + "parallel:\n  dp: 2\n");
-  EXPECT_NE(e.find("cfg.yaml:29: parallel: section not supported yet"), std::string::npos) << e;
+  EXPECT_NE(e.find("cfg.yaml:30: parallel.dp: unknown key"), std::string::npos) << e;
+  e = error_of(std::string(kGood) + "parallel:\n  strategy: fsdp\n");
+  EXPECT_NE(e.find("parallel.strategy"), std::string::npos) << e;
+  e = error_of(std::string(kGood), {"parallel.bucket_mb=0"});
+  EXPECT_NE(e.find("--set parallel.bucket_mb=0: parallel.bucket_mb: expected a positive number"),
+            std::string::npos)
+      << e;
+  e = error_of(std::string(kGood), {"parallel.timeout_s=-1"});
+  EXPECT_NE(e.find("parallel.timeout_s: expected a positive number of seconds"), std::string::npos)
+      << e;
   e = error_of(std::string(kGood) + "optimizer:\n  lr: 1\n");
   EXPECT_NE(e.find("cfg.yaml:29: optimizer: unknown section"), std::string::npos) << e;
 }
