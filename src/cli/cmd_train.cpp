@@ -1,7 +1,8 @@
 // `ftune train --config FILE [--set section.key=value ...]`: full fine-tuning (for now) of a
 // Llama-family model from a YAML recipe (see configs/ and docs/training.md). Parsing, overrides
 // and validation happen before anything is allocated; the run itself lives in train/run.h.
-// `--nproc N` (N > 1) is shorthand for `ftune launch --nproc N -- train --config FILE --set ...`.
+// `--nproc N` (N > 1) is shorthand for `ftune launch --nproc N --master-port 0 -- train --config
+// FILE --set ...` (like torchrun --standalone: one node, a free port).
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -37,6 +38,7 @@ void run_train(const TrainArgs& a) {
     }
     parallel::LaunchOptions opts;
     opts.nproc = a.nproc;
+    opts.master_port = 0;  // one node: a free port, so two such runs on a machine never collide
     run_workers(opts, command);
     return;
   }
@@ -58,8 +60,8 @@ void register_train(CLI::App& app) {
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--nproc", a->nproc,
-                  "Run N worker processes on this node (ftune launch --nproc N -- train ...; "
-                  "default 1: train in this process)")
+                  "Run N worker processes on this node (ftune launch --nproc N --master-port 0 -- "
+                  "train ...; default 1: train in this process)")
       ->check(int_at_least(1))
       ->type_name("N");
   cmd->callback([a] { run_train(*a); });

@@ -469,16 +469,19 @@ int launch(const LaunchOptions& opts, const std::vector<std::string>& command) {
       }
     }
 
+    // Reap every exit first, so "stopped the other N" counts only workers still running.
+    const Worker* failed_now = nullptr;
     for (Worker& w : workers) {
       if (!w.running || waitpid(w.pid, &w.status, WNOHANG) != w.pid) continue;
       w.running = false;
       --live;
       const bool ok = WIFEXITED(w.status) && WEXITSTATUS(w.status) == 0;
-      if (!ok && !stopping) {
-        failed = &w;
-        others_stopped = live;
-        begin_stop(SIGTERM);
-      }
+      if (!ok && failed_now == nullptr) failed_now = &w;
+    }
+    if (failed_now != nullptr && !stopping) {
+      failed = failed_now;
+      others_stopped = live;
+      begin_stop(SIGTERM);
     }
 
     if (stopping && !killed && live > 0 && Clock::now() >= kill_at) {
