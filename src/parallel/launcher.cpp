@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -235,8 +234,8 @@ void validate_launch_options(const LaunchOptions& o) {
   FTUNE_CHECK(o.master_port != 0 || o.nnodes == 1,
               "launch: --master-port: 0 (pick a free port) works only with --nnodes 1; with ",
               o.nnodes, " nodes the others could not learn the port, so give one");
-  FTUNE_CHECK(std::isfinite(o.grace_s) && o.grace_s >= 0,
-              "launch: --grace-s: expected a finite number >= 0, got ", o.grace_s);
+  FTUNE_CHECK(o.grace_s >= 0 && o.grace_s <= 86400,  // false for nan
+              "launch: --grace-s: expected a number of seconds in 0..86400, got ", o.grace_s);
 }
 
 std::vector<std::string> worker_env(const LaunchOptions& o, int local_rank,
@@ -304,12 +303,14 @@ std::string find_on_path(const std::string& name, const std::string& path) {
   };
   if (name.empty()) return "";
   if (name.find('/') != std::string::npos) return runnable(name) ? name : "";
-  std::stringstream dirs(path);
-  for (std::string dir; std::getline(dirs, dir, ':');) {
+  for (size_t start = 0;;) {  // every ':'-separated entry, empty ones (= ".") included
+    const size_t end = std::min(path.find(':', start), path.size());
+    const std::string dir = path.substr(start, end - start);
     const std::string p = (dir.empty() ? "." : dir) + "/" + name;
     if (runnable(p)) return p;
+    if (end == path.size()) return "";
+    start = end + 1;
   }
-  return "";
 }
 
 int launch(const LaunchOptions& opts, const std::vector<std::string>& command) {
@@ -462,7 +463,6 @@ int launch(const LaunchOptions& opts, const std::vector<std::string>& command) {
           begin_stop(sig);
         } else if (!killed) {
           say("got " + signal_name(sig) + " while stopping the workers; sending SIGKILL");
-          if (stop_signal == 0 && failed == nullptr) stop_signal = sig;
           stop_all(SIGKILL);
           killed = true;
         }

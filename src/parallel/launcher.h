@@ -23,7 +23,7 @@ struct LaunchOptions {
 
 // Throws ftune::Error "launch: --flag: what was expected" for values no run can use: nproc or
 // nnodes < 1, node_rank outside [0, nnodes), a port outside 0..65535, port 0 with nnodes > 1
-// (the other nodes could not learn it), an empty master_addr, a negative or non-finite grace_s.
+// (the other nodes could not learn it), an empty master_addr, grace_s outside 0..86400.
 void validate_launch_options(const LaunchOptions& o);
 
 // The environment of local worker `local_rank`: `parent` ("KEY=VALUE" entries) with the torchrun
@@ -48,7 +48,8 @@ std::string find_on_path(const std::string& name, const std::string& path);
 // naming its rank; 128 + the signal when the launcher itself got SIGINT or SIGTERM. Without
 // o.exec, `command` is the argument list of this ftune binary (/proc/self/exe), e.g.
 // {"train", "--config", "x.yaml"}. Throws ftune::Error for bad options or a command that cannot
-// start (before any worker runs).
+// start (before any worker runs). Call it from the main thread: PR_SET_PDEATHSIG, which kills the
+// workers when the launcher dies, fires when the thread that forked them exits.
 int launch(const LaunchOptions& o, const std::vector<std::string>& command);
 
 }  // namespace ftune::parallel

@@ -181,7 +181,8 @@ def test_failed_worker_stops_the_others_and_names_rank_and_status():
     pids = worker_pids(p.stderr)
     assert p.returncode == 3, p.stderr
     assert error_lines(p.stderr) == [
-        f"{ERROR}launch: rank 1 (pid {pids[1]}) exited with status 3; stopped the other 1 worker(s)"]
+        f"{ERROR}launch: rank 1 (pid {pids[1]}) exited with status 3; "
+        "stopped the other 1 worker(s)"]
     assert p.stderr.splitlines()[-1].startswith(ERROR)
     assert "[rank 1] bye" in p.stdout
     assert p.elapsed < 15, p.elapsed  # SIGTERM stopped rank 0 at once, not SIGKILL after 30 s
@@ -275,7 +276,8 @@ def test_flag_errors_are_one_line_and_start_nothing(tmp_path):
         (["--nproc", 2, "--node-rank", -1, *sh],
          'launch: --node-rank: expected an integer >= 0, got "-1"'),
         (["--nproc", 2, "--master-port", 65536, *sh],
-         'launch: --master-port: expected an integer in 0..65535 (0: pick a free port), got "65536"'),
+         "launch: --master-port: expected an integer in 0..65535 (0: pick a free port), "
+         'got "65536"'),
         (["--nproc", 2, "--master-port", "x", *sh],
          'launch: --master-port: expected an integer in 0..65535 (0: pick a free port), got "x"'),
         (["--nproc", 2, "--nnodes", 2, "--master-port", 0, *sh],
@@ -287,7 +289,7 @@ def test_flag_errors_are_one_line_and_start_nothing(tmp_path):
          "launch: --master-port 0: cannot bind a port on --master-addr 192.0.2.1 (Cannot assign "
          "requested address)"),
         (["--nproc", 2, "--grace-s", -1, *sh],
-         "launch: --grace-s: expected a finite number >= 0, got -1"),
+         "launch: --grace-s: expected a number of seconds in 0..86400, got -1"),
         (["--nproc", 2], "launch: expected the worker command after -- (e.g. ftune launch "
                          "--nproc 2 -- train --config FILE)"),
         (["--nproc", 2, "--"], "launch: expected the worker command after -- (e.g. ftune launch "
@@ -308,6 +310,9 @@ def test_flag_errors_are_one_line_and_start_nothing(tmp_path):
         assert (p.returncode, p.stdout, p.stderr) == (1, "", ERROR + want + "\n"), args
 
 
+CONFIG = SOURCE_DIR / "configs" / "tiny_full.yaml"
+
+
 def test_train_nproc_is_launch_shorthand(tmp_path):
     # Workers are real `ftune train` processes: each reads the config and data and fails on the
     # same bad row, which the launcher reports as a worker failure.
@@ -315,7 +320,7 @@ def test_train_nproc_is_launch_shorthand(tmp_path):
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{not json\n')
     env = base_env()
     p = subprocess.run(
-        [ftune_bin(), "train", "--nproc", "2", "--config", SOURCE_DIR / "configs" / "tiny_full.yaml",
+        [ftune_bin(), "train", "--nproc", "2", "--config", CONFIG,
          "--set", f"data.train={bad}", "--set", f"training.output_dir={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=120, env=env, cwd=SOURCE_DIR)
     assert p.returncode == 1, p.stderr
@@ -323,7 +328,7 @@ def test_train_nproc_is_launch_shorthand(tmp_path):
     assert sorted(pids) == [0, 1]
     assert re.search(r"(?m)^launch: --master-port 0: picked free port \d+ on 127\.0\.0\.1$",
                      p.stderr)
-    assert re.search(rf"(?m)^\[rank [01]\] ftune: error: {re.escape(str(bad))}:2: ", p.stderr)
+    assert re.search(rf"(?m)^\[rank [01]\] ftune: error: .*{re.escape(str(bad))}:2: ", p.stderr)
     [line] = error_lines(p.stderr)
     m = re.fullmatch(r"ftune: error: launch: rank ([01]) \(pid (\d+)\) exited with status 1.*",
                      line)
@@ -332,9 +337,8 @@ def test_train_nproc_is_launch_shorthand(tmp_path):
 
 
 def test_train_nproc_errors(tmp_path):
-    cfg = SOURCE_DIR / "configs" / "tiny_full.yaml"
-    p = subprocess.run([ftune_bin(), "train", "--nproc", "2", "--config", cfg], capture_output=True,
-                       text=True, timeout=60, env=base_env(RANK="1"))
+    p = subprocess.run([ftune_bin(), "train", "--nproc", "2", "--config", CONFIG],
+                       capture_output=True, text=True, timeout=60, env=base_env(RANK="1"))
     assert (p.returncode, p.stdout, p.stderr) == (1, "", (
         f"{ERROR}train: --nproc: this process is already a worker (RANK=1 is set); run it without "
         "--nproc, or unset RANK to launch workers from here\n"))
