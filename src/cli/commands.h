@@ -5,6 +5,13 @@
 
 #include <CLI/CLI.hpp>
 
+#include <string>
+#include <vector>
+
+namespace ftune::parallel {
+struct LaunchOptions;
+}
+
 namespace ftune::cli {
 
 void register_tokenize(CLI::App& app);
@@ -16,5 +23,10 @@ void register_train(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_merge(CLI::App& app);
 void register_quantize(CLI::App& app);
+void register_launch(CLI::App& app);
+
+// Runs `command` in workers (parallel::launch) and, when one failed or a signal stopped them,
+// ends this process with the launcher's exit code. Shared by `launch` and `train --nproc`.
+void run_workers(const parallel::LaunchOptions& opts, const std::vector<std::string>& command);
 
 }  // namespace ftune::cli

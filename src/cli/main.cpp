@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   ftune::cli::register_convert(app);
   ftune::cli::register_merge(app);
   ftune::cli::register_quantize(app);
+  ftune::cli::register_launch(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

@@ -13,7 +13,7 @@ import torch
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin, write_json
 
-SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge, quantize"
+SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge, quantize, launch"
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +99,21 @@ def test_help_and_version_exit_zero():
 
 
 def test_help_describes_only_what_exists():
-    """Fine-tuning on one CPU or GPU; no multi-device claims anywhere (LoRA adapters exist: merge,
-    eval/generate --adapter)."""
+    """Each process fine-tunes on one CPU or GPU, and `launch` / `train --nproc` run several such
+    worker processes (DDP); no sharded-model claims anywhere (FSDP, ZeRO, tensor or pipeline
+    parallelism do not exist yet)."""
     cmds = [[], ["tokenize"], ["init-model"], ["eval"], ["generate"], ["train"], ["convert"],
-            ["merge"], ["quantize"], ["bench"], ["bench", "forward"], ["bench", "gemm"]]
+            ["merge"], ["quantize"], ["launch"], ["bench"], ["bench", "forward"], ["bench", "gemm"]]
     for cmd in cmds:
         out = ftune(*cmd, "--help").stdout.lower()
-        for word in ("many devices", "multi-gpu", "multiple devices",
-                     "distributed", "fsdp", "ddp"):
+        for word in ("fsdp", "zero-", "zero stage", "sharded", "tensor parallel",
+                     "pipeline parallel"):
             assert word not in out, (cmd, word)
     assert "full fine-tuning on one cpu or gpu" in ftune("--help").stdout.lower()
-    assert "on one cpu or gpu" in ftune("train", "--help").stdout.lower()
+    train = ftune("train", "--help").stdout.lower()
+    assert "on one cpu or gpu" in train and "--nproc n" in train
+    launch = ftune("launch", "--help").stdout.lower()
+    assert "worker processes" in launch and "rank, world_size" in launch
 
 
 # --- flag values ---------------------------------------------------------------------------------
