@@ -20,6 +20,7 @@ does, or runs torchrun itself), compared with one process at the same global bat
 Names with "slow" (the rest of the parity matrix, 4-rank variants, the checkpoint-kill loop) run
 under ctest's `slow` label; the others are in `make test`.
 """
+import datetime
 import json
 import os
 import random
@@ -328,15 +329,27 @@ def error_line_of(r):
     return lines[0]
 
 
+def signal_in_step(ranks, port: int, rank: int, sig):
+    """Sends `sig` to `rank` just after it enters a new step (its progress key in the run's
+    TCPStore changes): the others then wait for it inside that same step, whatever the timing."""
+    wait_for_step(ranks, 2)
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False,
+                                       timeout=datetime.timedelta(seconds=10))
+    key = f"ftune/progress/{rank}"  # ProcessGroup::mark_progress, under the "ftune" prefix
+    seen = int(store.get(key))
+    while int(store.get(key)) == seen:
+        assert ranks.poll(rank) is None, ranks.report()
+    os.kill(ranks.procs[rank].pid, sig)
+    return time.monotonic()
+
+
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory, models):
-    """Rank 1 stopped (SIGSTOP) after step 2 of an endless run: rank 0's result and how long it
-    took to exit after the stop."""
+    """Rank 1 stopped (SIGSTOP) inside a step: rank 0's result and how long it took to exit."""
     out = tmp_path_factory.mktemp("stall") / "run"
-    with start_ranks(out, 2, f"model.path={models['untied']}", *ENDLESS) as ranks:
-        wait_for_step(ranks, 2)
-        t0 = time.monotonic()
-        os.kill(ranks.procs[1].pid, signal.SIGSTOP)
+    port = free_port()
+    with start_ranks(out, 2, f"model.path={models['untied']}", *ENDLESS, port=port) as ranks:
+        t0 = signal_in_step(ranks, port, 1, signal.SIGSTOP)
         try:
             r0 = ranks.wait(TIMEOUT_S + 10, ranks=[0])[0]
             took = time.monotonic() - t0
@@ -355,33 +368,62 @@ def test_stalled_rank_times_out_naming_the_collective(stalled):
     assert not (out / "final").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="a rank stalled inside the step the waiting rank is in is "
+@pytest.mark.xfail(strict=True, reason="a rank stalled inside the step the waiting rank is in is "
                    "not named: process_group.cpp peers_report() compares per-step progress only "
                    "(mark_progress at each step start, loop.cpp), so the timeout line ends with "
-                   "'no other rank reported a failure' instead of naming rank 1 (not strict: it "
-                   "passes when the stop lands between a step's last collective and the next "
-                   "step's start)")
+                   "'no other rank reported a failure' instead of naming rank 1")
 def test_stalled_rank_is_named(stalled):
     line = error_line_of(stalled[1])
     assert "rank 1" in line, line
 
 
-@pytest.mark.parametrize("world,victim", [pytest.param(2, 1, id="x2-rank1"),
-                                          pytest.param(2, 0, id="x2-rank0"),
-                                          pytest.param(4, 2, id="slow-x4-rank2")])
-def test_killed_rank_ends_the_others_naming_a_collective(tmp_path, models, world, victim):
-    with start_ranks(tmp_path / "run", world, f"model.path={models['untied']}", *ENDLESS) as ranks:
-        wait_for_step(ranks, 2)
-        t0 = time.monotonic()
-        os.kill(ranks.procs[victim].pid, signal.SIGKILL)
-        others = [r for r in range(world) if r != victim]
-        res = ranks.wait(TIMEOUT_S + 10, ranks=others)
-        took = time.monotonic() - t0
-    record(f"kill rank {victim} of {world}: others exit after (s)", took)
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, models):
+    """kill -9 of `victim` inside a step of a `world`-rank run: the others' results and how long
+    the last of them took to exit. Cached per (world, victim)."""
+    cache = {}
+
+    def get(world, victim):
+        if (world, victim) not in cache:
+            out = tmp_path_factory.mktemp(f"kill{world}-{victim}") / "run"
+            port = free_port()
+            with start_ranks(out, world, f"model.path={models['untied']}", *ENDLESS,
+                             port=port) as ranks:
+                t0 = signal_in_step(ranks, port, victim, signal.SIGKILL)
+                res = ranks.wait(TIMEOUT_S + 10, ranks=[r for r in range(world) if r != victim])
+                took = time.monotonic() - t0
+            record(f"kill rank {victim} of {world}: others exit after (s)", took)
+            cache[(world, victim)] = res, took
+        return cache[(world, victim)]
+
+    return get
+
+
+KILLS = [pytest.param(2, 1, id="x2-rank1"), pytest.param(2, 0, id="x2-rank0"),
+         pytest.param(4, 2, id="slow-x4-rank2")]
+
+
+@pytest.mark.parametrize("world,victim", KILLS)
+def test_killed_rank_ends_the_others_naming_a_collective(killed, world, victim):
+    res, took = killed(world, victim)
+    assert took < TIMEOUT_S + 10
     for r in res:
         line = error_line_of(r)
-        assert re.search(rf"ftune: error: rank {r.rank}: (all-reduce|barrier|broadcast) of .* "
+        assert re.search(rf"^ftune: error: rank {r.rank}: (all-reduce|barrier|broadcast) of .* "
                          r"\(step \d+\) (failed|timed out)", line), line
+
+
+@pytest.mark.xfail(strict=True, reason="a rank killed with -9 is not named by the others: it "
+                   "records no failure in the store, so process_group.cpp peers_report() gives "
+                   "Gloo's 'Connection closed by peer [127.0.0.1]:PORT' (a port, not a rank) and "
+                   "'no other rank reported a failure' at 2 ranks, and at 4 ranks blames the "
+                   "first survivor that recorded its own follow-on failure ('rank 1 failed: ...' "
+                   "when rank 2 was killed)")
+@pytest.mark.parametrize("world,victim", [KILLS[0], KILLS[2]])
+def test_killed_rank_is_named_by_the_others(killed, world, victim):
+    res, _ = killed(world, victim)
+    for r in res:
+        assert f"rank {victim}" in error_line_of(r), error_line_of(r)
 
 
 def test_mismatched_world_size_fails_on_both_ranks(tmp_path, models):
@@ -457,7 +499,7 @@ def test_slow_kill_of_rank0_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         tie_word_embeddings=False, bos_token_id=256, eos_token_id=257, torch_dtype="float32")))
     (tmp_path / "big.json").write_text(json.dumps(cfg))
     ftune("init-model", "--config", tmp_path / "big.json", "--out", tmp_path / "big")
-    steps = 12
+    steps = 16
     sets = [f"model.path={tmp_path / 'big'}", f"training.steps={steps}",
             f"training.micro_batch={MB}", "training.save_every=1", "training.keep_last=2",
             "parallel.timeout_s=30"]
@@ -466,29 +508,37 @@ def test_slow_kill_of_rank0_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     text.write_text((SOURCE_DIR / "README.md").read_text()[:4000])
     rng = random.Random(8)
     out = tmp_path / "run"
-    kills = 0
+    ck = out / "checkpoints"
+    mid_write = 0
     for attempt in range(4):
+        done = complete_checkpoints(out)
+        target = (int(done[-1].name.split("-")[1]) if done else 0) + 2
+        assert target + 2 < steps
         with start_ranks(out, 2, *sets, "training.resume=auto") as ranks:
-            done = len(complete_checkpoints(out))
-            start = int(complete_checkpoints(out)[-1].name.split("-")[1]) if done else 0
-            target = start + 2
-            if target >= steps - 1:
-                break
             t0 = time.monotonic()
-            while not re.search(rf"saved checkpoint \S*step-{target} ", ranks.stderr(0)):
+            while not re.search(rf"^step {target}/", ranks.stderr(0), re.M):
                 assert ranks.poll(0) is None, ranks.report()
                 assert time.monotonic() - t0 < 300, ranks.report()
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.6))
+                time.sleep(0.01)
+            if attempt < 3:  # aimed: just after the next checkpoint's temp dir appears
+                while not list(ck.glob(".tmp-step-*")):
+                    assert ranks.poll(0) is None, ranks.report()
+                    time.sleep(0.001)
+                time.sleep(rng.uniform(0.0, 0.05))
+            else:  # anywhere in the next step and its save
+                time.sleep(rng.uniform(0.0, 0.3))
             os.kill(ranks.procs[0].pid, signal.SIGKILL)
-            kills += 1
+            ranks.wait(10, ranks=[0])
+            mid_write += bool(list(ck.glob(".tmp-step-*")))
             r1 = ranks.wait(30 + 10, ranks=[1])[0]
-        assert r1.rc != 0 or "done:" not in r1.stdout
+        assert r1.rc != 0, r1.stderr
         latest = complete_checkpoints(out)[-1]
+        assert int(latest.name.split("-")[1]) >= target - 1  # the one before the kill, or later
         p = ftune("eval", "--model", latest, "--text", text, "--seq-len", "32", "--json",
                   env=clean_env(), timeout=120)
         assert json.loads(p.stdout)["perplexity"] > 1
-    assert kills >= 3
+    record("kills that left a half-written checkpoint (of 4)", mid_write)
+    assert mid_write >= 1
     res = ddp_train(out, 2, *sets, "training.resume=auto", timeout=600)
     assert "resuming from" in res[0].stderr
     a, b = metrics(out), metrics(tmp_path / "whole")
