@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin
@@ -87,8 +86,9 @@ class Ranks:
             out = open(logs / f"rank{r}.stdout", "w+")
             err = open(logs / f"rank{r}.stderr", "w+")
             self.files.append((out, err))
-            self.procs.append(subprocess.Popen([str(a) for a in args_of_rank(r)], env=env_of_rank(r),
-                                               cwd=SOURCE_DIR, stdout=out, stderr=err, text=True))
+            self.procs.append(subprocess.Popen([str(a) for a in args_of_rank(r)],
+                                               env=env_of_rank(r), cwd=SOURCE_DIR, stdout=out,
+                                               stderr=err, text=True))
 
     def __enter__(self):
         return self
