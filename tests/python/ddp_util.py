@@ -102,6 +102,9 @@ class Ranks:
                 p.kill()
         for p in self.procs:
             p.wait()
+        for out, err in self.files:
+            out.close()
+            err.close()
 
     def stderr(self, r: int) -> str:
         return (self.logs / f"rank{r}.stderr").read_text()
@@ -126,9 +129,6 @@ class Ranks:
         return [self.result(r) for r in ranks]
 
     def result(self, r: int) -> RankResult:
-        out, err = self.files[r]
-        out.flush()
-        err.flush()
         return RankResult(r, self.procs[r].returncode, (self.logs / f"rank{r}.stdout").read_text(),
                           self.stderr(r), self.ended.get(r, time.monotonic() - self.t0))
 

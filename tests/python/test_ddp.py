@@ -57,7 +57,8 @@ LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max
         "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
-REPLICAS = re.compile(r"^replicas: the trained parameters of all (\d+) ranks are bit-identical "
+# Unanchored at the start: `ftune launch` prefixes each worker's lines with its rank.
+REPLICAS = re.compile(r"replicas: the trained parameters of all (\d+) ranks are bit-identical "
                       r"\(hash ([0-9a-f]{16})\)$", re.M)
 
 def record(name, value):
@@ -170,17 +171,34 @@ def test_all_reduce_bytes_are_the_trainable_gradients(runs, models, mode, kind, 
 
 # --- 4: torchrun ---------------------------------------------------------------------------------
 
-def test_torchrun_rendezvous_gives_identical_losses(tmp_path, runs, models):
-    out, _, _ = runs("full", "preset", 2)
-    p = torchrun_train(tmp_path / "torchrun", 2, f"model.path={models['preset']}", *FULL,
-                       f"training.micro_batch={MB}")
-    assert REPLICAS.search(p.stdout), p.stdout
-    a, b = metrics(tmp_path / "torchrun"), metrics(out)
+def assert_same_run(out: Path, stdout: str, ref: Path, ref_stdout: str):
+    """Bit-for-bit the same run: per-step losses and grad norms, final weights, replica hash."""
+    a, b = metrics(out), metrics(ref)
     assert [(m["step"], m["loss"], m["grad_norm"]) for m in a] == \
            [(m["step"], m["loss"], m["grad_norm"]) for m in b]
-    wa, wb = load_file(tmp_path / "torchrun" / "final" / "model.safetensors"), \
-        load_file(out / "final" / "model.safetensors")
+    wa = load_file(out / "final" / "model.safetensors")
+    wb = load_file(ref / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    ha, hb = REPLICAS.search(stdout), REPLICAS.search(ref_stdout)
+    assert ha and hb and ha.group(2) == hb.group(2), (stdout, ref_stdout)
+
+
+def test_torchrun_rendezvous_gives_identical_losses(tmp_path, runs, models):
+    out, res, _ = runs("full", "preset", 2)
+    p = torchrun_train(tmp_path / "torchrun", 2, f"model.path={models['preset']}", *FULL,
+                       f"training.micro_batch={MB}")
+    assert_same_run(tmp_path / "torchrun", p.stdout, out, res[0].stdout)
+
+
+def test_ftune_launch_gives_identical_losses(tmp_path, runs, models):
+    if "--nproc" not in ftune("launch", "--help", check=False).stdout:
+        pytest.skip("this ftune has no launch subcommand yet (branch h-launch)")
+    out, res, _ = runs("full", "preset", 2)
+    args = train_args(tmp_path / "launch", f"model.path={models['preset']}", *FULL,
+                      f"training.micro_batch={MB}")
+    p = ftune("launch", "--nproc", "2", "--master-port", "0", "--", *args[1:], env=clean_env(),
+              cwd=SOURCE_DIR, timeout=180)
+    assert_same_run(tmp_path / "launch", p.stdout, out, res[0].stdout)
 
 
 # --- 3: rows per epoch not divisible by the world size ---------------------------------------
@@ -345,6 +363,7 @@ def signal_in_step(ranks, port: int, rank: int, sig):
     seen = int(store.get(key))
     while int(store.get(key)) == seen:
         assert ranks.poll(rank) is None, ranks.report()
+        time.sleep(0.001)  # a step takes tens of ms: the signal still lands early in it
     os.kill(ranks.procs[rank].pid, sig)
     return time.monotonic()
 
