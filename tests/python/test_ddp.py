@@ -10,7 +10,8 @@ Measured (CPU, torch 2.11) in brackets; run with -s to print them.
   line says bit-identical.
 - An epoch whose rows (83) do not divide by the world size continues into the next epoch
   (training.epochs 2): the same steps, epochs and losses as one process [<= 8.5e-8].
-- torchrun --no-python rendezvous gives the very same (==) losses and weights as the spawn.
+- torchrun --no-python rendezvous (and `ftune launch`, skipped while this ftune has none) gives
+  the very same (==) losses, weights and replica hash as the manual-environment spawn.
 - Sharded evaluation equals one process's eval_loss within 1e-6 [1.9e-8], also when a rank
   gets no validation batch.
 - A DDP checkpoint resumes in one process and vice versa (same global batch) [<= 1.6e-7 against
@@ -20,7 +21,7 @@ Measured (CPU, torch 2.11) in brackets; run with -s to print them.
   6.5e-4 LoRA], ring bytes = 2(n-1)/n x payload [exact], both within 1%.
 - Faults (parallel.timeout_s 5): a rank stopped (SIGSTOP) inside a step ends rank 0 after the
   timeout [5.2 s] with one line naming the all-reduce; a rank killed with -9 ends the others
-  [0.3-0.7 s] naming a collective; launch-environment and parallel.* errors are one line; kill -9
+  [0.2-0.7 s] naming a collective; launch-environment and parallel.* errors are one line; kill -9
   of rank 0 aimed inside checkpoint writes leaves the previous checkpoint loadable (`ftune eval`)
   and resume: auto finishes the run bit for bit like an uninterrupted one.
 - Known gaps, xfail until fixed: the stalled or killed rank is not named by the others;
@@ -158,15 +159,22 @@ def test_all_reduce_bytes_are_the_trainable_gradients(runs, models, mode, kind, 
     if mode == "lora":  # only the adapters are all-reduced
         assert all(".lora_" in k for k in load_file(final))
         assert numel(final) < 0.2 * numel(models[kind] / "model.safetensors")
-    for m in metrics(out):
+    lines = metrics(out)
+    assert len(lines) == STEPS  # log_every 1: each line is one step's traffic
+    for m in lines:
         assert set(m["comm_bytes"]) == {"all_reduce"}, m  # no other collective inside a step
         payload, wire = m["comm_bytes"]["all_reduce"], m["comm_wire_bytes"]["all_reduce"]
-        record(f"payload vs grad bytes {mode}-x{world}", abs(payload - grad_bytes) / grad_bytes)
         assert abs(payload - grad_bytes) <= 0.01 * grad_bytes, (payload, grad_bytes)
         ring = 2 * (world - 1) / world * payload
-        record(f"wire vs ring {mode}-x{world}", abs(wire - ring) / ring)
         assert abs(wire - ring) <= 0.01 * ring, (wire, ring)
         assert m["comm_exposed_s"] >= 0 and 0 <= m["comm_exposed_frac"] <= 1
+    name = f"{mode}-{kind}-x{world}"
+    extra = max(abs(m["comm_bytes"]["all_reduce"] - grad_bytes) for m in lines)
+    record(f"payload - grad bytes {name} (bytes)", extra)
+    record(f"payload vs grad bytes {name}", extra / grad_bytes)
+    ring = [2 * (world - 1) / world * m["comm_bytes"]["all_reduce"] for m in lines]
+    record(f"wire vs ring {name}", max(abs(m["comm_wire_bytes"]["all_reduce"] - r) / r
+                                       for m, r in zip(lines, ring)))
 
 
 # --- 4: torchrun ---------------------------------------------------------------------------------
