@@ -22,7 +22,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <atomic>
 #include <cerrno>
+#include <condition_variable>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -238,12 +241,49 @@ int64_t CommStats::total_wire() const {
 struct ProcessGroup::Impl {
   DistEnv env;
   GroupOptions opts;
+  c10::intrusive_ptr<c10d::Store> tcp;    // the TCPStore itself (its timeout is set here)
   c10::intrusive_ptr<c10d::Store> store;  // prefixed "ftune/"
   c10::intrusive_ptr<c10d::Backend> backend;
   std::mutex stats_mutex;
   CommStats stats;
-  int64_t step = -1;
+  std::atomic<int64_t> step{-1};
   bool failed = false;
+  bool comm_failed = false;  // the failure was a collective's: a consequence, not a cause
+
+  // Heartbeat: a thread bumps "alive/<rank>" every kBeat, so a rank that waited in vain can tell
+  // the peers that stopped beating (killed, SIGSTOPped, the machine gone) from the ones that are
+  // merely busy or waiting too.
+  static constexpr milliseconds kBeat{400};
+  std::thread beat_thread;
+  std::mutex beat_mutex;
+  std::condition_variable beat_cv;
+  bool beat_stop = false;
+
+  void start_heartbeat() {
+    beat_thread = std::thread([this] {
+      int64_t n = 0;
+      std::unique_lock<std::mutex> lock(beat_mutex);
+      while (!beat_stop) {
+        lock.unlock();
+        try {
+          store->set("alive/" + std::to_string(env.rank),
+                     bytes_of(std::to_string(++n) + " " + std::to_string(step.load())));
+        } catch (const std::exception&) {
+          return;  // the store is gone: nothing left to tell
+        }
+        lock.lock();
+        beat_cv.wait_for(lock, kBeat, [this] { return beat_stop; });
+      }
+    });
+  }
+  void stop_heartbeat() {
+    {
+      std::lock_guard<std::mutex> lock(beat_mutex);
+      beat_stop = true;
+    }
+    beat_cv.notify_all();
+    if (beat_thread.joinable()) beat_thread.join();
+  }
 
   void count(const char* op, int64_t payload, double wire_factor) {
     std::lock_guard<std::mutex> lock(stats_mutex);
@@ -255,10 +295,13 @@ struct ProcessGroup::Impl {
     return static_cast<double>(env.world_size - 1) / static_cast<double>(env.world_size);
   }
 
-  // What the store says about the other ranks: the first recorded failure, else who lags.
+  // What the store says about the other ranks: the first failure one of them recorded as its own
+  // (not a knock-on collective failure), else the ranks whose heartbeat stopped, else who lags.
+  // Store operations get a short timeout here: this runs after a failure, when rank 0 (the
+  // store's host) may be the one that is gone or stopped.
   std::string peers_report() {
     try {
-      std::vector<std::string> failed_keys;
+      tcp->setTimeout(milliseconds(3000));
       for (int r = 0; r < env.world_size; ++r) {
         if (r == env.rank) continue;
         const std::string key = "failed/" + std::to_string(r);
@@ -266,29 +309,47 @@ struct ProcessGroup::Impl {
           return "rank " + std::to_string(r) + " failed: " + string_of(store->get(key));
         }
       }
-      std::string behind, silent;
-      for (int r = 0; r < env.world_size; ++r) {
-        if (r == env.rank) continue;
-        const std::string key = "progress/" + std::to_string(r);
-        if (!store->check({key})) {
-          silent += (silent.empty() ? "" : ", ") + std::to_string(r);
-          continue;
+      // Heartbeats now and a few beats later: the ones that did not move have stopped.
+      auto beats = [&] {
+        std::vector<std::string> out(env.world_size);
+        for (int r = 0; r < env.world_size; ++r) {
+          const std::string key = "alive/" + std::to_string(r);
+          if (r != env.rank && store->check({key})) out[r] = string_of(store->get(key));
         }
+        return out;
+      };
+      const auto before = beats();
+      std::this_thread::sleep_for(kBeat * 4);
+      const auto after = beats();
+      std::string stopped;
+      for (int r = 0; r < env.world_size; ++r) {
+        if (r == env.rank || before[r] != after[r]) continue;
+        std::string at;
+        const auto space = after[r].find(' ');
+        if (space != std::string::npos && after[r].substr(space + 1) != "-1") {
+          at = " (last at step " + after[r].substr(space + 1) + ")";
+        }
+        stopped += (stopped.empty() ? "" : ", ") + ("rank " + std::to_string(r) + at);
+      }
+      if (!stopped.empty()) {
+        return stopped + (stopped.find(',') == std::string::npos ? " is" : " are") +
+               " not responding (killed, stopped or its host is gone)";
+      }
+      std::string behind;
+      for (int r = 0; r < env.world_size; ++r) {
+        const std::string key = "progress/" + std::to_string(r);
+        if (r == env.rank || !store->check({key})) continue;
         const int64_t s = std::stoll(string_of(store->get(key)));
         if (s < step) {
           behind += (behind.empty() ? "" : ", ") + ("rank " + std::to_string(r) + " at step " +
                                                     std::to_string(s));
         }
       }
-      std::string out;
       if (!behind.empty()) {
-        out = "behind this rank (step " + std::to_string(step) + "): " + behind +
-              " (stalled, or still busy: a longer parallel.timeout_s may help)";
+        return "behind this rank (step " + std::to_string(step) + "): " + behind +
+               " (stalled, or still busy: a longer parallel.timeout_s may help)";
       }
-      if (!silent.empty() && step >= 0) {
-        out += (out.empty() ? "" : "; ") + std::string("never reported a step: rank(s) ") + silent;
-      }
-      return out.empty() ? "no other rank reported a failure" : out;
+      return "every other rank is alive; none recorded a failure";
     } catch (const std::exception&) {
       return "the store at " + env.master_addr + ":" + std::to_string(env.master_port) +
              " is unreachable (rank 0, which hosts it, has likely exited)";
@@ -309,6 +370,7 @@ struct ProcessGroup::Impl {
     }
     os << "; " << peers_report();
     failed = true;
+    comm_failed = true;
     throw Error(os.str());
   }
 
@@ -368,11 +430,14 @@ ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 ProcessGroup::~ProcessGroup() {
   if (!impl_) return;
   if (impl_->failed || std::uncaught_exceptions() > 0) {
-    // An orderly shutdown would join Gloo's threads, which may sit in a collective with a dead or
-    // stalled peer until the timeout: leave them to the process exit instead.
-    (void)impl_->backend.release();
-    (void)impl_->store.release();
+    // An orderly shutdown would join Gloo's threads (and the heartbeat), which may sit in a
+    // collective or a store call with a dead or stalled peer until the timeout: leave them all
+    // to the process exit instead.
+    impl_->beat_thread.detach();
+    (void)impl_.release();
+    return;
   }
+  impl_->stop_heartbeat();
 }
 
 std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const GroupOptions& o) {
@@ -393,7 +458,16 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   so.timeout = o.timeout;
   const bool host = env.rank == 0 && !env.agent_store;
   so.isServer = host;
-  if (host) so.masterListenFd = listen_on(env.master_addr, env.master_port, origin);
+  if (host) {
+    so.masterListenFd = listen_on(env.master_addr, env.master_port, origin);
+    if (env.master_port == 0) {  // a one-rank group picks any free port
+      sockaddr_storage ss{};
+      socklen_t len = sizeof(ss);
+      ::getsockname(*so.masterListenFd, reinterpret_cast<sockaddr*>(&ss), &len);
+      so.port = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                               : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    }
+  }
   c10::intrusive_ptr<c10d::Store> tcp;
   try {
     tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
@@ -405,6 +479,7 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
          seconds_text(o.timeout), " (is rank 0 running, and are MASTER_ADDR/MASTER_PORT the same "
          "on every rank?): ", msg);
   }
+  impl->tcp = tcp;
   impl->store = c10::make_intrusive<c10d::PrefixStore>("ftune", tcp);
   auto& store = *impl->store;
 
@@ -475,6 +550,7 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
     fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
          first_line(e.what()));
   }
+  impl->start_heartbeat();
   return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
 }
 
@@ -558,6 +634,7 @@ void ProcessGroup::mark_progress(int64_t step) {
 
 void ProcessGroup::mark_failed(const std::string& message) {
   impl_->failed = true;
+  if (impl_->comm_failed) return;  // a knock-on failure: the cause lies with another rank
   try {
     impl_->store->set("failed/" + std::to_string(rank()), bytes_of(first_line(message)));
   } catch (const std::exception&) {

@@ -83,6 +83,7 @@ class ProcessGroup {
   // env.master_addr:env.master_port only, the others connect (retrying until o.timeout); every
   // rank checks that all agree on WORLD_SIZE; then the Gloo or NCCL backend is built.
   // Errors (port taken, unreachable master, mismatched WORLD_SIZE) name the variable at fault.
+  // A one-rank group (world_size 1) may give master_port 0: any free port on master_addr.
   static std::unique_ptr<ProcessGroup> create(const DistEnv& env, const GroupOptions& o);
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;

@@ -64,7 +64,7 @@ class DdpStrategy : public Strategy {
 
 ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
   const auto& p = cfg.parallel;
-  const parallel::DistEnv env = parallel::read_dist_env();
+  parallel::DistEnv env = parallel::read_dist_env();
   ParallelRun run;
   run.device = configured;
   const bool ddp = p.strategy == "ddp" || (p.strategy == "auto" && env.distributed());
@@ -74,6 +74,12 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
                 "): every rank would train alone and write the same output_dir; use ddp (or auto)");
     run.strategy = std::make_unique<SingleDevice>();
     return run;
+  }
+  if (env.source.empty()) {
+    // DDP in a process nobody launched: a group of one on this host (its collectives still run,
+    // e.g. to check NCCL on one GPU), like `torchrun --nproc-per-node 1`.
+    env.master_addr = "127.0.0.1";
+    env.master_port = 0;
   }
   // One GPU per local rank: "cuda" (or "cuda:0", the default index) becomes cuda:LOCAL_RANK.
   if (configured.is_cuda() && (!configured.has_index() || configured.index() == 0)) {

@@ -440,12 +440,12 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   }
   os << "\n";
   os << format_param_report(s.params) << "\n";
-  if (s.world_size > 1) {
-    os << "ddp: " << s.world_size << " ranks; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6)
+  if (!s.replicas.empty()) {  // DDP, at any world size
+    os << "ddp: " << s.world_size << (s.world_size == 1 ? " rank" : " ranks") << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6)
        << " MB (ring), waited " << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
        << fmt("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
        << "% of training time)\n";
-    if (!s.replicas.empty()) os << s.replicas << "\n";
+    os << s.replicas << "\n";
   }
   if (!s.final_dir.empty()) {
     os << (lora::has_lora(m) ? "adapter: " : "model: ") << s.final_dir.string() << "\n";
