@@ -51,8 +51,10 @@ void run_train(const TrainArgs& a) {
 void register_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
   auto* cmd = app.add_subcommand(
-      "train", "Fine-tune every parameter of a model on one CPU or GPU, from a YAML config");
-  cmd->add_option("--config", a->config, "YAML config: sections model, data, training, logging")
+      "train", "Fine-tune a model (full, LoRA or QLoRA) on one CPU or GPU, or with DDP over several "
+               "processes, from a YAML config");
+  cmd->add_option("--config", a->config,
+                  "YAML config: sections model, data, training, logging, parallel, lora, quant")
       ->required()
       ->type_name("FILE");
   cmd->add_option("--set", a->sets,

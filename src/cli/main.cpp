@@ -11,7 +11,8 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"ftune: fine-tune Llama-family models natively (full fine-tuning on one CPU or GPU)"};
+  CLI::App app{"ftune: fine-tune Llama-family models natively (full, LoRA or QLoRA; on one CPU or GPU, "
+               "or data-parallel over several processes)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ftune 0.1.0");
   ftune::cli::register_tokenize(app);

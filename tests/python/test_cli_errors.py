@@ -81,7 +81,7 @@ def test_parse_errors(model, text):
          "tokenize: --text, --string: expected exactly one of these options"),
         (["init-model", "--out", model.parent / "new"],
          "init-model: --config, --preset: expected exactly one of these options"),
-        (["train"], "train: --config: required (YAML config: sections model, data, training, logging)"),
+        (["train"], "train: --config: required (YAML config: sections model, data, training, logging, parallel, lora, quant)"),
         (["generate", "--model", model, "--prompt", "x", "--json=maybe"],
          'generate: --json: is a flag; expected no value, got "maybe"'),
         (ev + ["--seq-len", "9"], "eval: --seq-len: given 2 times, expected at most once"),
@@ -109,9 +109,10 @@ def test_help_describes_only_what_exists():
         for word in ("fsdp", "zero-", "zero stage", "sharded", "tensor parallel",
                      "pipeline parallel"):
             assert word not in out, (cmd, word)
-    assert "full fine-tuning on one cpu or gpu" in ftune("--help").stdout.lower()
+    top = ftune("--help").stdout.lower()
+    assert "on one cpu or gpu" in top and "data-parallel over several processes" in top
     train = ftune("train", "--help").stdout.lower()
-    assert "on one cpu or gpu" in train and "--nproc n" in train
+    assert "on one cpu or gpu" in train and "ddp" in train and "--nproc n" in train
     launch = ftune("launch", "--help").stdout.lower()
     assert "worker processes" in launch and "rank, world_size" in launch
 
