@@ -144,7 +144,7 @@ void TrainConfig::validate() const {
   one_of("logging.progress", logging.progress, {"auto", "bar", "lines"});
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
-  one_of("parallel.strategy", parallel.strategy, {"auto", "none", "ddp"});
+  one_of("parallel.strategy", parallel.strategy, {"auto", "none", "ddp", "zero1", "zero2"});
   check("parallel.bucket_mb", parallel.bucket_mb > 0 && std::isfinite(parallel.bucket_mb),
         "expected a positive number of MiB, got ", parallel.bucket_mb);
   check("parallel.timeout_s", parallel.timeout_s > 0 && std::isfinite(parallel.timeout_s),

@@ -154,7 +154,9 @@ struct QuantSection {
 // How the processes of a launched run (`ftune launch`, torchrun, SLURM) share the work.
 struct ParallelOptions {
   std::string strategy = "auto";  // auto (ddp when launched with several processes, else none) |
-                                  // none (one process) | ddp (replicas, gradients all-reduced)
+                                  // none (one process) | ddp (replicas, gradients all-reduced) |
+                                  // zero1 / zero2 (replicas; optimizer state, and for zero2 the
+                                  // gradients, sharded across ranks)
   double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
   double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
                                   // fails, naming the collective and the ranks behind

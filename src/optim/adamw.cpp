@@ -14,9 +14,13 @@
 
 namespace ftune::optim {
 
-AdamW::AdamW(NamedTensors params, AdamWOptions opts) : params_(std::move(params)), opts_(opts) {
+AdamW::AdamW(NamedTensors params, AdamWOptions opts, std::vector<bool> decay)
+    : params_(std::move(params)), opts_(opts), decay_(std::move(decay)) {
+  FTUNE_CHECK(decay_.empty() || decay_.size() == params_.size(), "AdamW: ", decay_.size(),
+              " decay flags for ", params_.size(), " parameters");
+  const bool by_dim = decay_.empty();
   for (const auto& [name, p] : params_) {
-    decay_.push_back(p.dim() >= 2);
+    if (by_dim) decay_.push_back(p.dim() >= 2);
     exp_avg_.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
     exp_avg_sq_.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
     steps_.push_back(0);
@@ -38,10 +42,19 @@ double AdamW::clip_and_step(double lr, double max_grad_norm) {
   ps.reserve(params_.size());
   for (const auto& p : params_) ps.push_back(p.second);
   const at::Tensor norm = grad_norm(ps);
+  clip_and_step_with_norm(lr, max_grad_norm, norm);
+  return norm.item<double>();
+}
+
+void AdamW::clip_and_step_with_norm(double lr, double max_grad_norm, const at::Tensor& norm) {
+  at::NoGradGuard no_grad;
   if (!opts_.fused || max_grad_norm <= 0) {
+    std::vector<at::Tensor> ps;
+    ps.reserve(params_.size());
+    for (const auto& p : params_) ps.push_back(p.second);
     clip_grads_with_norm(ps, max_grad_norm, norm);
     step(lr);
-    return norm.item<double>();
+    return;
   }
   // The factor as clip_grads_with_norm computes it (fp32); < 1 only when clipping is active.
   const at::Tensor coef = at::clamp((norm + 1e-6).reciprocal() * max_grad_norm, std::nullopt, 1.0);
@@ -50,7 +63,6 @@ double AdamW::clip_and_step(double lr, double max_grad_norm) {
   } else {
     step_fused(lr);
   }
-  return norm.item<double>();
 }
 
 void AdamW::step_fused(double lr, const std::optional<at::Tensor>& grad_scale) {

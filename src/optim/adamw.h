@@ -32,7 +32,9 @@ struct AdamWOptions {
 class AdamW {
  public:
   // `params`: trainable parameters by name (leaf tensors; their .grad() is read by step()).
-  AdamW(NamedTensors params, AdamWOptions opts);
+  // `decay`: which of them get weight decay; empty = those with dim >= 2. (A sharded strategy
+  // hands in flat 1-D pieces of 2-D weights, which still decay.)
+  AdamW(NamedTensors params, AdamWOptions opts, std::vector<bool> decay = {});
 
   // One update with learning rate `lr`; parameters without a gradient are skipped (their step
   // count does not advance), as in PyTorch.
@@ -43,6 +45,9 @@ class AdamW {
   // the norm is within max_grad_norm. The clipped gradients (also written back) then differ from
   // clip_grad_norm's by the rounding of g / (1 / c) vs g * c.
   double clip_and_step(double lr, double max_grad_norm);
+  // The same with the total norm given: when the parameters here are one rank's shard, the norm
+  // is the one of all shards together (computed by the strategy).
+  void clip_and_step_with_norm(double lr, double max_grad_norm, const at::Tensor& norm);
   // Drops every gradient (PyTorch's zero_grad(set_to_none=True)).
   void zero_grad();
 

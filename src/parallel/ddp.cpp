@@ -64,7 +64,7 @@ struct Ddp::Impl {
 
   void on_gradient(size_t i) {
     if (!sync) return;
-    FTUNE_CHECK(!arrived[i], "rank ", group.rank(), ": DDP: parameter ", params[i].first,
+    FTUNE_CHECK(!arrived[i], "rank ", group.rank(), ": parameter ", params[i].first,
                 " received its gradient twice in one backward; DDP all-reduces each gradient once");
     arrived[i] = 1;
     if (--buckets[bucket_of[i]].waiting == 0) launch_ready();
@@ -106,41 +106,45 @@ struct GradReadyHook : torch::autograd::PostAccumulateGradHook {
 
 }  // namespace
 
-Ddp::Ddp(ProcessGroup& group, NamedParams params, DdpOptions options)
-    : impl_(std::make_unique<Impl>(group, std::move(params))) {
-  auto& im = *impl_;
+void broadcast_parameters(ProcessGroup& group, const NamedParams& params) {
   const int rank = group.rank();
-  FTUNE_CHECK(options.bucket_bytes > 0, "parallel.bucket_mb: must be positive");
-
-  // 1. Same trainable parameters everywhere: count, then every numel, checked against rank 0's.
-  const auto n = static_cast<int64_t>(im.params.size());
+  // Same trainable parameters everywhere: count, then every numel, checked against rank 0's.
+  const auto n = static_cast<int64_t>(params.size());
   at::Tensor sizes = at::empty({n + 1}, at::kLong);
   sizes[0] = n;
-  for (int64_t i = 0; i < n; ++i) sizes[i + 1] = im.params[i].second.numel();
+  for (int64_t i = 0; i < n; ++i) sizes[i + 1] = params[i].second.numel();
   at::Tensor rank0_count = sizes.narrow(0, 0, 1).clone();
-  group.broadcast(rank0_count, 0, "DDP: broadcast of the parameter count");
-  FTUNE_CHECK(rank0_count.item<int64_t>() == n, "rank ", rank, ": DDP: this rank trains ", n,
+  group.broadcast(rank0_count, 0, "broadcast of the parameter count");
+  FTUNE_CHECK(rank0_count.item<int64_t>() == n, "rank ", rank, ": this rank trains ", n,
               " parameter tensors, rank 0 trains ", rank0_count.item<int64_t>(),
               " (the same model, lora and quant settings on every rank?)");
   at::Tensor rank0_sizes = sizes.clone();
-  group.broadcast(rank0_sizes, 0, "DDP: broadcast of the parameter shapes");
+  group.broadcast(rank0_sizes, 0, "broadcast of the parameter shapes");
   for (int64_t i = 0; i < n; ++i) {
-    FTUNE_CHECK(rank0_sizes[i + 1].item<int64_t>() == im.params[i].second.numel(), "rank ", rank,
-                ": DDP: parameter ", im.params[i].first, " has ", im.params[i].second.numel(),
+    FTUNE_CHECK(rank0_sizes[i + 1].item<int64_t>() == params[i].second.numel(), "rank ", rank,
+                ": parameter ", params[i].first, " has ", params[i].second.numel(),
                 " elements here and ", rank0_sizes[i + 1].item<int64_t>(), " on rank 0");
   }
 
-  // 2. Rank 0's values in every replica (one broadcast per parameter, before any hook exists).
+  // Rank 0's values in every replica (one broadcast per parameter, before any hook exists).
   {
     at::NoGradGuard no_grad;
-    for (auto& [name, p] : im.params) {
+    for (auto& [name, p] : params) {
       at::Tensor buf = p.detach().contiguous();
-      group.broadcast(buf, 0, "DDP: broadcast of parameter " + name);
+      group.broadcast(buf, 0, "broadcast of parameter " + name);
       if (!buf.is_same(p)) p.detach().copy_(buf);
     }
   }
+}
 
-  // 3. Buckets in reverse order (backward produces the last layers' gradients first), cut at
+Ddp::Ddp(ProcessGroup& group, NamedParams params, DdpOptions options)
+    : impl_(std::make_unique<Impl>(group, std::move(params))) {
+  auto& im = *impl_;
+  FTUNE_CHECK(options.bucket_bytes > 0, "parallel.bucket_mb: must be positive");
+  broadcast_parameters(group, im.params);
+  const auto n = static_cast<int64_t>(im.params.size());
+
+  // Buckets in reverse order (backward produces the last layers' gradients first), cut at
   //    bucket_bytes and at dtype changes.
   im.bucket_of.assign(im.params.size(), 0);
   im.arrived.assign(im.params.size(), 0);
@@ -169,7 +173,7 @@ Ddp::Ddp(ProcessGroup& group, NamedParams params, DdpOptions options)
   }
   im.reset();
 
-  // 4. Hooks.
+  // Hooks.
   for (size_t i = 0; i < im.params.size(); ++i) {
     torch::autograd::impl::set_post_acc_grad_hooks(
         im.params[i].second, std::make_unique<GradReadyHook>(impl_.get(), i));
@@ -206,21 +210,20 @@ void Ddp::finish() {
   im.sync = false;
 }
 
-uint64_t Ddp::check_replicas() {
-  auto& im = *impl_;
+uint64_t check_replicas(ProcessGroup& group, const NamedParams& params) {
   uint64_t h = 0xcbf29ce484222325ULL;
-  for (const auto& [name, p] : im.params) h = hash_bytes(p.detach(), h);
-  const int world = im.group.size();
+  for (const auto& [name, p] : params) h = hash_bytes(p.detach(), h);
+  const int world = group.size();
   at::Tensor all = at::empty({world}, at::kLong);
-  im.group.all_gather_into(all, at::full({1}, static_cast<int64_t>(h), at::kLong),
-                           "all-gather of the parameter hashes");
+  group.all_gather_into(all, at::full({1}, static_cast<int64_t>(h), at::kLong),
+                        "all-gather of the parameter hashes");
   std::string differ;
   for (int r = 1; r < world; ++r) {
     if (all[r].item<int64_t>() != all[0].item<int64_t>()) {
       differ += (differ.empty() ? "" : ", ") + std::to_string(r);
     }
   }
-  FTUNE_CHECK(differ.empty(), "rank ", im.group.rank(), ": DDP: the parameters of rank(s) ", differ,
+  FTUNE_CHECK(differ.empty(), "rank ", group.rank(), ": the parameters of rank(s) ", differ,
               " differ from rank 0's: the replicas diverged");
   return h;
 }

@@ -44,10 +44,6 @@ class Ddp {
   // parameter counts as zero), waits for all of them and writes the summed gradients back.
   void finish();
 
-  // Bit-for-bit agreement of the parameters across ranks: each rank hashes its bytes and the
-  // hashes are gathered. Returns the common hash; throws naming the ranks that differ.
-  uint64_t check_replicas();
-
   int64_t bucket_count() const;
   int64_t gradient_bytes() const;  // payload all-reduced per optimizer step
 
@@ -56,6 +52,14 @@ class Ddp {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// Checks that every rank has the same parameter names and shapes (one line naming the first
+// that differs) and broadcasts rank 0's values into every replica. DDP and ZeRO start with it.
+void broadcast_parameters(ProcessGroup& group, const NamedParams& params);
+
+// Bit-for-bit agreement of `params` across ranks: each rank hashes its bytes and the hashes are
+// gathered. Returns the common hash; throws naming the ranks that differ.
+uint64_t check_replicas(ProcessGroup& group, const NamedParams& params);
 
 // The verb: wraps the trainable parameters of a replica in DDP on `group`.
 std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params, const DdpOptions& options);

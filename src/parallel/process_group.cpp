@@ -434,6 +434,10 @@ ProcessGroup::~ProcessGroup() {
     // collective or a store call with a dead or stalled peer until the timeout: leave them all
     // to the process exit instead.
     impl_->beat_thread.detach();
+    if (impl_->env.rank == 0 && !impl_->env.agent_store && impl_->env.world_size > 2) {
+      // This process hosts the store: the other survivors may still be asking it who failed.
+      std::this_thread::sleep_for(Impl::kBeat * 4 + std::chrono::seconds(2));
+    }
     (void)impl_.release();
     return;
   }

@@ -124,7 +124,7 @@ fs::path checkpoint_dir(const fs::path& output_dir, int64_t step) {
 fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
                          const optim::AdamW& opt, const TrainState& state, int64_t keep_last,
                          const json& meta, const fs::path& tokenizer_dir,
-                         const std::string& base_model) {
+                         const std::string& base_model, const optim::NamedTensors* optimizer_state) {
   const fs::path root = output_dir / "checkpoints";
   const fs::path final_dir = checkpoint_dir(output_dir, state.step);
   const fs::path tmp = root / (".tmp-step-" + std::to_string(state.step) + "-" +
@@ -134,7 +134,8 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
   fs::create_directories(tmp);
 
   save_trained(tmp, m, base_model);
-  io::save_safetensors(tmp / "optimizer.safetensors", opt.state());
+  io::save_safetensors(tmp / "optimizer.safetensors",
+                       optimizer_state != nullptr ? *optimizer_state : opt.state());
 
   if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
   crash_point("checkpoint:after_weights");  // test seam: a kill in the middle of the write
@@ -222,7 +223,8 @@ CheckpointInfo read_checkpoint_info(const fs::path& dir) {
   return info;
 }
 
-TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt) {
+TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, optim::AdamW& opt,
+                           const OptimizerStateLoader& load_optimizer) {
   const TrainState state = read_checkpoint_info(dir).state;
   if (lora::has_lora(m)) {
     lora::load_adapter_weights(dir, m);
@@ -237,7 +239,11 @@ TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, opti
     io::SafetensorsReader reader(p);
     std::map<std::string, at::Tensor> st;
     for (const auto& name : reader.names()) st[name] = reader.tensor(name);
-    opt.load_state(st, p.string());
+    if (load_optimizer) {
+      load_optimizer(st, p.string());
+    } else {
+      opt.load_state(st, p.string());
+    }
   }
   {
     const fs::path p = dir / "rng.safetensors";

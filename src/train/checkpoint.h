@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <map>
 #include <limits>
 #include <optional>
 
@@ -51,13 +53,15 @@ std::filesystem::path checkpoint_dir(const std::filesystem::path& output_dir, in
 // dir that eval/generate take as is. A model that carries LoRA adapters is saved as an adapter
 // dir whose base_model_name_or_path is `base_model`. Test seam:
 // crash_point("checkpoint:after_weights") (core/fs.h) runs midway, after the weights and optimizer
-// state, before the RNG and trainer_state.json.
+// state, before the RNG and trainer_state.json. `optimizer_state`, when given, is saved instead
+// of opt.state(): a sharded strategy's state gathered into the single-process format.
 std::filesystem::path save_checkpoint(const std::filesystem::path& output_dir,
                                       model::LlamaForCausalLM& m, const optim::AdamW& opt,
                                       const TrainState& state, int64_t keep_last,
                                       const nlohmann::json& meta = nlohmann::json::object(),
                                       const std::filesystem::path& tokenizer_dir = {},
-                                      const std::string& base_model = {});
+                                      const std::string& base_model = {},
+                                      const optim::NamedTensors* optimizer_state = nullptr);
 
 // Writes `m` into `dir` as a training run's output: a model dir (HF layout), or an adapter dir
 // (PEFT layout, base_model_name_or_path = `base_model`) when `m` carries LoRA adapters.
@@ -82,7 +86,11 @@ void remove_stale_checkpoint_temps(const std::filesystem::path& output_dir);
 // Restores model weights (the adapter weights into a model that carries adapters, which must
 // match the checkpoint's), optimizer state and the CPU (and CUDA) RNG states from `dir`; returns
 // the saved TrainState (as read_checkpoint_info). Errors name the checkpoint file.
+// `load_optimizer`, when given, takes the optimizer state (by name, single-process format) in
+// place of opt.load_state: a sharded strategy keeps its own slices of it.
+using OptimizerStateLoader =
+    std::function<void(const std::map<std::string, at::Tensor>& state, const std::string& origin)>;
 TrainState load_checkpoint(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
-                           optim::AdamW& opt);
+                           optim::AdamW& opt, const OptimizerStateLoader& load_optimizer = {});
 
 }  // namespace ftune::train

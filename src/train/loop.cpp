@@ -235,10 +235,11 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
 
     const bool stopping = step == end && end < o.total_steps;
     if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
+      const optim::NamedTensors opt_state = strategy.optimizer_state(opt);  // every rank
       if (main) {
         const auto tc = Clock::now();
         auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta,
-                                   o.tokenizer_dir, o.base_model);
+                                   o.tokenizer_dir, o.base_model, &opt_state);
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
         progress.message("saved checkpoint " + dir.string() + buf);

@@ -22,9 +22,18 @@ class LoraStrategy : public Strategy {
     lora::apply_lora(m, options_, seed_);
     return inner_.prepare(m);
   }
+  std::string name() const override { return inner_.name(); }
   int rank() const override { return inner_.rank(); }
   int world_size() const override { return inner_.world_size(); }
   DataShard data_shard() const override { return inner_.data_shard(); }
+  std::vector<bool> decay_flags() const override { return inner_.decay_flags(); }
+  optim::NamedTensors optimizer_state(const optim::AdamW& opt) override {
+    return inner_.optimizer_state(opt);
+  }
+  void load_optimizer_state(optim::AdamW& opt, const std::map<std::string, at::Tensor>& st,
+                            const std::string& origin) override {
+    inner_.load_optimizer_state(opt, st, origin);
+  }
   void before_backward(bool last) override { inner_.before_backward(last); }
   int64_t global_sum(int64_t local) override { return inner_.global_sum(local); }
   double global_sum(double local) override { return inner_.global_sum(local); }

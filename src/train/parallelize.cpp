@@ -1,5 +1,7 @@
-// The run's strategy from config + environment; see parallelize.h. DdpStrategy adapts
-// parallel::Ddp (buckets, hooks) and the process group to the loop's seams.
+// The run's strategy from config + environment; see parallelize.h. GroupStrategy holds what every
+// data-parallel strategy shares (rank, sharded rows, global sums, barriers, accounting, the
+// replica check); DdpStrategy adds parallel::Ddp's buckets and hooks, ZeroStrategy
+// parallel::ZeroShard's sharded optimizer step.
 #include "train/parallelize.h"
 
 #include <chrono>
@@ -7,25 +9,23 @@
 
 #include "core/error.h"
 #include "parallel/ddp.h"
+#include "parallel/zero.h"
 
 namespace ftune::train {
 namespace {
 
-class DdpStrategy : public Strategy {
+class GroupStrategy : public Strategy {
  public:
-  DdpStrategy(parallel::ProcessGroup& group, parallel::DdpOptions options, at::Device device)
-      : group_(group), options_(options), device_(device) {}
+  GroupStrategy(parallel::ProcessGroup& group, at::Device device, std::string name)
+      : group_(group), device_(device), name_(std::move(name)) {}
 
   int rank() const override { return group_.rank(); }
   int world_size() const override { return group_.size(); }
   DataShard data_shard() const override { return {group_.rank(), group_.size()}; }
-
   optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
-    optim::NamedTensors params = Strategy::prepare(m);
-    ddp_ = parallel::apply_ddp(group_, params, options_);
-    return params;
+    trained_ = Strategy::prepare(m);
+    return trained_;
   }
-  void before_backward(bool last) override { ddp_->set_sync(last); }
   int64_t global_sum(int64_t local) override {
     at::Tensor t = at::full({1}, local, at::TensorOptions(at::kLong).device(device_));
     group_.all_reduce(t, "all-reduce of the batch's target count");
@@ -36,7 +36,6 @@ class DdpStrategy : public Strategy {
     group_.all_reduce(t, "all-reduce of the loss sum");
     return t.item<double>();
   }
-  void after_backward(const optim::NamedTensors& /*params*/) override { ddp_->finish(); }
   void barrier(const std::string& what, double timeout_s) override {
     std::optional<std::chrono::milliseconds> t;
     if (timeout_s > 0) t = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
@@ -46,18 +45,70 @@ class DdpStrategy : public Strategy {
   void mark_failed(const std::string& message) override { group_.mark_failed(message); }
   parallel::CommStats take_comm_stats() override { return group_.take_stats(); }
   std::string check_replicas() override {
-    char buf[128];
+    char buf[160];
     std::snprintf(buf, sizeof(buf), "replicas: the trained parameters of all %d ranks are "
                   "bit-identical (hash %016llx)", group_.size(),
-                  static_cast<unsigned long long>(ddp_->check_replicas()));
+                  static_cast<unsigned long long>(parallel::check_replicas(group_, trained_)));
     return buf;
+  }
+  std::string name() const override { return name_; }
+
+ protected:
+  parallel::ProcessGroup& group_;
+  at::Device device_;
+  std::string name_;
+  optim::NamedTensors trained_;  // the model's trainable parameters
+};
+
+class DdpStrategy : public GroupStrategy {
+ public:
+  DdpStrategy(parallel::ProcessGroup& group, at::Device device, parallel::DdpOptions options)
+      : GroupStrategy(group, device, "ddp"), options_(options) {}
+
+  optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
+    optim::NamedTensors params = GroupStrategy::prepare(m);
+    ddp_ = parallel::apply_ddp(group_, params, options_);
+    return params;
+  }
+  void before_backward(bool last) override { ddp_->set_sync(last); }
+  void after_backward(const optim::NamedTensors& /*params*/) override { ddp_->finish(); }
+
+ private:
+  parallel::DdpOptions options_;
+  std::unique_ptr<parallel::Ddp> ddp_;
+};
+
+class ZeroStrategy : public GroupStrategy {
+ public:
+  ZeroStrategy(parallel::ProcessGroup& group, at::Device device, int stage)
+      : GroupStrategy(group, device, "zero" + std::to_string(stage)), stage_(stage) {}
+
+  optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
+    shard_ = std::make_unique<parallel::ZeroShard>(group_, GroupStrategy::prepare(m), stage_);
+    return shard_->pieces();
+  }
+  std::vector<bool> decay_flags() const override { return shard_->decays(); }
+  void after_backward(const optim::NamedTensors& /*pieces*/) override {
+    shard_->reduce_gradients();
+  }
+  double clip_and_step(optim::AdamW& opt, double lr, double max_grad_norm) override {
+    const at::Tensor norm = shard_->global_grad_norm();
+    opt.clip_and_step_with_norm(lr, max_grad_norm, norm);
+    shard_->gather_parameters();
+    return norm.item<double>();
+  }
+  optim::NamedTensors optimizer_state(const optim::AdamW& opt) override {
+    return shard_->full_state(opt.state());
+  }
+  void load_optimizer_state(optim::AdamW& opt, const std::map<std::string, at::Tensor>& st,
+                            const std::string& origin) override {
+    opt.load_state(shard_->shard_state(st, origin), origin);
+    shard_->refresh_pieces();  // load_checkpoint restored the weights just before this
   }
 
  private:
-  parallel::ProcessGroup& group_;
-  parallel::DdpOptions options_;
-  at::Device device_;
-  std::unique_ptr<parallel::Ddp> ddp_;
+  int stage_;
+  std::unique_ptr<parallel::ZeroShard> shard_;
 };
 
 }  // namespace
@@ -67,8 +118,9 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
   parallel::DistEnv env = parallel::read_dist_env();
   ParallelRun run;
   run.device = configured;
-  const bool ddp = p.strategy == "ddp" || (p.strategy == "auto" && env.distributed());
-  if (!ddp) {
+  const std::string strategy =
+      p.strategy == "auto" ? (env.distributed() ? "ddp" : "none") : p.strategy;
+  if (strategy == "none") {
     FTUNE_CHECK(!env.distributed(), cfg.where("parallel.strategy"), ": parallel.strategy: none, "
                 "but this process is rank ", env.rank, " of ", env.world_size, " (", env.source,
                 "): every rank would train alone and write the same output_dir; use ddp (or auto)");
@@ -76,8 +128,8 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
     return run;
   }
   if (env.source.empty()) {
-    // DDP in a process nobody launched: a group of one on this host (its collectives still run,
-    // e.g. to check NCCL on one GPU), like `torchrun --nproc-per-node 1`.
+    // A data-parallel strategy in a process nobody launched: a group of one on this host (its
+    // collectives still run, e.g. to check NCCL on one GPU), like `torchrun --nproc-per-node 1`.
     env.master_addr = "127.0.0.1";
     env.master_port = 0;
   }
@@ -89,9 +141,14 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
   go.timeout = std::chrono::milliseconds(static_cast<int64_t>(p.timeout_s * 1000));
   go.device = run.device;
   run.group = parallel::ProcessGroup::create(env, go);
-  parallel::DdpOptions dopt;
-  dopt.bucket_bytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
-  run.strategy = std::make_unique<DdpStrategy>(*run.group, dopt, run.device);
+  if (strategy == "ddp") {
+    parallel::DdpOptions dopt;
+    dopt.bucket_bytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
+    run.strategy = std::make_unique<DdpStrategy>(*run.group, run.device, dopt);
+  } else {
+    run.strategy =
+        std::make_unique<ZeroStrategy>(*run.group, run.device, strategy == "zero1" ? 1 : 2);
+  }
   return run;
 }
 

@@ -32,7 +32,9 @@ BaseSize frozen_base_size(model::LlamaForCausalLM& m) {
 
 ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt) {
   ParamReport r;
-  for (const auto& [name, p] : opt.params()) {
+  // Trainable: the model's parameters that require grad (a sharded optimizer holds only pieces).
+  for (const auto& p : m->parameters()) {
+    if (!p.requires_grad()) continue;
     r.trainable += p.numel();
     r.trainable_bytes += static_cast<int64_t>(p.nbytes());
   }

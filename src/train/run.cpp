@@ -401,6 +401,7 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   const bool main = strategy.is_main();
   RunSummary s;
   s.replicas = strategy.check_replicas();
+  s.strategy = strategy.name();
   s.world_size = strategy.world_size();
   s.comm_bytes = state.comm_bytes;
   s.comm_exposed_s = state.comm_exposed_s;
@@ -440,9 +441,9 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   }
   os << "\n";
   os << format_param_report(s.params) << "\n";
-  if (!s.replicas.empty()) {  // DDP, at any world size
-    os << "ddp: " << s.world_size << (s.world_size == 1 ? " rank" : " ranks") << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6)
-       << " MB (ring), waited " << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
+  if (!s.replicas.empty()) {  // a data-parallel strategy, at any world size
+    os << s.strategy << ": " << s.world_size << (s.world_size == 1 ? " rank" : " ranks")
+       << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6) << " MB (ring), waited " << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
        << fmt("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
        << "% of training time)\n";
     os << s.replicas << "\n";
@@ -506,7 +507,8 @@ RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device de
   std::optional<LoraStrategy> lora_strategy;
   if (lora) lora_strategy.emplace(strategy, *lora, static_cast<uint64_t>(t.seed));
   Strategy& run_strategy = lora_strategy ? static_cast<Strategy&>(*lora_strategy) : strategy;
-  optim::AdamW opt(run_strategy.prepare(m), adamw_options(t));
+  optim::NamedTensors trained = run_strategy.prepare(m);
+  optim::AdamW opt(std::move(trained), adamw_options(t), run_strategy.decay_flags());
   if (lora && t.dump_batches && main && !resume) {
     // With the dumped batches, the adapter the run starts from: what a replay needs besides the
     // base (tests feed both to transformers + PEFT).
@@ -515,7 +517,9 @@ RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device de
   TrainState state;
   if (resume) {
     const fs::path dir = resume->state_file.parent_path();
-    state = load_checkpoint(dir, m, opt);
+    state = load_checkpoint(dir, m, opt, [&](const auto& st, const std::string& origin) {
+      run_strategy.load_optimizer_state(opt, st, origin);
+    });
     data.train.restore(state.epoch, state.position);
     if (main) {
       std::fprintf(stderr, "resuming from %s (step %lld)\n", dir.c_str(),
@@ -533,7 +537,7 @@ RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device de
                  "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
                  src.origin.c_str(), static_cast<long long>(src.config.num_parameters()),
                  device.str().c_str(),
-                 world > 1 ? (" x " + std::to_string(world) + " ranks (DDP)").c_str() : "",
+                 world > 1 ? (" x " + std::to_string(world) + " ranks (" + strategy.name() + ")").c_str() : "",
                  data.train_docs, data.valid_docs, static_cast<long long>(rows),
                  static_cast<long long>(total_steps), static_cast<long long>(global_rows),
                  lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");

@@ -24,7 +24,8 @@ struct RunSummary {
   int64_t eval_step = -1;     // the step eval_loss was measured at
   bool finished = false;      // false when stopped early (training.stop_after)
   ParamReport params;         // parameter counts and memory by role, at the end
-  int world_size = 1;         // ranks that trained (DDP)
+  std::string strategy = "none";  // parallel.strategy as resolved (none, ddp, zero1, zero2)
+  int world_size = 1;         // ranks that trained
   int64_t comm_bytes = 0;     // ring bytes rank 0 sent over this process's part of the run
   double comm_exposed_s = 0;  // seconds it waited on communication compute did not hide
   std::string replicas;       // DDP: the bit-identity check of the replicas ("" otherwise)

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
+#include <vector>
 
 #include "model/llama.h"
 #include "optim/adamw.h"
@@ -29,6 +31,7 @@ class Strategy {
   virtual ~Strategy() = default;
 
   // This process's place in the run (one process: rank 0 of 1). Rank 0 alone logs and saves.
+  virtual std::string name() const { return "none"; }  // parallel.strategy, resolved
   virtual int rank() const { return 0; }
   virtual int world_size() const { return 1; }
   bool is_main() const { return rank() == 0; }
@@ -43,6 +46,18 @@ class Strategy {
       if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
     }
     return out;
+  }
+
+  // The weight-decay flags of prepare()'s tensors for the optimizer; empty = by dimension.
+  virtual std::vector<bool> decay_flags() const { return {}; }
+
+  // The optimizer state in the single-process format, for a checkpoint (a sharded strategy
+  // gathers it: every rank must call this), and its inverse when resuming (called after the
+  // checkpoint's weights are in the model).
+  virtual optim::NamedTensors optimizer_state(const optim::AdamW& opt) { return opt.state(); }
+  virtual void load_optimizer_state(optim::AdamW& opt, const std::map<std::string, at::Tensor>& st,
+                                    const std::string& origin) {
+    opt.load_state(st, origin);
   }
 
   // Before each micro-batch's backward: whether it is the last one of the optimizer step (DDP

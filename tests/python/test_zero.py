@@ -1,0 +1,135 @@
+"""ZeRO-1 and ZeRO-2 (parallel.strategy zero1 | zero2) against one process at the same global
+batch, the way test_ddp.py checks DDP: ranks started with the launcher variables
+(ddp_util.py), tiny models, fp32, 20 steps, grad_accum 2, clipping active.
+
+- Parity at 2 ranks and at 3 (the flat parameter space does not divide evenly: the last shard is
+  padded), full fine-tuning and LoRA: per-step losses and grad norms within 1e-5 relative, final
+  weights within 1e-5; replicas bit-identical after training.
+- Memory: the AdamW state each rank holds is 1/n of one process's (within 5%, REFERENCE.md §5).
+- Communication per step: ZeRO-1 all-reduces the gradients and all-gathers the parameters
+  (2 x 4 Psi bytes of payload), ZeRO-2 reduce-scatters instead of all-reducing; exact counts.
+- Checkpoints hold the full optimizer state in the single-process format: a zero2 run stopped at
+  2 ranks continues at 3 ranks and in one process with the uninterrupted losses.
+"""
+import re
+
+import pytest
+
+from safetensors.torch import load_file
+
+from ddp_util import ddp_train, max_rel, single_train, tensors_max_rel, weight_file
+from ftune_testing import ftune
+from train_testing import metrics
+
+STEPS, ACCUM, MB = 20, 2, 2
+FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.5",
+        "training.weight_decay=0.1"]
+LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.05",
+        "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
+        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+TOL = 1e-5
+REPLICAS = re.compile(r"replicas: the trained parameters of all (\d+) ranks are bit-identical")
+OPTIMIZER_MB = re.compile(r"optimizer state ([0-9.]+) MB")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models") / "tiny"
+    ftune("init-model", "--preset", "tiny", "--out", d, "--seed", "7")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model):
+    """get(strategy, mode, world) -> (out, rank results, single-process oracle out), cached. A
+    world of 3 uses MB 2 per rank against one process at 6 rows."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = {}
+
+    def get(strategy, mode, world):
+        key = (strategy, mode, world)
+        if key not in cache:
+            sets = [f"model.path={model}", *(FULL if mode == "full" else LORA)]
+            out = root / f"{strategy}-{mode}-x{world}"
+            res = ddp_train(out, world, *sets, f"training.micro_batch={MB}",
+                            f"parallel.strategy={strategy}")
+            single = root / f"{mode}-x{world}-oracle"
+            if not single.exists():
+                single_train(single, *sets, f"training.micro_batch={MB * world}")
+            cache[key] = (out, res, single)
+        return cache[key]
+
+    return get
+
+
+CASES = [pytest.param(s, m, w, id=f"{s}-{m}-x{w}")
+         for s in ("zero1", "zero2") for m in ("full", "lora") for w in (2, 3)]
+
+
+@pytest.mark.parametrize("strategy,mode,world", CASES)
+def test_parity_with_one_process(runs, strategy, mode, world):
+    out, res, single = runs(strategy, mode, world)
+    a, b = metrics(out), metrics(single)
+    assert [m["step"] for m in a] == list(range(1, STEPS + 1))
+    assert [m["target_tokens"] for m in a] == [m["target_tokens"] for m in b]
+    assert max(m["grad_norm"] for m in b) > (0.5 if mode == "full" else 0.05), "clipping active"
+    assert max_rel(a, b, "loss") < TOL and max_rel(a, b, "grad_norm") < TOL
+    assert a[-1]["loss"] < 0.97 * a[0]["loss"]
+    assert tensors_max_rel(weight_file(out / "final"), weight_file(single / "final")) < TOL
+    m = REPLICAS.search(res[0].stdout)
+    assert m and int(m.group(1)) == world, res[0].stdout
+    assert f"{strategy}: {world} ranks" in res[0].stdout
+
+
+@pytest.mark.parametrize("strategy,world", [("zero1", 2), ("zero2", 3)])
+def test_optimizer_state_is_sharded(runs, strategy, world):
+    """Each rank holds AdamW state (exp_avg + exp_avg_sq, 8 bytes per element) for its shard
+    only: 1/n of one process's 8 Psi, within 5% (plus the summary's 0.005 MB rounding)."""
+    out, res, single = runs(strategy, "full", world)
+    psi = sum(t.numel() for t in load_file(weight_file(single / "final")).values())
+    for r in res[:1]:  # rank 0 prints the summary
+        held = float(OPTIMIZER_MB.search(r.stdout).group(1))
+        want = 8 * psi / world / 1e6
+        assert abs(held - want) <= 0.05 * want + 0.005, (held, want)
+
+
+@pytest.mark.parametrize("strategy,mode,world", CASES[:4] + CASES[4:])
+def test_bytes_per_step(runs, strategy, mode, world):
+    """Payload per step: the gradients (4 Psi, padded to a multiple of n) go through one
+    all-reduce (zero1) or reduce-scatter (zero2), the updated shards through one all-gather of
+    the same size; plus the scalar all-reduces (target count, tokens, loss, gradient norm)."""
+    out, _, single = runs(strategy, mode, world)
+    psi = sum(t.numel() for t in load_file(weight_file(single / "final")).values())
+    padded = 4 * (-(-psi // world) * world)
+    last = metrics(out)[-1]
+    cb, wire = last["comm_bytes"], last["comm_wire_bytes"]
+    assert cb["all_gather"] == padded
+    scalars = 4 * 8
+    if strategy == "zero1":
+        assert cb["all_reduce"] == padded + scalars
+        assert "reduce_scatter" not in cb
+    else:
+        assert cb["reduce_scatter"] == padded and cb["all_reduce"] == scalars
+        assert abs(wire["reduce_scatter"] - padded * (world - 1) / world) <= 1
+    assert abs(wire["all_gather"] - padded * (world - 1) / world) <= 1
+
+
+def test_checkpoint_resumes_at_another_world_size(tmp_path, model, runs):
+    """A zero2 run stopped at step 8 at 2 ranks (global batch 2 x 2 x 2 = 8 rows... per micro-
+    step 4) continues at 4 ranks with micro_batch 1 and in one process with micro_batch 4: the
+    losses of the uninterrupted 2-rank run, within 1e-5."""
+    sets = [f"model.path={model}", *FULL]
+    whole, _, _ = runs("zero2", "full", 2)
+    for name, resume in [("x4", lambda out: ddp_train(out, 4, *sets, "training.micro_batch=1",
+                                                      "parallel.strategy=zero2",
+                                                      "training.resume=auto")),
+                         ("one", lambda out: single_train(out, *sets, "training.micro_batch=4",
+                                                          "training.resume=auto"))]:
+        out = tmp_path / name
+        ddp_train(out, 2, *sets, f"training.micro_batch={MB}", "parallel.strategy=zero2",
+                  "training.stop_after=8")
+        assert (out / "checkpoints" / "step-8" / "optimizer.safetensors").exists()
+        resume(out)
+        a, b = metrics(out), metrics(whole)
+        assert [m["step"] for m in a] == list(range(1, STEPS + 1))
+        assert max_rel(a[8:], b[8:], "loss") < TOL, name
