@@ -8,6 +8,7 @@ batch, the way test_ddp.py checks DDP: ranks started with the launcher variables
 - Memory: the AdamW state each rank holds is 1/n of one process's (within 5%, REFERENCE.md §5).
 - Communication per step: ZeRO-1 all-reduces the gradients and all-gathers the parameters
   (2 x 4 Psi bytes of payload), ZeRO-2 reduce-scatters instead of all-reducing; exact counts.
+- QLoRA (NF4 base) under zero1, zero2 and ddp at 2 ranks equals one process.
 - Checkpoints hold the full optimizer state in the single-process format: a zero2 run stopped at
   2 ranks continues at 3 ranks and in one process with the uninterrupted losses.
 """
@@ -133,3 +134,17 @@ def test_checkpoint_resumes_at_another_world_size(tmp_path, model, runs):
         a, b = metrics(out), metrics(whole)
         assert [m["step"] for m in a] == list(range(1, STEPS + 1))
         assert max_rel(a[8:], b[8:], "loss") < TOL, name
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "ddp"])
+def test_qlora_matches_one_process(tmp_path, model, strategy):
+    """QLoRA (NF4 base quantized at load, fp32 compute): the adapters are the only trainable
+    tensors, so they alone are sharded (zero1/2) or all-reduced (ddp); 2 ranks equal one process."""
+    sets = [f"model.path={model}", *LORA, "quant.compute_dtype=fp32", "training.steps=8"]
+    out, single = tmp_path / "ranks", tmp_path / "one"
+    res = ddp_train(out, 2, *sets, f"training.micro_batch={MB}", f"parallel.strategy={strategy}")
+    single_train(single, *sets, f"training.micro_batch={2 * MB}")
+    a, b = metrics(out), metrics(single)
+    assert max_rel(a, b, "loss") < TOL and max_rel(a, b, "grad_norm") < TOL
+    assert tensors_max_rel(weight_file(out / "final"), weight_file(single / "final")) < TOL
+    assert REPLICAS.search(res[0].stdout)
