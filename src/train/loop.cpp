@@ -11,6 +11,7 @@
 #include "io/safetensors.h"
 #include "model/autocast.h"
 #include "model/loss.h"
+#include "train/report.h"
 
 namespace ftune::train {
 namespace {
@@ -166,7 +167,11 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       loss_sum += ls.sum.item<double>();
     }
     loss_sum = strategy.global_sum(loss_sum);
+    // Gradient bytes held at their peak in the step: after the backward, or after the sync (a
+    // sharded strategy may swap the full gradients for its shard's).
+    const int64_t grads_after_backward = gradient_bytes(m, opt);
     strategy.after_backward(opt.params());
+    const int64_t held_grads = std::max(grads_after_backward, gradient_bytes(m, opt));
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
     const double loss = loss_sum / denom;
     // Later NaNs can be a divergence worth logging; one on the first step is always a setup fault.
@@ -212,6 +217,15 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
              {"tokens", state.tokens_seen},
              {"target_tokens", targets},
              {"epoch", state.epoch}};
+      {
+        // What this rank holds (its own tensors, counted): parameters, gradients at their peak
+        // in the step, optimizer state, communication buffers.
+        const ParamReport pr = param_report(m, opt);
+        rec["held_param_bytes"] = pr.base_bytes + pr.trainable_bytes;
+        rec["held_grad_bytes"] = held_grads;
+        rec["held_optimizer_bytes"] = pr.optimizer_bytes;
+        rec["held_buffer_bytes"] = strategy.buffer_bytes();
+      }
       if (distributed) {
         // Per optimizer step, averaged over the steps since the last line: payload and ring
         // bytes by collective, and the seconds rank 0 waited on communication.

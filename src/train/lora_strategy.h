@@ -49,6 +49,7 @@ class LoraStrategy : public Strategy {
   void mark_step(int64_t step) override { inner_.mark_step(step); }
   void mark_failed(const std::string& message) override { inner_.mark_failed(message); }
   parallel::CommStats take_comm_stats() override { return inner_.take_comm_stats(); }
+  int64_t buffer_bytes() const override { return inner_.buffer_bytes(); }
   std::string check_replicas() override { return inner_.check_replicas(); }
 
  private:

@@ -72,6 +72,7 @@ class DdpStrategy : public GroupStrategy {
   }
   void before_backward(bool last) override { ddp_->set_sync(last); }
   void after_backward(const optim::NamedTensors& /*params*/) override { ddp_->finish(); }
+  int64_t buffer_bytes() const override { return ddp_ ? ddp_->gradient_bytes() : 0; }
 
  private:
   parallel::DdpOptions options_;

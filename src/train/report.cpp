@@ -1,6 +1,8 @@
 // Parameter and memory accounting of a run; see report.h.
 #include "train/report.h"
 
+#include <set>
+
 #include <cstdio>
 
 #include "model/hf_io.h"
@@ -43,6 +45,19 @@ ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt) {
   r.base_bytes = base.bytes;
   for (const auto& [name, t] : opt.state()) r.optimizer_bytes += static_cast<int64_t>(t.nbytes());
   return r;
+}
+
+int64_t gradient_bytes(model::LlamaForCausalLM& m, const optim::AdamW& opt) {
+  std::set<const void*> seen;
+  int64_t bytes = 0;
+  auto add = [&](const at::Tensor& p) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined() || !seen.insert(g.storage().data()).second) return;
+    bytes += static_cast<int64_t>(g.storage().nbytes());
+  };
+  for (const auto& p : m->parameters()) add(p);
+  for (const auto& [name, p] : opt.params()) add(p);
+  return bytes;
 }
 
 std::string format_param_report(const ParamReport& r) {

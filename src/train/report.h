@@ -1,7 +1,8 @@
 // What a training run holds in memory, by role: parameter counts (trainable and total) and the
 // bytes of the frozen base, of the trainable parameters and of the optimizer state, from the
 // tensors themselves (not a formula), logged at start and in the run summary.
-// Defines ParamReport, BaseSize, frozen_base_size, param_report, format_param_report.
+// Defines ParamReport, BaseSize, frozen_base_size, param_report, gradient_bytes,
+// format_param_report.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,11 @@ struct BaseSize {
 BaseSize frozen_base_size(model::LlamaForCausalLM& m);
 
 ParamReport param_report(model::LlamaForCausalLM& m, const optim::AdamW& opt);
+
+// Bytes of the distinct storages that hold the gradients of the model's parameters and of the
+// optimizer's tensors right now (a sharded strategy's shard gradients, which may be views into
+// one buffer, count once, as that buffer).
+int64_t gradient_bytes(model::LlamaForCausalLM& m, const optim::AdamW& opt);
 
 // "parameters: 1234 trainable of 56789 (2.17%); memory: frozen base 12.34 MB, trainable
 // 1.23 MB, optimizer state 2.46 MB" (MB = 1e6 bytes).

@@ -86,6 +86,9 @@ class Strategy {
   virtual void mark_step(int64_t /*step*/) {}
   virtual void mark_failed(const std::string& /*message*/) {}
 
+  // Bytes of the communication buffers the strategy keeps between steps (DDP's buckets).
+  virtual int64_t buffer_bytes() const { return 0; }
+
   // What this rank's collectives moved and waited since the last call.
   virtual parallel::CommStats take_comm_stats() { return {}; }
 
