@@ -23,6 +23,7 @@
 #endif
 
 #include <atomic>
+#include <csignal>
 #include <cerrno>
 #include <condition_variable>
 #include <thread>
@@ -249,6 +250,9 @@ struct ProcessGroup::Impl {
   std::atomic<int64_t> step{-1};
   bool failed = false;
   bool comm_failed = false;  // the failure was a collective's: a consequence, not a cause
+  // Test seam: FTUNE_TEST_KILL_AT="<rank>:<text>" makes that rank SIGKILL itself as it starts the
+  // first collective whose name contains <text> (fault tests aim a death inside a collective).
+  std::string kill_at;
 
   // Heartbeat: a thread bumps "alive/<rank>" every kBeat, so a rank that waited in vain can tell
   // the peers that stopped beating (killed, SIGSTOPped, the machine gone) from the ones that are
@@ -396,6 +400,7 @@ struct ProcessGroup::Impl {
   // Starting a collective can itself throw (a closed connection): same message.
   template <typename F>
   c10::intrusive_ptr<c10d::Work> start(const std::string& what, F&& f) {
+    if (!kill_at.empty() && what.find(kill_at) != std::string::npos) ::raise(SIGKILL);
     const auto t0 = Clock::now();
     try {
       return f();
@@ -450,6 +455,13 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) FLAGS_caffe2_log_level = 3;  // FATAL only
   auto impl = std::make_unique<Impl>();
   impl->env = env;
+  if (const char* k = std::getenv("FTUNE_TEST_KILL_AT")) {
+    const std::string spec = k;
+    const auto colon = spec.find(':');
+    if (colon != std::string::npos && spec.substr(0, colon) == std::to_string(env.rank)) {
+      impl->kill_at = spec.substr(colon + 1);
+    }
+  }
   impl->opts = o;
   const std::string origin = "rank " + std::to_string(env.rank) + ": rendezvous";
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
