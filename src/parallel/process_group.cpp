@@ -120,9 +120,10 @@ std::string local_address_towards(const std::string& host, int port) {
     socklen_t len = sizeof(ss);
     char buf[INET6_ADDRSTRLEN] = {};
     if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
-      const void* addr = ss.ss_family == AF_INET
-                             ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr)
-                             : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr);
+      const void* addr =
+          ss.ss_family == AF_INET
+              ? static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&ss)->sin_addr)
+              : static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr);
       if (::inet_ntop(ss.ss_family, addr, buf, sizeof(buf)) != nullptr) out = buf;
     }
   }
@@ -488,9 +489,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   try {
     tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
   } catch (const std::exception& e) {
-    const std::string msg = first_line(dynamic_cast<const c10::Error*>(&e)
-                                           ? dynamic_cast<const c10::Error*>(&e)->what_without_backtrace()
-                                           : e.what());
+    const auto* ce = dynamic_cast<const c10::Error*>(&e);
+    const std::string msg = first_line(ce ? ce->what_without_backtrace() : e.what());
     fail(origin, ": cannot reach the store at MASTER_ADDR:MASTER_PORT ", where, " within ",
          seconds_text(o.timeout), " (is rank 0 running, and are MASTER_ADDR/MASTER_PORT the same "
          "on every rank?): ", msg);
@@ -526,8 +526,9 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    fail(origin, ": not every rank joined the store at ", where, " within ", seconds_text(o.timeout),
-         " (WORLD_SIZE=", env.world_size, "; are all ranks started?): ", first_line(e.what()));
+    fail(origin, ": not every rank joined the store at ", where, " within ",
+         seconds_text(o.timeout), " (WORLD_SIZE=", env.world_size, "; are all ranks started?): ",
+         first_line(e.what()));
   }
 
   // 3. The backend.

@@ -89,8 +89,9 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   const int64_t end = o.stop_after > 0 ? std::min(o.stop_after, o.total_steps) : o.total_steps;
   Progress progress(o.total_steps, state.step, o.progress_bar && main);
   // Under data parallelism every rank dumps the rows it trained on, in its own folder.
-  const auto batch_dir = distributed ? o.output_dir / "batches" / ("rank" + std::to_string(strategy.rank()))
-                                     : o.output_dir / "batches";
+  const auto batch_dir =
+      distributed ? o.output_dir / "batches" / ("rank" + std::to_string(strategy.rank()))
+                  : o.output_dir / "batches";
   if (o.dump_batches) std::filesystem::create_directories(batch_dir);
   m->train();
 
@@ -105,8 +106,8 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     const auto te = Clock::now();
     EvalResult ev = evaluate(m, my_valid, o.bf16_autocast, o.device);
     if (distributed) {  // each rank evaluated its share: sum the NLL and the token counts
-      const double sum = strategy.global_sum(ev.tokens > 0 ? ev.loss * static_cast<double>(ev.tokens)
-                                                           : 0.0);
+      const double local = ev.tokens > 0 ? ev.loss * static_cast<double>(ev.tokens) : 0.0;
+      const double sum = strategy.global_sum(local);
       ev.tokens = strategy.global_sum(ev.tokens);
       ev.loss = ev.tokens > 0 ? sum / static_cast<double>(ev.tokens) : std::nan("");
       ev.ppl = std::exp(ev.loss);

@@ -443,7 +443,8 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   os << format_param_report(s.params) << "\n";
   if (!s.replicas.empty()) {  // a data-parallel strategy, at any world size
     os << s.strategy << ": " << s.world_size << (s.world_size == 1 ? " rank" : " ranks")
-       << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6) << " MB (ring), waited " << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
+       << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6) << " MB (ring), waited "
+       << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
        << fmt("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
        << "% of training time)\n";
     os << s.replicas << "\n";
@@ -532,12 +533,14 @@ RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device de
   const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml, world);
   if (main) {
     const int64_t global_rows = t.micro_batch * t.grad_accum * world;
+    const std::string ranks =
+        world > 1 ? " x " + std::to_string(world) + " ranks (" + strategy.name() + ")" : "";
     std::fprintf(stderr,
                  "training %s (%lld parameters) on %s%s: %zu train / %zu valid documents, %lld "
                  "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
                  src.origin.c_str(), static_cast<long long>(src.config.num_parameters()),
                  device.str().c_str(),
-                 world > 1 ? (" x " + std::to_string(world) + " ranks (" + strategy.name() + ")").c_str() : "",
+                 ranks.c_str(),
                  data.train_docs, data.valid_docs, static_cast<long long>(rows),
                  static_cast<long long>(total_steps), static_cast<long long>(global_rows),
                  lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
