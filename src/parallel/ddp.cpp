@@ -228,7 +228,6 @@ uint64_t check_replicas(ProcessGroup& group, const NamedParams& params) {
   return h;
 }
 
-int64_t Ddp::bucket_count() const { return static_cast<int64_t>(impl_->buckets.size()); }
 int64_t Ddp::gradient_bytes() const { return impl_->grad_bytes; }
 
 std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params,

@@ -44,7 +44,6 @@ class Ddp {
   // parameter counts as zero), waits for all of them and writes the summed gradients back.
   void finish();
 
-  int64_t bucket_count() const;
   int64_t gradient_bytes() const;  // payload all-reduced per optimizer step
 
  struct Impl;  // public so the autograd hooks (ddp.cpp) can reach it

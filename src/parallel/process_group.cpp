@@ -228,16 +228,18 @@ DistEnv read_dist_env(const std::function<std::optional<std::string>(const char*
 
 DistEnv read_dist_env() { return read_dist_env(process_getenv); }
 
-int64_t CommStats::total_payload() const {
-  int64_t n = 0;
-  for (const auto& [k, v] : payload_bytes) n += v;
-  return n;
-}
-
 int64_t CommStats::total_wire() const {
   int64_t n = 0;
   for (const auto& [k, v] : wire_bytes) n += v;
   return n;
+}
+
+CommStats& CommStats::operator+=(const CommStats& o) {
+  for (const auto& [k, v] : o.calls) calls[k] += v;
+  for (const auto& [k, v] : o.payload_bytes) payload_bytes[k] += v;
+  for (const auto& [k, v] : o.wire_bytes) wire_bytes[k] += v;
+  wait_s += o.wait_s;
+  return *this;
 }
 
 struct ProcessGroup::Impl {
@@ -573,7 +575,6 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
 
 int ProcessGroup::rank() const { return impl_->env.rank; }
 int ProcessGroup::size() const { return impl_->env.world_size; }
-milliseconds ProcessGroup::timeout() const { return impl_->opts.timeout; }
 
 ProcessGroup::Pending ProcessGroup::all_reduce_async(const at::Tensor& t, const std::string& what) {
   impl_->check_tensor(t, what);

@@ -59,8 +59,8 @@ struct CommStats {
   // 2(n-1)/n * payload, all-gather and reduce-scatter (n-1)/n * the full tensor, broadcast payload.
   std::map<std::string, int64_t> wire_bytes;
   double wait_s = 0;  // time blocked in wait(): communication that compute did not hide
-  int64_t total_payload() const;
   int64_t total_wire() const;
+  CommStats& operator+=(const CommStats& o);  // adds every count
 };
 
 class ProcessGroup {
@@ -71,7 +71,6 @@ class ProcessGroup {
    public:
     Pending() = default;
     void wait();
-    bool valid() const { return static_cast<bool>(work_); }
 
    private:
     friend class ProcessGroup;
@@ -91,7 +90,6 @@ class ProcessGroup {
 
   int rank() const;
   int size() const;
-  std::chrono::milliseconds timeout() const;
 
   // Collectives. `what` names it in errors ("all-reduce of gradient bucket 2/5"). Tensors are
   // contiguous and on the group's device; results land in place (all_reduce, broadcast) or in

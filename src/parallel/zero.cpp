@@ -16,14 +16,15 @@ ZeroShard::ZeroShard(ProcessGroup& group, NamedParams params, int stage)
     : group_(group), params_(std::move(params)), stage_(stage) {
   FTUNE_CHECK(stage == 1 || stage == 2, "ZeRO stage ", stage, ": expected 1 or 2");
   broadcast_parameters(group_, params_);
+  int64_t numel = 0;  // trainable elements
   for (const auto& [name, p] : params_) {
     FTUNE_CHECK(p.scalar_type() == at::kFloat, "ZeRO: trainable parameter ", name, " is ",
                 p.scalar_type(), "; the shards are fp32");
-    offsets_.push_back(numel_);
-    numel_ += p.numel();
+    offsets_.push_back(numel);
+    numel += p.numel();
   }
   const int64_t n = group_.size();
-  shard_ = (numel_ + n - 1) / n;
+  shard_ = (numel + n - 1) / n;
   const int64_t lo = group_.rank() * shard_, hi = lo + shard_;
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -52,9 +52,6 @@ class ZeroShard {
   std::map<std::string, at::Tensor> shard_state(const std::map<std::string, at::Tensor>& full,
                                                 const std::string& origin) const;
 
-  int64_t numel() const { return numel_; }            // trainable elements
-  int64_t shard_numel() const { return shard_; }      // per rank, padding included
-
  private:
   struct Piece {
     size_t param;          // index into params_
@@ -65,7 +62,7 @@ class ZeroShard {
   ProcessGroup& group_;
   NamedParams params_;
   int stage_;
-  int64_t numel_ = 0, shard_ = 0;
+  int64_t shard_ = 0;  // elements per rank's shard, padding included
   std::vector<int64_t> offsets_;  // each parameter's first element in the flat space
   std::vector<Piece> layout_;
   NamedParams pieces_;

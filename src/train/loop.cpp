@@ -142,6 +142,9 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     const int64_t index = state.step;  // 0-based index of this optimizer step
     const int64_t step = index + 1;
     const double lr = optim::lr_at(o.schedule, index);
+    const bool last = step == o.total_steps;
+    const bool do_eval = !valid.empty() && ((o.eval_every > 0 && step % o.eval_every == 0) || last);
+    const bool do_log = step % o.log_every == 0 || do_eval || last || step == end;
     strategy.mark_step(step);
 
     std::vector<data::Batch> micro;
@@ -168,11 +171,11 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       loss_sum += ls.sum.item<double>();
     }
     loss_sum = strategy.global_sum(loss_sum);
-    // Gradient bytes held at their peak in the step: after the backward, or after the sync (a
-    // sharded strategy may swap the full gradients for its shard's).
-    const int64_t grads_after_backward = gradient_bytes(m, opt);
+    // Gradient bytes held at their peak in the step (logged steps only): after the backward, or
+    // after the sync (a sharded strategy may swap the full gradients for its shard's).
+    const int64_t grads_after_backward = do_log ? gradient_bytes(m, opt) : 0;
     strategy.after_backward(opt.params());
-    const int64_t held_grads = std::max(grads_after_backward, gradient_bytes(m, opt));
+    const int64_t held_grads = do_log ? std::max(grads_after_backward, gradient_bytes(m, opt)) : 0;
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
     const double loss = loss_sum / denom;
     // Later NaNs can be a divergence worth logging; one on the first step is always a setup fault.
@@ -191,18 +194,12 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     interval_s += dt;
     ++interval_steps;
     if (distributed) {
-      parallel::CommStats cs = strategy.take_comm_stats();
-      for (const auto& [k, v] : cs.payload_bytes) interval_comm.payload_bytes[k] += v;
-      for (const auto& [k, v] : cs.wire_bytes) interval_comm.wire_bytes[k] += v;
-      for (const auto& [k, v] : cs.calls) interval_comm.calls[k] += v;
-      interval_comm.wait_s += cs.wait_s;
+      const parallel::CommStats cs = strategy.take_comm_stats();
+      interval_comm += cs;
       state.comm_bytes += cs.total_wire();
       state.comm_exposed_s += cs.wait_s;
     }
 
-    const bool last = step == o.total_steps;
-    const bool do_eval = !valid.empty() && ((o.eval_every > 0 && step % o.eval_every == 0) || last);
-    const bool do_log = step % o.log_every == 0 || do_eval || last || step == end;
     const double tok_s = interval_s > 0 ? static_cast<double>(interval_tokens) / interval_s : 0;
 
     if (main) progress.update(step, step_line(loss, lr, gnorm, tok_s), do_log);

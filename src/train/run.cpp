@@ -476,13 +476,14 @@ void clean_up_interrupted_writes(const fs::path& out) {
 
 namespace {
 
-RunSummary run(const config::TrainConfig& cfg, Strategy& strategy, at::Device device) {
+// Steps 2-6 of run_training, once the inputs are checked and the strategy is built.
+RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
+               const std::optional<lora::LoraOptions>& lora, Strategy& strategy,
+               at::Device device) {
   const bool main = strategy.is_main();
   const int world = strategy.world_size();
   const auto& t = cfg.training;
   const fs::path out = t.output_dir;
-  const ModelSource src = resolve_model_config(cfg);
-  const std::optional<lora::LoraOptions> lora = lora_options(cfg, src);
 
   // 2. Tokenizer and data (before the model: data errors should not wait for a big load).
   if (src.preset && main) model::write_byte_level_tokenizer(src.dir);
@@ -559,7 +560,8 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   const auto& t = cfg.training;
 
   // 1. Everything that can be checked before allocating: model shape vs data, files, resume.
-  lora_options(cfg, resolve_model_config(cfg));  // model shape vs seq_len and lora targets
+  const ModelSource src = resolve_model_config(cfg);
+  const std::optional<lora::LoraOptions> lora = lora_options(cfg, src);
   check_inputs(cfg);
   const at::Device configured =
       model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
@@ -576,7 +578,7 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   }
   Strategy& strategy = strategy_in ? *strategy_in : *pr.strategy;
   try {
-    return run(cfg, strategy, pr.device);
+    return run(cfg, src, lora, strategy, pr.device);
   } catch (const std::exception& e) {
     // The other ranks name this one and its error instead of waiting out their timeout.
     strategy.mark_failed(e.what());
