@@ -4,7 +4,7 @@ does, or runs torchrun itself), compared with one process at the same global bat
 (micro_batch * world rows per micro-batch, same grad_accum), on the tiny shape, fp32.
 Measured (CPU, torch 2.11) in brackets; run with -s to print them.
 
-- Parity: 20 steps at 2 and 4 ranks, full fine-tuning and LoRA, tied and untied embeddings,
+- Parity: 20 steps at 2, 3 and 4 ranks, full fine-tuning and LoRA, tied and untied embeddings,
   grad_accum 2, clipping active: per-step loss and grad_norm within 1e-5 relative [loss <= 1.7e-7,
   grad_norm <= 3.7e-6], the final model or PEFT adapter within 1e-5 [<= 6.9e-7]; the replicas
   line says bit-identical.
@@ -108,6 +108,8 @@ def runs(tmp_path_factory, models):
 PARITY = [pytest.param("full", "preset", 2, id="full-preset-x2"),
           pytest.param("lora", "tied", 2, id="lora-tied-x2"),
           pytest.param("full", "untied", 4, id="full-untied-x4"),
+          pytest.param("full", "untied", 3, id="full-untied-x3"),
+          pytest.param("lora", "untied", 3, id="lora-untied-x3"),
           pytest.param("full", "tied", 2, id="slow-full-tied-x2"),
           pytest.param("lora", "untied", 2, id="slow-lora-untied-x2"),
           pytest.param("full", "tied", 4, id="slow-full-tied-x4"),
