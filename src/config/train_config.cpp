@@ -144,7 +144,14 @@ void TrainConfig::validate() const {
   one_of("logging.progress", logging.progress, {"auto", "bar", "lines"});
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
-  one_of("parallel.strategy", parallel.strategy, {"auto", "none", "ddp", "zero1", "zero2"});
+  one_of("parallel.strategy", parallel.strategy,
+         {"auto", "none", "ddp", "zero1", "zero2", "fsdp", "zero3"});
+  one_of("parallel.offload", parallel.offload, {"none", "optimizer"});
+  check("parallel.offload", parallel.offload == "none" || parallel.strategy == "zero1" ||
+        parallel.strategy == "zero2" || parallel.strategy == "fsdp" ||
+        parallel.strategy == "zero3", "offload: optimizer needs parallel.strategy zero1, zero2 or "
+        "fsdp (the sharded optimizer step is what moves to the CPU), got strategy ",
+        parallel.strategy);
   check("parallel.bucket_mb", parallel.bucket_mb > 0 && std::isfinite(parallel.bucket_mb),
         "expected a positive number of MiB, got ", parallel.bucket_mb);
   check("parallel.timeout_s", parallel.timeout_s > 0 && std::isfinite(parallel.timeout_s),

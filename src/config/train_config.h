@@ -156,12 +156,16 @@ struct ParallelOptions {
   std::string strategy = "auto";  // auto (ddp when launched with several processes, else none) |
                                   // none (one process) | ddp (replicas, gradients all-reduced) |
                                   // zero1 / zero2 (replicas; optimizer state, and for zero2 the
-                                  // gradients, sharded across ranks)
+                                  // gradients, sharded across ranks) | fsdp (alias
+                                  // zero3: parameters sharded too, gathered unit by unit)
+  std::string offload = "none";   // none | optimizer: zero1/zero2/fsdp keep the fp32 master
+                                  // shard and its AdamW state in CPU memory, stepped there
   double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
   double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
                                   // fails, naming the collective and the ranks behind
   template <class V> void fields(V& v) {
     v("strategy", strategy);
+    v("offload", offload);
     v("bucket_mb", bucket_mb);
     v("timeout_s", timeout_s);
   }

@@ -288,6 +288,26 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const
   return out;
 }
 
+int64_t unit_count(const LlamaConfig& c) { return c.num_hidden_layers + 2; }
+
+int64_t unit_of(const std::string& name, const LlamaConfig& c) {
+  auto starts = [&](const char* p) { return name.rfind(p, 0) == 0; };
+  if (starts("model.embed_tokens.")) return 0;
+  if (starts("model.norm.") || starts("lm_head.")) return c.num_hidden_layers + 1;
+  const std::string layers = "model.layers.";
+  if (starts(layers.c_str())) {
+    const size_t dot = name.find('.', layers.size());
+    const std::string idx = name.substr(layers.size(), dot - layers.size());
+    if (!idx.empty() && dot != std::string::npos &&
+        idx.find_first_not_of("0123456789") == std::string::npos && idx.size() < 10) {
+      const int64_t l = std::stoll(idx);
+      if (l < c.num_hidden_layers) return l + 1;
+    }
+  }
+  fail("unit_of: '", name, "' is not a parameter of a ", c.num_hidden_layers,
+             "-layer Llama model");
+}
+
 at::Tensor LlamaForCausalLMImpl::lm_head_weight() const {
   return lm_head ? lm_head->weight : model->embed_tokens->weight;
 }
@@ -313,7 +333,10 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
       ? opts.positions
       : at::arange(past, past + T, at::TensorOptions().dtype(at::kLong).device(dev))
             .unsqueeze(0).expand({B, T});
+  const int64_t n_layers = static_cast<int64_t>(model->layers->size());
+  if (unit_hooks_) unit_hooks_->before_unit(0);
   at::Tensor x = model->embed_tokens(input_ids);  // [B, T, H]
+  if (unit_hooks_) x = unit_hooks_->after_unit(0, x);
   auto [cos, sin] = rope(positions, x.scalar_type());
   const int64_t half = sin.size(-1) / 2;
   sin = at::cat({-sin.slice(-1, 0, half), sin.slice(-1, half)}, -1);  // sign of rotate_half
@@ -335,6 +358,8 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
   if (checkpoint && !x.requires_grad()) x = x.detach().requires_grad_(true);
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto layer = model->layers->ptr<LlamaDecoderLayerImpl>(i);
+    const int64_t unit = static_cast<int64_t>(i) + 1;
+    if (unit_hooks_) unit_hooks_->before_unit(unit);
     if (checkpoint) {
       x = CheckpointedLayer::apply(x, LayerCall{layer, cos, sin, mask});
     } else if (opts.cache) {
@@ -342,7 +367,9 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
     } else {
       x = layer->forward(x, cos, sin, mask);
     }
+    if (unit_hooks_) x = unit_hooks_->after_unit(unit, x);
   }
+  if (unit_hooks_) unit_hooks_->before_unit(n_layers + 1);
   return model->norm(x);
 }
 

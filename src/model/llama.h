@@ -136,6 +136,25 @@ class LlamaModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaModel);
 
+// FSDP's seam into the forward: the model is cut into units (unit_count: 0 = embed_tokens,
+// 1..L = decoder layers, L + 1 = final norm + lm_head) and a strategy that shards parameters
+// gathers a unit's before it runs. hidden_states calls before_unit(u) right before unit u
+// computes and passes its output through after_unit(u, out) (which may register backward hooks
+// on it and must return it, or a view of it). The head unit has no after_unit: its output is the
+// final hidden state, and the loss's projection runs after hidden_states returns.
+class UnitHooks {
+ public:
+  virtual ~UnitHooks() = default;
+  virtual void before_unit(int64_t unit) = 0;
+  virtual at::Tensor after_unit(int64_t unit, const at::Tensor& out) = 0;
+};
+
+// Units of a model with config `c` (num_hidden_layers + 2), and the unit a parameter belongs to
+// by its name (HF or PEFT module name, adapters included): embed_tokens 0, model.layers.<i>.* i+1,
+// model.norm and lm_head L+1. Throws for a name outside the model.
+int64_t unit_count(const LlamaConfig& c);
+int64_t unit_of(const std::string& name, const LlamaConfig& c);
+
 class LlamaForCausalLMImpl : public torch::nn::Module {
  public:
   // Validates `c` and, for CPU tensors, checks that the weights fit in this machine's memory
@@ -156,6 +175,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // Recompute each decoder layer in backward instead of storing its activations.
   void set_grad_checkpointing(bool on) { grad_checkpointing_ = on; }
   bool grad_checkpointing() const { return grad_checkpointing_; }
+  // The hooks around each unit (null = none); the caller keeps them alive while set.
+  void set_unit_hooks(UnitHooks* hooks) { unit_hooks_ = hooks; }
   const LlamaConfig& config() const { return config_; }
   // RoPE tables for positions [B, T]: cos, sin each [B, T, head_dim] in `dtype`.
   std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& positions, at::ScalarType dtype) const;
@@ -167,6 +188,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   LlamaConfig config_;
   at::Tensor inv_freq_;  // [head_dim / 2] fp32, a buffer (not saved)
   bool grad_checkpointing_ = false;
+  UnitHooks* unit_hooks_ = nullptr;
 };
 TORCH_MODULE(LlamaForCausalLM);
 

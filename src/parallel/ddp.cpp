@@ -235,4 +235,15 @@ std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params,
   return std::make_unique<Ddp>(group, std::move(params), options);
 }
 
+at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces) {
+  at::NoGradGuard no_grad;
+  at::Tensor sq = at::zeros({1}, at::TensorOptions(at::kDouble));
+  for (const auto& [name, t] : pieces) {
+    if (t.grad().defined()) sq += t.grad().to(at::kDouble).pow(2).sum().cpu();
+  }
+  sq = sq.to(group.device());
+  group.all_reduce(sq, "all-reduce of the gradient norm");
+  return sq.sqrt().to(at::kFloat).reshape({});
+}
+
 }  // namespace ftune::parallel

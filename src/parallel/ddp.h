@@ -60,6 +60,10 @@ void broadcast_parameters(ProcessGroup& group, const NamedParams& params);
 // gathered. Returns the common hash; throws naming the ranks that differ.
 uint64_t check_replicas(ProcessGroup& group, const NamedParams& params);
 
+// The L2 norm of the gradients of every rank's `pieces` together (each rank holding a disjoint
+// part of the parameters: ZeRO's and FSDP's shards), summed in fp64; an fp32 scalar.
+at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces);
+
 // The verb: wraps the trainable parameters of a replica in DDP on `group`.
 std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params, const DdpOptions& options);
 

@@ -575,15 +575,13 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
 
 int ProcessGroup::rank() const { return impl_->env.rank; }
 int ProcessGroup::size() const { return impl_->env.world_size; }
+at::Device ProcessGroup::device() const { return impl_->opts.device; }
 
 ProcessGroup::Pending ProcessGroup::all_reduce_async(const at::Tensor& t, const std::string& what) {
   impl_->check_tensor(t, what);
   impl_->count("all_reduce", t.numel() * t.element_size(), 2.0 * impl_->ring_factor());
   std::vector<at::Tensor> ts{t};
-  Pending p;
-  p.work_ = std::make_shared<Pending::Work>();
-  p.work_->group = impl_.get();
-  p.work_->what = what;
+  Pending p = new_pending(what);
   p.work_->work = impl_->start(what, [&] { return impl_->backend->allreduce(ts); });
   return p;
 }
@@ -601,26 +599,50 @@ void ProcessGroup::broadcast(const at::Tensor& t, int root, const std::string& w
   impl_->wait(impl_->start(what, [&] { return impl_->backend->broadcast(ts, bo); }), what);
 }
 
-void ProcessGroup::all_gather_into(const at::Tensor& out, const at::Tensor& in,
-                                   const std::string& what) {
+ProcessGroup::Pending ProcessGroup::new_pending(const std::string& what) {
+  Pending p;
+  p.work_ = std::make_shared<Pending::Work>();
+  p.work_->group = impl_.get();
+  p.work_->what = what;
+  return p;
+}
+
+ProcessGroup::Pending ProcessGroup::all_gather_into_async(const at::Tensor& out,
+                                                          const at::Tensor& in,
+                                                          const std::string& what) {
   impl_->check_tensor(in, what);
   impl_->check_tensor(out, what);
   FTUNE_CHECK(out.numel() == in.numel() * size(), "rank ", rank(), ": ", what, ": output has ",
               out.numel(), " elements, expected ", size(), " x ", in.numel());
   impl_->count("all_gather", out.numel() * out.element_size(), impl_->ring_factor());
   at::Tensor o = out, i = in;
-  impl_->wait(impl_->start(what, [&] { return impl_->backend->_allgather_base(o, i); }), what);
+  Pending p = new_pending(what);
+  p.work_->work = impl_->start(what, [&] { return impl_->backend->_allgather_base(o, i); });
+  return p;
 }
 
-void ProcessGroup::reduce_scatter(const at::Tensor& out, const at::Tensor& in,
-                                  const std::string& what) {
+void ProcessGroup::all_gather_into(const at::Tensor& out, const at::Tensor& in,
+                                   const std::string& what) {
+  all_gather_into_async(out, in, what).wait();
+}
+
+ProcessGroup::Pending ProcessGroup::reduce_scatter_async(const at::Tensor& out,
+                                                         const at::Tensor& in,
+                                                         const std::string& what) {
   impl_->check_tensor(in, what);
   impl_->check_tensor(out, what);
   FTUNE_CHECK(in.numel() == out.numel() * size(), "rank ", rank(), ": ", what, ": input has ",
               in.numel(), " elements, expected ", size(), " x ", out.numel());
   impl_->count("reduce_scatter", in.numel() * in.element_size(), impl_->ring_factor());
   at::Tensor o = out, i = in;
-  impl_->wait(impl_->start(what, [&] { return impl_->backend->_reduce_scatter_base(o, i); }), what);
+  Pending p = new_pending(what);
+  p.work_->work = impl_->start(what, [&] { return impl_->backend->_reduce_scatter_base(o, i); });
+  return p;
+}
+
+void ProcessGroup::reduce_scatter(const at::Tensor& out, const at::Tensor& in,
+                                  const std::string& what) {
+  reduce_scatter_async(out, in, what).wait();
 }
 
 void ProcessGroup::send(const at::Tensor& t, int dst, const std::string& what) {

@@ -90,6 +90,7 @@ class ProcessGroup {
 
   int rank() const;
   int size() const;
+  at::Device device() const;  // where its tensors must live (kCPU for Gloo)
 
   // Collectives. `what` names it in errors ("all-reduce of gradient bucket 2/5"). Tensors are
   // contiguous and on the group's device; results land in place (all_reduce, broadcast) or in
@@ -100,6 +101,12 @@ class ProcessGroup {
   void broadcast(const at::Tensor& t, int root, const std::string& what);
   void all_gather_into(const at::Tensor& out, const at::Tensor& in, const std::string& what);
   void reduce_scatter(const at::Tensor& out, const at::Tensor& in, const std::string& what);
+  // The same started in the background (FSDP's prefetch and per-unit reduce-scatter); the
+  // tensors must stay alive and untouched until wait() returns.
+  Pending all_gather_into_async(const at::Tensor& out, const at::Tensor& in,
+                                const std::string& what);
+  Pending reduce_scatter_async(const at::Tensor& out, const at::Tensor& in,
+                               const std::string& what);
   void send(const at::Tensor& t, int dst, const std::string& what);
   void recv(const at::Tensor& t, int src, const std::string& what);
   // A barrier with its own timeout (default: the group's), e.g. longer while rank 0 saves.
@@ -117,6 +124,7 @@ class ProcessGroup {
  private:
   struct Impl;
   explicit ProcessGroup(std::unique_ptr<Impl> impl);
+  Pending new_pending(const std::string& what);  // not started yet
   std::unique_ptr<Impl> impl_;
 };
 

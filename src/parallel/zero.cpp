@@ -70,15 +70,7 @@ void ZeroShard::reduce_gradients() {
   }
 }
 
-at::Tensor ZeroShard::global_grad_norm() {
-  at::NoGradGuard no_grad;
-  at::Tensor sq = at::zeros({1}, at::TensorOptions(at::kDouble));
-  for (const auto& [name, t] : pieces_) {
-    if (t.grad().defined()) sq += t.grad().to(at::kDouble).pow(2).sum();
-  }
-  group_.all_reduce(sq, "all-reduce of the gradient norm");
-  return sq.sqrt().to(at::kFloat).reshape({});
-}
+at::Tensor ZeroShard::global_grad_norm() { return parallel::global_grad_norm(group_, pieces_); }
 
 void ZeroShard::gather_parameters() {
   at::NoGradGuard no_grad;

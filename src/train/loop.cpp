@@ -219,7 +219,9 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
         // What this rank holds (its own tensors, counted): parameters, gradients at their peak
         // in the step, optimizer state, communication buffers.
         const ParamReport pr = param_report(m, opt);
-        rec["held_param_bytes"] = pr.base_bytes + pr.trainable_bytes;
+        const int64_t sharded = strategy.held_param_bytes();
+        rec["held_param_bytes"] = sharded >= 0 ? sharded : pr.base_bytes + pr.trainable_bytes;
+        rec["held_gathered_peak_bytes"] = strategy.take_peak_gathered_bytes();
         rec["held_grad_bytes"] = held_grads;
         rec["held_optimizer_bytes"] = pr.optimizer_bytes;
         rec["held_buffer_bytes"] = strategy.buffer_bytes();

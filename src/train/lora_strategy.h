@@ -34,6 +34,12 @@ class LoraStrategy : public Strategy {
                             const std::string& origin) override {
     inner_.load_optimizer_state(opt, st, origin);
   }
+  std::vector<PieceInfo> piece_layout() const override { return inner_.piece_layout(); }
+  void pieces_loaded() override { inner_.pieces_loaded(); }
+  void for_each_unit_gathered(model::LlamaForCausalLM& m,
+                              const std::function<void(int64_t unit)>& fn) override {
+    inner_.for_each_unit_gathered(m, fn);
+  }
   void before_backward(bool last) override { inner_.before_backward(last); }
   int64_t global_sum(int64_t local) override { return inner_.global_sum(local); }
   double global_sum(double local) override { return inner_.global_sum(local); }
@@ -50,6 +56,8 @@ class LoraStrategy : public Strategy {
   void mark_failed(const std::string& message) override { inner_.mark_failed(message); }
   parallel::CommStats take_comm_stats() override { return inner_.take_comm_stats(); }
   int64_t buffer_bytes() const override { return inner_.buffer_bytes(); }
+  int64_t held_param_bytes() const override { return inner_.held_param_bytes(); }
+  int64_t take_peak_gathered_bytes() override { return inner_.take_peak_gathered_bytes(); }
   std::string check_replicas() override { return inner_.check_replicas(); }
 
  private:

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -24,6 +25,15 @@ namespace ftune::train {
 struct DataShard {
   int64_t index = 0;
   int64_t count = 1;
+};
+
+// Where one of the optimizer's tensors sits in the model: it covers elements
+// [offset, offset + numel) of the flattened parameter `name` (named_parameters() name), whose
+// full shape is `shape`. A sharded strategy's optimizer holds such 1-D pieces.
+struct PieceInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset = 0;
 };
 
 class Strategy {
@@ -60,6 +70,21 @@ class Strategy {
     opt.load_state(st, origin);
   }
 
+  // Sharded strategies: one entry per optimizer parameter (opt.params() order) saying which part
+  // of which model parameter it is; empty when the optimizer holds whole parameters (then rank 0
+  // alone writes consolidated checkpoints). pieces_loaded() runs after a checkpoint overwrote the
+  // pieces' values (and their optimizer state), so the model's parameters follow them.
+  virtual std::vector<PieceInfo> piece_layout() const { return {}; }
+  virtual void pieces_loaded() {}
+
+  // Runs fn(u) for every unit u = 0 .. model::unit_count - 1 in order, with unit u's parameters
+  // (and 4-bit weights) holding their full values on every rank while fn runs: what a streamed
+  // export reads. Every rank must call it. A strategy that keeps whole parameters just calls fn.
+  virtual void for_each_unit_gathered(model::LlamaForCausalLM& m,
+                                      const std::function<void(int64_t unit)>& fn) {
+    for (int64_t u = 0; u < model::unit_count(m->config()); ++u) fn(u);
+  }
+
   // Before each micro-batch's backward: whether it is the last one of the optimizer step (DDP
   // communicates only then).
   virtual void before_backward(bool /*last_micro_batch*/) {}
@@ -88,6 +113,11 @@ class Strategy {
 
   // Bytes of the communication buffers the strategy keeps between steps (DDP's buckets).
   virtual int64_t buffer_bytes() const { return 0; }
+  // Bytes of parameters this rank holds between steps when the strategy shards them (FSDP: its
+  // pieces and the frozen tensors' row blocks); -1 = the model's own tensors (param_report).
+  virtual int64_t held_param_bytes() const { return -1; }
+  // The largest footprint of gathered full parameters since the last call (FSDP); 0 = none.
+  virtual int64_t take_peak_gathered_bytes() { return 0; }
 
   // What this rank's collectives moved and waited since the last call.
   virtual parallel::CommStats take_comm_stats() { return {}; }
