@@ -124,8 +124,13 @@ TEST(TrainConfig, UnknownKeyNamesFileLineAndKey) {
 TEST(TrainConfig, UnknownSectionOrParallelKeyIsAnError) {
   std::string e = error_of(std::string(kGood) + "parallel:\n  dp: 2\n");
   EXPECT_NE(e.find("cfg.yaml:30: parallel.dp: unknown key"), std::string::npos) << e;
-  e = error_of(std::string(kGood) + "parallel:\n  strategy: fsdp\n");
+  e = error_of(std::string(kGood) + "parallel:\n  strategy: fsdp4\n");
   EXPECT_NE(e.find("parallel.strategy"), std::string::npos) << e;
+  e = error_of(std::string(kGood) + "parallel:\n  strategy: ddp\n  offload: optimizer\n");
+  EXPECT_NE(e.find("parallel.offload: offload: optimizer needs parallel.strategy zero1, zero2 or "
+                   "fsdp"), std::string::npos) << e;
+  e = error_of(std::string(kGood) + "parallel:\n  strategy: zero2\n  offload: cpu\n");
+  EXPECT_NE(e.find("parallel.offload"), std::string::npos) << e;
   e = error_of(std::string(kGood), {"parallel.bucket_mb=0"});
   EXPECT_NE(e.find("--set parallel.bucket_mb=0: parallel.bucket_mb: expected a positive number"),
             std::string::npos)
