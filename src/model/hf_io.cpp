@@ -111,16 +111,6 @@ std::optional<at::ScalarType> config_compute_dtype(const LlamaConfig& c, const s
   return dtype_from_name(name, origin + ": quantization_config.bnb_4bit_compute_dtype");
 }
 
-// Every Linear of `m` with its module name, adapters' own linears excluded.
-std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> linears(LlamaForCausalLM& m) {
-  std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> out;
-  for (const auto& item : m->named_modules()) {
-    if (item.key().find(".lora_") != std::string::npos) continue;
-    if (auto lin = std::dynamic_pointer_cast<LinearImpl>(item.value())) out.emplace_back(item.key(), lin);
-  }
-  return out;
-}
-
 // transformers' quantization_config for a load_in_4bit model (as save_pretrained writes it).
 json quantization_config(const quant::Nf4Tensor& w, at::ScalarType compute_dtype) {
   return json{{"_load_in_4bit", true},
@@ -260,6 +250,15 @@ BaseBytes base_bytes(LlamaForCausalLM& m) {
     b.dense_bytes += static_cast<int64_t>(p.nbytes());
   }
   return b;
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> linears(LlamaForCausalLM& m) {
+  std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> out;
+  for (const auto& item : m->named_modules()) {
+    if (item.key().find(".lora_") != std::string::npos) continue;
+    if (auto lin = std::dynamic_pointer_cast<LinearImpl>(item.value())) out.emplace_back(item.key(), lin);
+  }
+  return out;
 }
 
 bool has_nf4_linears(LlamaForCausalLM& m) {

@@ -57,6 +57,9 @@ struct BaseBytes {
 };
 BaseBytes base_bytes(LlamaForCausalLM& m);
 
+// Every Linear of `m` with its module name, adapters' own linears excluded.
+std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> linears(LlamaForCausalLM& m);
+
 // Whether any linear of `m` holds an NF4 weight.
 bool has_nf4_linears(LlamaForCausalLM& m);
 

@@ -2,6 +2,7 @@
 run, the way torchrun and `ftune launch` do (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR=127.0.0.1, MASTER_PORT=<a free port>), or through torchrun itself; collecting each
 rank's exit code and output; and comparing a run's outputs with a one-process run's."""
+import json
 import os
 import socket
 import subprocess
@@ -204,3 +205,16 @@ def weight_file(final: Path) -> Path:
         if (final / name).exists():
             return final / name
     raise AssertionError(f"no weights in {final}: {sorted(p.name for p in final.iterdir())}")
+
+
+def tiny_models(d: Path) -> dict:
+    """model.path of each kind: the tiny preset itself (each rank builds it from the seed, rank 0
+    writes base/), an HF dir of it (untied) and the same shape with tied embeddings."""
+    ftune("init-model", "--preset", "tiny", "--out", d / "untied", "--seed", "5")
+    cfg = json.loads((d / "untied" / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "tied.json").write_text(json.dumps(cfg))
+    ftune("init-model", "--config", d / "tied.json", "--out", d / "tied", "--seed", "5")
+    assert "lm_head.weight" not in load_file(d / "tied" / "model.safetensors")
+    assert "lm_head.weight" in load_file(d / "untied" / "model.safetensors")
+    return {"preset": "preset:tiny", "untied": d / "untied", "tied": d / "tied"}

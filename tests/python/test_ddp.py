@@ -45,7 +45,8 @@ import torch
 from safetensors.torch import load_file
 
 from ddp_util import (clean_env, ddp_train, free_port, max_rel, numel, rank_env, single_train,
-                      start_ranks, tensors_max_rel, torchrun_train, train_args, weight_file)
+                      start_ranks, tensors_max_rel, tiny_models, torchrun_train, train_args,
+                      weight_file)
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin
 from train_testing import metrics, one_error_line
 
@@ -71,17 +72,7 @@ def record(name, value):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """model.path of each kind: the tiny preset itself (each rank builds it from the seed, rank 0
-    writes base/), an HF dir of it (untied) and the same shape with tied embeddings."""
-    d = tmp_path_factory.mktemp("models")
-    ftune("init-model", "--preset", "tiny", "--out", d / "untied", "--seed", "5")
-    cfg = json.loads((d / "untied" / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (d / "tied.json").write_text(json.dumps(cfg))
-    ftune("init-model", "--config", d / "tied.json", "--out", d / "tied", "--seed", "5")
-    assert "lm_head.weight" not in load_file(d / "tied" / "model.safetensors")
-    assert "lm_head.weight" in load_file(d / "untied" / "model.safetensors")
-    return {"preset": "preset:tiny", "untied": d / "untied", "tied": d / "tied"}
+    return tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")
