@@ -16,6 +16,7 @@
 #include "lora/adapter.h"
 #include "model/device.h"
 #include "tokenizer/unicode.h"
+#include "train/checkpoint_sharded.h"
 
 namespace ftune::cli {
 namespace fs = std::filesystem;
@@ -104,6 +105,9 @@ void require_dir_with(const std::string& dir, const std::string& flag,
   for (const char* f : any_of) {
     if (fs::exists(fs::path(dir) / f)) return;
   }
+  FTUNE_CHECK(!train::is_sharded_checkpoint(dir), dir, ": ", flag, ": a sharded training "
+              "checkpoint (shards/index.json), not ", kind, ": it only resumes training "
+              "(training.resume); use the run's final/ dir, which the run writes when it finishes");
   fail(dir, ": ", flag, ": no ", names, " (expected ", kind, ")");
 }
 }  // namespace

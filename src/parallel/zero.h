@@ -33,6 +33,10 @@ class ZeroShard {
   // the optimizer over these, with decays() as its weight-decay flags.
   const NamedParams& pieces() const { return pieces_; }
   std::vector<bool> decays() const;  // per piece: whether its parameter has dim >= 2
+  // Piece k holds flat elements [piece_offset(k), + its numel) of parameter piece_param(k)
+  // (what a sharded checkpoint records).
+  int64_t piece_offset(size_t k) const { return layout_[k].param_offset; }
+  const at::Tensor& piece_param(size_t k) const { return params_[layout_[k].param].second; }
 
   // Sums the gradients of every rank and hands this rank its shard's sum as the pieces'
   // gradients; the parameters' full gradients are dropped.

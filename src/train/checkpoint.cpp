@@ -125,10 +125,8 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
                          const optim::AdamW& opt, const TrainState& state, int64_t keep_last,
                          const json& meta, const fs::path& tokenizer_dir,
                          const std::string& base_model, const optim::NamedTensors* optimizer_state) {
-  const fs::path root = output_dir / "checkpoints";
-  const fs::path final_dir = checkpoint_dir(output_dir, state.step);
-  const fs::path tmp = root / (".tmp-step-" + std::to_string(state.step) + "-" +
-                               std::to_string(::getpid()));
+  const fs::path tmp = output_dir / "checkpoints" /
+                      (".tmp-step-" + std::to_string(state.step) + "-" + std::to_string(::getpid()));
   std::error_code ec;
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
@@ -140,20 +138,29 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
   if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
   crash_point("checkpoint:after_weights");  // test seam: a kill in the middle of the write
 
+  write_rng_state(tmp / kRngFile, param_device(m));
+  return finish_checkpoint(tmp, output_dir, state, keep_last, meta);
+}
+
+void write_rng_state(const fs::path& file, at::Device device) {
   io::TensorList rng;
   {
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
     rng.emplace_back("cpu", gen.get_state());
   }
-  const at::Device dev = param_device(m);
-  if (dev.is_cuda()) {
-    auto gen = at::globalContext().defaultGenerator(dev);
+  if (device.is_cuda()) {
+    auto gen = at::globalContext().defaultGenerator(device);
     std::lock_guard<std::mutex> lock(gen.mutex());
     rng.emplace_back("cuda", gen.get_state());
   }
-  io::save_safetensors(tmp / "rng.safetensors", rng);
+  io::save_safetensors(file, rng);
+}
 
+fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, const TrainState& state,
+                           int64_t keep_last, const json& meta) {
+  const fs::path root = output_dir / "checkpoints";
+  const fs::path final_dir = checkpoint_dir(output_dir, state.step);
   json j = meta;
   j["format_version"] = kFormatVersion;
   j["state"] = state.to_json();
@@ -163,6 +170,7 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
 
   // Prune only now that the new checkpoint is in place; move each aside first so a kill during
   // removal never leaves a half-deleted dir that still looks complete.
+  std::error_code ec;
   auto all = list_checkpoints(output_dir);
   const int64_t excess = static_cast<int64_t>(all.size()) - keep_last;
   for (int64_t i = 0; i < excess; ++i) {
@@ -245,24 +253,24 @@ TrainState load_checkpoint(const fs::path& dir, model::LlamaForCausalLM& m, opti
       opt.load_state(st, p.string());
     }
   }
-  {
-    const fs::path p = dir / "rng.safetensors";
-    FTUNE_CHECK(fs::exists(p), p.string(), ": missing");
-    io::SafetensorsReader reader(p);
-    FTUNE_CHECK(reader.contains("cpu"), p.string(), ": cpu: missing RNG state");
-    {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(reader.tensor("cpu").clone());
-    }
-    const at::Device dev = param_device(m);
-    if (dev.is_cuda() && reader.contains("cuda")) {
-      auto gen = at::globalContext().defaultGenerator(dev);
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(reader.tensor("cuda").clone());
-    }
-  }
+  restore_rng_state(dir / kRngFile, param_device(m));
   return state;
+}
+
+void restore_rng_state(const fs::path& file, at::Device device) {
+  FTUNE_CHECK(fs::exists(file), file.string(), ": missing");
+  io::SafetensorsReader reader(file);
+  FTUNE_CHECK(reader.contains("cpu"), file.string(), ": cpu: missing RNG state");
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(reader.tensor("cpu").clone());
+  }
+  if (device.is_cuda() && reader.contains("cuda")) {
+    auto gen = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(reader.tensor("cuda").clone());
+  }
 }
 
 }  // namespace ftune::train

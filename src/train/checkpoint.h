@@ -23,6 +23,8 @@ namespace ftune::train {
 
 // Steps beyond this in a trainer_state.json are rejected as corrupt (2^40: decades of steps).
 constexpr int64_t kMaxSteps = int64_t{1} << 40;
+// The RNG states' file in a checkpoint dir (both formats).
+constexpr char kRngFile[] = "rng.safetensors";
 
 // Everything besides tensors needed to continue a run exactly.
 struct TrainState {
@@ -82,6 +84,18 @@ std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::pa
 
 // Removes temp dirs a killed run left in output_dir/checkpoints.
 void remove_stale_checkpoint_temps(const std::filesystem::path& output_dir);
+
+// Shared by both checkpoint formats (this one and checkpoint_sharded.h):
+// The CPU RNG state (and `device`'s, when it is a GPU) into a safetensors file, and back.
+void write_rng_state(const std::filesystem::path& file, at::Device device);
+void restore_rng_state(const std::filesystem::path& file, at::Device device);
+// Completes the checkpoint dir `tmp` whose tensors are written: trainer_state.json (state + meta)
+// last, the atomic rename to checkpoints/step-<state.step>, then the keep_last pruning. Returns
+// the checkpoint's dir.
+std::filesystem::path finish_checkpoint(const std::filesystem::path& tmp,
+                                        const std::filesystem::path& output_dir,
+                                        const TrainState& state, int64_t keep_last,
+                                        const nlohmann::json& meta);
 
 // Restores model weights (the adapter weights into a model that carries adapters, which must
 // match the checkpoint's), optimizer state and the CPU (and CUDA) RNG states from `dir`; returns

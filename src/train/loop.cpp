@@ -11,6 +11,7 @@
 #include "io/safetensors.h"
 #include "model/autocast.h"
 #include "model/loss.h"
+#include "train/checkpoint_sharded.h"
 #include "train/report.h"
 
 namespace ftune::train {
@@ -249,11 +250,23 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
 
     const bool stopping = step == end && end < o.total_steps;
     if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
-      const optim::NamedTensors opt_state = strategy.optimizer_state(opt);  // every rank
+      const auto tc = Clock::now();
+      std::filesystem::path dir;
+      // Under a sharding strategy every rank writes its own pieces (checkpoint_sharded.h); else
+      // rank 0 writes the single-process format (a strategy's state gathered for it first).
+      const std::vector<PieceInfo> layout = strategy.piece_layout();
+      if (!layout.empty()) {
+        dir = save_sharded_checkpoint(o.output_dir, layout, opt, state, o.keep_last,
+                                      o.checkpoint_meta, o.tokenizer_dir, strategy, o.device,
+                                      o.save_wait_s);
+      } else {
+        const optim::NamedTensors opt_state = strategy.optimizer_state(opt);  // every rank
+        if (main) {
+          dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta,
+                                o.tokenizer_dir, o.base_model, &opt_state);
+        }
+      }
       if (main) {
-        const auto tc = Clock::now();
-        auto dir = save_checkpoint(o.output_dir, m, opt, state, o.keep_last, o.checkpoint_meta,
-                                   o.tokenizer_dir, o.base_model, &opt_state);
         char buf[64];
         std::snprintf(buf, sizeof(buf), " (%.1f s)", seconds_since(tc));
         progress.message("saved checkpoint " + dir.string() + buf);

@@ -58,6 +58,15 @@ class ZeroStrategy : public GroupStrategy {
     opt.load_state(shard_->shard_state(st, origin), origin);
     shard_->refresh_pieces();  // load_checkpoint restored the weights just before this
   }
+  std::vector<PieceInfo> piece_layout() const override {
+    std::vector<PieceInfo> out;
+    for (size_t k = 0; k < shard_->pieces().size(); ++k) {
+      out.push_back({shard_->pieces()[k].first, shard_->piece_param(k).sizes().vec(),
+                     shard_->piece_offset(k)});
+    }
+    return out;
+  }
+  void pieces_loaded() override { shard_->gather_parameters(); }
 
  private:
   int stage_;

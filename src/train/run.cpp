@@ -23,6 +23,7 @@
 #include "model/device.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
+#include "train/checkpoint_sharded.h"
 #include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"
@@ -519,9 +520,16 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   TrainState state;
   if (resume) {
     const fs::path dir = resume->state_file.parent_path();
-    state = load_checkpoint(dir, m, opt, [&](const auto& st, const std::string& origin) {
-      run_strategy.load_optimizer_state(opt, st, origin);
-    });
+    // A sharding strategy, or a sharded checkpoint: piece by piece, by flat range.
+    const std::vector<PieceInfo> layout = run_strategy.piece_layout();
+    if (!layout.empty() || is_sharded_checkpoint(dir)) {
+      state = load_checkpoint_pieces(dir, layout, opt, device);
+      run_strategy.pieces_loaded();
+    } else {
+      state = load_checkpoint(dir, m, opt, [&](const auto& st, const std::string& origin) {
+        run_strategy.load_optimizer_state(opt, st, origin);
+      });
+    }
     data.train.restore(state.epoch, state.position);
     if (main) {
       std::fprintf(stderr, "resuming from %s (step %lld)\n", dir.c_str(),

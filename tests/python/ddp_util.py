@@ -28,6 +28,13 @@ BASE = ["data.seq_len=64", "data.valid=", "logging.peak_flops=1e10", "training.t
         "parallel.timeout_s=60"]
 
 
+def tiny_model(tmp_path_factory, seed=7) -> Path:
+    """An HF dir of the tiny preset (`ftune init-model`), for a module's runs."""
+    d = tmp_path_factory.mktemp("models") / "tiny"
+    ftune("init-model", "--preset", "tiny", "--out", d, "--seed", str(seed))
+    return d
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
