@@ -93,8 +93,8 @@ class GradReadyClock:
         self.t = time.perf_counter()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def peer_args(ap):
+    """The arguments every bench peer of a distributed ftune run takes (torch_ddp, torch_fsdp)."""
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", default="data/sample_train.jsonl")
     ap.add_argument("--batches", default="", help="ftune's dump dir (<out>/batches)")
@@ -109,13 +109,14 @@ def main():
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32)
-    ap.add_argument("--bucket-mb", type=float, default=25)
     ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
+
+
+def peer_setup(a):
+    """Threads, the Gloo group and the fp32 model (+ PEFT adapters with --lora), in train mode."""
     torch.set_num_threads(a.threads)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32,
@@ -130,27 +131,47 @@ def main():
                 task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                        "gate_proj", "up_proj", "down_proj"]))
     model.train()
+    return dist.get_rank(), dist.get_world_size(), model
+
+
+def peer_optimizer(named, a):
+    """Fused AdamW (weight decay on >= 2-dim params) + cosine without warmup, and the rows."""
+    from transformers import get_cosine_schedule_with_warmup
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if p.dim() >= 2],
+                              "weight_decay": a.weight_decay},
+                             {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=a.lr, fused=True)
+    return opt, get_cosine_schedule_with_warmup(opt, 0, a.steps)
+
+
+def peer_steps(a, rank, world):
+    if a.batches:
+        return dumped_steps(a.batches, rank, a.steps, a.grad_accum, a.micro_batch, a.seq_len)
+    return packed_steps(a.model, a.data, rank, world, a.steps, a.grad_accum, a.micro_batch,
+                        a.seq_len)
+
+
+def reduce(x, dtype):
+    """A blocking all-reduce of one number; returns it and its seconds."""
+    t = torch.tensor([x], dtype=dtype)
+    t0 = time.perf_counter()
+    dist.all_reduce(t)
+    return t.item(), time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    peer_args(ap)
+    ap.add_argument("--bucket-mb", type=float, default=25)
+    a = ap.parse_args()
+    rank, world, model = peer_setup(a)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     clock = GradReadyClock(params)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, bucket_cap_mb=a.bucket_mb, gradient_as_bucket_view=True, broadcast_buffers=False)
-    opt = torch.optim.AdamW([{"params": [p for n, p in named if p.dim() >= 2],
-                              "weight_decay": a.weight_decay},
-                             {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=a.lr, fused=True)
-    sched = get_cosine_schedule_with_warmup(opt, 0, a.steps)
-    if a.batches:
-        steps = dumped_steps(a.batches, rank, a.steps, a.grad_accum, a.micro_batch, a.seq_len)
-    else:
-        steps = packed_steps(a.model, a.data, rank, world, a.steps, a.grad_accum, a.micro_batch,
-                             a.seq_len)
-
-    def reduce(x, dtype):  # a blocking all-reduce of one number; returns it and its seconds
-        t = torch.tensor([x], dtype=dtype)
-        t0 = time.perf_counter()
-        dist.all_reduce(t)
-        return t.item(), time.perf_counter() - t0
+    opt, sched = peer_optimizer(named, a)
+    steps = peer_steps(a, rank, world)
 
     dist.barrier()
     dts, exposed, losses, targets_log = [], [], [], []

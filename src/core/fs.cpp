@@ -48,35 +48,39 @@ void crash_point(const char* point) {
 
 void set_replace_dir_fallback_for_testing(bool force) { g_force_fallback.store(force); }
 
-void write_file_atomic(const fs::path& path, const std::function<void(std::ostream&)>& write) {
-  fs::path parent = path.parent_path().empty() ? fs::path(".") : path.parent_path();
+AtomicFile::AtomicFile(const fs::path& path) : path_(path), tmp_(path) {
   std::error_code ec;
-  fs::create_directories(parent, ec);
-  fs::path tmp = path;
-  tmp += ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    FTUNE_CHECK(out, path.string(), ": cannot open for writing: ", std::strerror(errno));
-    try {
-      write(out);
-    } catch (...) {
-      out.close();
-      fs::remove(tmp, ec);  // a failed writer leaves nothing behind, not even its temp file
-      throw;
-    }
-    out.flush();
-    if (!out) {
-      fs::remove(tmp, ec);
-      fail(path.string(), ": write failed: ", std::strerror(errno));
-    }
-  }
-  fsync_path(tmp, false);
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    fail(path.string(), ": cannot rename temp file into place: ", ec.message());
-  }
-  fsync_path(parent, true);
+  fs::create_directories(parent_of(path), ec);
+  tmp_ += ".tmp-" + std::to_string(::getpid());
+  out_.open(tmp_, std::ios::binary | std::ios::trunc);
+  FTUNE_CHECK(out_, path.string(), ": cannot open for writing: ", std::strerror(errno));
+}
+
+AtomicFile::~AtomicFile() {
+  if (done_) return;
+  out_.close();
+  std::error_code ec;
+  fs::remove(tmp_, ec);  // a failed writer leaves nothing behind, not even its temp file
+}
+
+void AtomicFile::commit() {
+  FTUNE_CHECK(!done_, path_.string(), ": committed twice");
+  out_.flush();
+  const bool ok = static_cast<bool>(out_);
+  out_.close();
+  FTUNE_CHECK(ok && !out_.fail(), path_.string(), ": write failed: ", std::strerror(errno));
+  fsync_path(tmp_, false);
+  std::error_code ec;
+  fs::rename(tmp_, path_, ec);
+  FTUNE_CHECK(!ec, path_.string(), ": cannot rename temp file into place: ", ec.message());
+  done_ = true;
+  fsync_path(parent_of(path_), true);
+}
+
+void write_file_atomic(const fs::path& path, const std::function<void(std::ostream&)>& write) {
+  AtomicFile file(path);
+  write(file.stream());
+  file.commit();
 }
 
 void write_file_atomic(const fs::path& path, const std::string& content) {

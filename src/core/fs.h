@@ -8,6 +8,7 @@
 #pragma once
 
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <ostream>
 #include <string>
@@ -20,6 +21,27 @@ namespace ftune {
 void write_file_atomic(const std::filesystem::path& path,
                        const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::filesystem::path& path, const std::string& content);
+
+// write_file_atomic for a writer that fills the file across several calls (a streamed
+// safetensors file): opens the temp file beside `path`; commit() flushes, fsyncs and renames it
+// over `path`. Destroyed uncommitted (an error on the way), it removes the temp file and leaves
+// `path` untouched. The stream is seekable (binary).
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::filesystem::path& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  std::ostream& stream() { return out_; }
+  const std::filesystem::path& path() const { return path_; }
+  void commit();
+
+ private:
+  std::filesystem::path path_, tmp_;
+  std::ofstream out_;
+  bool done_ = false;
+};
 
 // Reads a whole file; throws ftune::Error "<path>: cannot read: <reason>" if it cannot (a
 // directory included).

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -288,48 +289,81 @@ void save_safetensors(const fs::path& path, const TensorList& tensors,
                             metadata);
 }
 
-void save_safetensors_streamed(const fs::path& path, const std::vector<TensorSpec>& specs,
-                               const TensorProducer& produce,
-                               const std::map<std::string, std::string>& metadata) {
-  const std::string where = path.string();
+SafetensorsStreamWriter::SafetensorsStreamWriter(const fs::path& path, std::vector<TensorSpec> specs,
+                                                 const std::map<std::string, std::string>& metadata)
+    : where_(path.string()), specs_(std::move(specs)) {
   ordered_json header = ordered_json::object();
   if (!metadata.empty()) {
     ordered_json m = ordered_json::object();
     for (const auto& [k, v] : metadata) m[k] = v;
     header["__metadata__"] = std::move(m);
   }
-  std::set<std::string> seen;
   int64_t offset = 0;
-  for (const TensorSpec& spec : specs) {
+  offsets_.reserve(specs_.size());
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    const TensorSpec& spec = specs_[i];
     const std::string& name = spec.name;
-    FTUNE_CHECK(name != "__metadata__", where, ": ", name, ": reserved name");
-    FTUNE_CHECK(seen.insert(name).second, where, ": ", name, ": duplicate tensor name");
+    FTUNE_CHECK(name != "__metadata__", where_, ": ", name, ": reserved name");
+    FTUNE_CHECK(index_.emplace(name, i).second, where_, ": ", name, ": duplicate tensor name");
     const char* dt = safetensors_dtype_name(spec.dtype);
-    FTUNE_CHECK(dt != nullptr, where, ": ", name, ": unsupported dtype ", spec.dtype);
+    FTUNE_CHECK(dt != nullptr, where_, ": ", name, ": unsupported dtype ", spec.dtype);
     const int64_t nbytes = spec_bytes(spec);
-    FTUNE_CHECK(nbytes >= 0 && !__builtin_add_overflow(offset, nbytes, &offset), where, ": ", name,
+    FTUNE_CHECK(nbytes >= 0 && !__builtin_add_overflow(offset, nbytes, &offset), where_, ": ", name,
                 ": shape ", shape_str(spec.shape), " is negative or overflows");
     header[name] = {{"dtype", dt}, {"shape", spec.shape}, {"data_offsets", {offset - nbytes, offset}}};
+    offsets_.push_back(offset - nbytes);
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // align the data section as the Python library does
-  write_file_atomic(path, [&](std::ostream& os) {
-    uint64_t n = h.size();
-    os.write(reinterpret_cast<const char*>(&n), 8);
-    os.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (size_t i = 0; i < specs.size(); ++i) {
-      const TensorSpec& spec = specs[i];
-      at::Tensor t = produce(i);
-      FTUNE_CHECK(t.defined(), where, ": ", spec.name, ": undefined tensor");
-      FTUNE_CHECK(t.layout() == at::kStrided, where, ": ", spec.name,
-                  ": only dense (strided) tensors can be saved");
-      FTUNE_CHECK(t.scalar_type() == spec.dtype && t.sizes().vec() == spec.shape, where, ": ",
-                  spec.name, ": produced ", t.scalar_type(), " ", shape_str(t.sizes().vec()),
-                  ", announced ", spec.dtype, " ", shape_str(spec.shape));
-      t = t.to(at::kCPU).contiguous();
-      os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-    }
-  });
+  const int64_t data_start = 8 + static_cast<int64_t>(h.size());
+  for (int64_t& o : offsets_) o += data_start;
+  written_.assign(specs_.size(), false);
+  file_ = std::make_unique<AtomicFile>(path);
+  const uint64_t n = h.size();
+  file_->stream().write(reinterpret_cast<const char*>(&n), 8);
+  file_->stream().write(h.data(), static_cast<std::streamsize>(h.size()));
+  pos_ = data_start;
+}
+
+SafetensorsStreamWriter::~SafetensorsStreamWriter() = default;
+
+void SafetensorsStreamWriter::write(const std::string& name, const at::Tensor& tensor) {
+  auto it = index_.find(name);
+  FTUNE_CHECK(file_ != nullptr, where_, ": ", name, ": written after finish()");
+  FTUNE_CHECK(it != index_.end(), where_, ": ", name, ": not in the header");
+  const size_t i = it->second;
+  const TensorSpec& spec = specs_[i];
+  FTUNE_CHECK(!written_[i], where_, ": ", name, ": written twice");
+  FTUNE_CHECK(tensor.defined(), where_, ": ", name, ": undefined tensor");
+  FTUNE_CHECK(tensor.layout() == at::kStrided, where_, ": ", name,
+              ": only dense (strided) tensors can be saved");
+  FTUNE_CHECK(tensor.scalar_type() == spec.dtype && tensor.sizes().vec() == spec.shape, where_, ": ",
+              name, ": produced ", tensor.scalar_type(), " ", shape_str(tensor.sizes().vec()),
+              ", announced ", spec.dtype, " ", shape_str(spec.shape));
+  const at::Tensor t = tensor.to(at::kCPU).contiguous();
+  std::ostream& os = file_->stream();
+  if (offsets_[i] != pos_) os.seekp(offsets_[i]);
+  os.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+  FTUNE_CHECK(os, where_, ": ", name, ": write failed: ", std::strerror(errno));
+  pos_ = offsets_[i] + static_cast<int64_t>(t.nbytes());
+  written_[i] = true;
+}
+
+void SafetensorsStreamWriter::finish() {
+  FTUNE_CHECK(file_ != nullptr, where_, ": finished twice");
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    FTUNE_CHECK(written_[i], where_, ": ", specs_[i].name, ": announced but never written");
+  }
+  file_->commit();
+  file_.reset();
+}
+
+void save_safetensors_streamed(const fs::path& path, const std::vector<TensorSpec>& specs,
+                               const TensorProducer& produce,
+                               const std::map<std::string, std::string>& metadata) {
+  SafetensorsStreamWriter w(path, specs, metadata);
+  for (size_t i = 0; i < specs.size(); ++i) w.write(specs[i].name, produce(i));
+  w.finish();
 }
 
 namespace {
@@ -420,18 +454,18 @@ void save_weights(const fs::path& dir, const TensorList& tensors, int64_t max_sh
                         max_shard_bytes);
 }
 
-void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& specs,
-                           const TensorProducer& produce, int64_t max_shard_bytes) {
+WeightsStreamWriter::WeightsStreamWriter(const fs::path& dir, const std::vector<TensorSpec>& specs,
+                                         int64_t max_shard_bytes)
+    : dir_(dir) {
   FTUNE_CHECK(max_shard_bytes > 0, dir.string(), ": max_shard_bytes: must be positive, got ",
               max_shard_bytes);
-  const std::map<std::string, std::string> meta = {{"format", "pt"}};
   // Greedy split in order: a new shard starts when the next tensor would overflow this one.
   std::vector<size_t> shard_begin = {0};  // index of each shard's first spec
-  int64_t total = 0, cur = 0;
+  int64_t cur = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     const int64_t nb = spec_bytes(specs[i]);
-    FTUNE_CHECK(nb >= 0 && !__builtin_add_overflow(total, nb, &total), dir.string(), ": ",
-                specs[i].name, ": shape ", shape_str(specs[i].shape), " is negative or overflows");
+    FTUNE_CHECK(nb >= 0 && !__builtin_add_overflow(total_bytes_, nb, &total_bytes_), dir.string(),
+                ": ", specs[i].name, ": shape ", shape_str(specs[i].shape), " is negative or overflows");
     if (i > shard_begin.back() && cur + nb > max_shard_bytes) {
       shard_begin.push_back(i);
       cur = 0;
@@ -442,35 +476,54 @@ void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& s
   const int n = static_cast<int>(shard_begin.size()) - 1;
   FTUNE_CHECK(n <= 99999, dir.string(), ": max_shard_bytes: ", max_shard_bytes,
               " gives more than 99999 shards");
-
   std::error_code ec;
   fs::create_directories(dir, ec);
-  std::set<std::string> keep;
-  json weight_map = json::object();
+  const std::map<std::string, std::string> meta = {{"format", "pt"}};
   for (int s = 0; s < n; ++s) {
     char name[64];
     std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", s + 1, n);
-    const std::string file = n == 1 ? kSingleFile : name;
-    const size_t first = shard_begin[s];
-    const std::vector<TensorSpec> part(specs.begin() + static_cast<int64_t>(first),
+    files_.push_back(n == 1 ? kSingleFile : name);
+    const std::vector<TensorSpec> part(specs.begin() + static_cast<int64_t>(shard_begin[s]),
                                        specs.begin() + static_cast<int64_t>(shard_begin[s + 1]));
-    save_safetensors_streamed(dir / file, part, [&](size_t i) { return produce(first + i); }, meta);
-    for (const TensorSpec& spec : part) weight_map[spec.name] = file;
-    keep.insert(file);
+    for (const TensorSpec& spec : part) shard_of_[spec.name] = static_cast<size_t>(s);
+    shards_.push_back(std::make_unique<SafetensorsStreamWriter>(dir / files_.back(), part, meta));
   }
-  if (n > 1) {
-    json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-    write_file_atomic(dir / kIndexFile, index.dump(2) + "\n");
+}
+
+WeightsStreamWriter::~WeightsStreamWriter() = default;
+
+void WeightsStreamWriter::write(const std::string& name, const at::Tensor& t) {
+  auto it = shard_of_.find(name);
+  FTUNE_CHECK(it != shard_of_.end(), dir_.string(), ": ", name, ": not among the announced weights");
+  shards_[it->second]->write(name, t);
+}
+
+void WeightsStreamWriter::finish() {
+  for (auto& shard : shards_) shard->finish();
+  std::set<std::string> keep(files_.begin(), files_.end());
+  if (files_.size() > 1) {
+    json weight_map = json::object();
+    for (const auto& [name, s] : shard_of_) weight_map[name] = files_[s];
+    json index = {{"metadata", {{"total_size", total_bytes_}}}, {"weight_map", weight_map}};
+    write_file_atomic(dir_ / kIndexFile, index.dump(2) + "\n");
     keep.insert(kIndexFile);
   }
   // Remove the other layout: the index goes first so a crash never leaves it naming deleted shards.
-  if (!keep.count(kIndexFile)) fs::remove(dir / kIndexFile, ec);
+  std::error_code ec;
+  if (!keep.count(kIndexFile)) fs::remove(dir_ / kIndexFile, ec);
   std::vector<fs::path> stale;
-  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+  for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string f = it->path().filename().string();
     if (!keep.count(f) && (f == kSingleFile || is_shard_name(f))) stale.push_back(it->path());
   }
   for (const fs::path& p : stale) fs::remove(p, ec);
+}
+
+void save_weights_streamed(const fs::path& dir, const std::vector<TensorSpec>& specs,
+                           const TensorProducer& produce, int64_t max_shard_bytes) {
+  WeightsStreamWriter w(dir, specs, max_shard_bytes);
+  for (size_t i = 0; i < specs.size(); ++i) w.write(specs[i].name, produce(i));
+  w.finish();
 }
 
 }  // namespace ftune::io

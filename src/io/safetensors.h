@@ -17,6 +17,10 @@
 #include <utility>
 #include <vector>
 
+namespace ftune {
+class AtomicFile;
+}
+
 namespace ftune::io {
 
 // Ordered list of named tensors, as written to disk.
@@ -90,14 +94,67 @@ struct TensorSpec {
   at::ScalarType dtype = at::kFloat;
   std::vector<int64_t> shape;
 };
+
+// A safetensors file written tensor by tensor, for data that is never all in memory at once (a
+// sharded model gathered one unit at a time): the header comes from `specs`, known up front, so
+// each tensor's place in the file is fixed before its data exists. write() puts a tensor's bytes
+// there, in any order (in spec order the file is written front to back); finish() checks that
+// every tensor was written and renames the temp file over `path`. Destroyed unfinished (an error
+// on the way), it removes the temp file and leaves `path` untouched. The bytes are those
+// save_safetensors writes for the same tensors in spec order.
+class SafetensorsStreamWriter {
+ public:
+  // Throws "<path>: <name>: ..." for a duplicate or reserved name, an unsupported dtype or a
+  // negative or overflowing shape.
+  SafetensorsStreamWriter(const std::filesystem::path& path, std::vector<TensorSpec> specs,
+                          const std::map<std::string, std::string>& metadata = {});
+  ~SafetensorsStreamWriter();
+  SafetensorsStreamWriter(const SafetensorsStreamWriter&) = delete;
+  SafetensorsStreamWriter& operator=(const SafetensorsStreamWriter&) = delete;
+
+  bool contains(const std::string& name) const { return index_.count(name) > 0; }
+  // `t` (any device, any strides) must have its spec's dtype and shape; each name once. Only
+  // `t` is copied (to a contiguous CPU tensor, when it is not one), and dropped on return.
+  void write(const std::string& name, const at::Tensor& t);
+  void finish();
+
+ private:
+  std::string where_;
+  std::vector<TensorSpec> specs_;
+  std::map<std::string, size_t> index_;
+  std::vector<int64_t> offsets_;  // of each tensor's first byte, from the start of the file
+  std::vector<bool> written_;
+  int64_t pos_ = 0;  // where the stream is
+  std::unique_ptr<AtomicFile> file_;
+};
+
+// The weight files of an HF model dir (save_weights' layout: one model.safetensors, or shards of
+// at most max_shard_bytes plus the index) written tensor by tensor, as SafetensorsStreamWriter:
+// every file's temp is open until finish(), which renames the shards into place, writes the
+// index and removes stale weight files of the other layout.
+class WeightsStreamWriter {
+ public:
+  WeightsStreamWriter(const std::filesystem::path& dir, const std::vector<TensorSpec>& specs,
+                      int64_t max_shard_bytes = int64_t{5} << 30);
+  ~WeightsStreamWriter();
+  bool contains(const std::string& name) const { return shard_of_.count(name) > 0; }
+  void write(const std::string& name, const at::Tensor& t);
+  void finish();
+
+ private:
+  std::filesystem::path dir_;
+  std::vector<std::unique_ptr<SafetensorsStreamWriter>> shards_;
+  std::vector<std::string> files_;
+  std::map<std::string, size_t> shard_of_;
+  int64_t total_bytes_ = 0;
+};
+
 // Returns tensor `index` of the spec list (dtype and shape as announced; any device or layout).
-// Streaming writers call it once per tensor, in order, and drop the result before the next call,
-// so only one produced tensor is alive at a time.
+// The streaming wrappers below call it once per tensor, in order, and drop the result before the
+// next call, so only one produced tensor is alive at a time.
 using TensorProducer = std::function<at::Tensor(size_t index)>;
 
-// save_safetensors without holding every tensor: the header comes from `specs`, then each
-// tensor's bytes are written as `produce` returns them. Atomic (temp file, then rename); a
-// produced tensor that disagrees with its spec is an error and leaves `path` untouched.
+// save_safetensors without holding every tensor: SafetensorsStreamWriter fed in spec order.
 void save_safetensors_streamed(const std::filesystem::path& path, const std::vector<TensorSpec>& specs,
                                const TensorProducer& produce,
                                const std::map<std::string, std::string>& metadata = {});
@@ -114,7 +171,7 @@ void save_weights(const std::filesystem::path& dir, const TensorList& tensors,
 // True for the file names save_weights writes or removes in a model dir: model.safetensors,
 // model.safetensors.index.json and model-NNNNN-of-NNNNN.safetensors.
 bool is_weights_file_name(const std::string& filename);
-// save_weights streamed tensor by tensor (see save_safetensors_streamed): same files, same
+// save_weights streamed tensor by tensor (WeightsStreamWriter fed in spec order): same files, same
 // sharding, peak memory one produced tensor.
 void save_weights_streamed(const std::filesystem::path& dir, const std::vector<TensorSpec>& specs,
                            const TensorProducer& produce, int64_t max_shard_bytes = int64_t{5} << 30);

@@ -204,7 +204,8 @@ std::vector<std::string> select_adapter_modules(const AdapterConfig& c, model::L
   return out;
 }
 
-void save_adapter(const fs::path& dir, model::LlamaForCausalLM& m, const std::string& base_model) {
+void save_adapter_config(const fs::path& dir, model::LlamaForCausalLM& m,
+                         const std::string& base_model) {
   const LoraOptions o = lora_options_of(m);
   // PEFT names target types; an adapter on only some layers of a type is written as the regex of
   // its exact module paths, which PEFT matches whole.
@@ -249,14 +250,31 @@ void save_adapter(const fs::path& dir, model::LlamaForCausalLM& m, const std::st
               {"rank_pattern", json::object()},
               {"alpha_pattern", json::object()},
               {"revision", nullptr}};
+  write_file_atomic(dir / kAdapterConfigFile, cfg.dump(2) + "\n");
+}
+
+std::vector<io::TensorSpec> adapter_weight_specs(model::LlamaForCausalLM& m) {
+  std::vector<io::TensorSpec> specs;
+  for (const auto& [name, p] : adapter_parameters(m)) {
+    specs.push_back({kPeftKeyPrefix + name, at::kFloat, p.sizes().vec()});
+  }
+  return specs;
+}
+
+io::TensorList adapter_weights(model::LlamaForCausalLM& m, int64_t unit) {
   io::TensorList tensors;
   for (const auto& [name, p] : adapter_parameters(m)) {
+    if (unit >= 0 && model::unit_of(name, m->config()) != unit) continue;
     tensors.emplace_back(kPeftKeyPrefix + name,
                          p.detach().to(at::TensorOptions().dtype(at::kFloat).device(at::kCPU)));
   }
+  return tensors;
+}
+
+void save_adapter(const fs::path& dir, model::LlamaForCausalLM& m, const std::string& base_model) {
   fs::create_directories(dir);
-  io::save_safetensors(dir / kAdapterWeightsFile, tensors, {{"format", "pt"}});
-  write_file_atomic(dir / kAdapterConfigFile, cfg.dump(2) + "\n");
+  io::save_safetensors(dir / kAdapterWeightsFile, adapter_weights(m), {{"format", "pt"}});
+  save_adapter_config(dir, m, base_model);
 }
 
 namespace {

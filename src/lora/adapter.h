@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "lora/lora.h"
 
 namespace ftune::lora {
@@ -52,6 +53,16 @@ std::vector<std::string> select_adapter_modules(const AdapterConfig& c,
 // the adapters `m` carries. `base_model` goes to base_model_name_or_path.
 void save_adapter(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
                   const std::string& base_model);
+
+// save_adapter in parts, for a writer that sees the model one unit at a time (a sharded model's
+// streamed export). adapter_weight_specs: the names (PEFT keys), dtype (fp32) and shapes of
+// adapter_model.safetensors' tensors in file order, without reading any data. adapter_weights:
+// those tensors as fp32 CPU values, all or only those of unit `unit` (model::unit_of).
+// save_adapter_config writes adapter_config.json.
+std::vector<io::TensorSpec> adapter_weight_specs(model::LlamaForCausalLM& m);
+io::TensorList adapter_weights(model::LlamaForCausalLM& m, int64_t unit = -1);
+void save_adapter_config(const std::filesystem::path& dir, model::LlamaForCausalLM& m,
+                         const std::string& base_model);
 
 // Injects the adapters <dir> describes into `m` (which must carry none) and loads their weights,
 // after checking every key and shape against the model. Adapters are fp32 on m's device. On error

@@ -275,27 +275,59 @@ void dequantize_linears(LlamaForCausalLM& m, at::ScalarType dtype) {
   }
 }
 
-void save_model(const fs::path& dir, LlamaForCausalLM& m, int64_t max_shard_bytes) {
-  fs::create_directories(dir);
-  io::TensorList tensors;
-  at::ScalarType dtype = at::kFloat;
-  for (const auto& [name, p] : base_parameters(*m)) {
-    tensors.emplace_back(name, p.detach());
-    dtype = p.scalar_type();
+std::vector<io::TensorSpec> model_weight_specs(LlamaForCausalLM& m) {
+  std::vector<io::TensorSpec> specs;
+  for (const auto& [name, p] : base_parameters(*m)) specs.push_back({name, p.scalar_type(), p.sizes().vec()});
+  for (auto& [name, lin] : linears(m)) {
+    if (!lin->nf4) continue;
+    // to_bnb_tensors copies the 4-bit tensors to the CPU before it reads their shapes: hand it
+    // uninitialized CPU stand-ins (pages never touched cost no memory), so a CUDA weight is not
+    // copied and a storage-less one (sharded) not read.
+    quant::Nf4Tensor shapes = *lin->nf4;
+    for (at::Tensor* t : {&shapes.packed, &shapes.absmax, &shapes.nested_absmax,
+                          &shapes.nested_quant_map, &shapes.quant_map}) {
+      if (t->defined()) *t = at::empty(t->sizes(), t->options().device(at::kCPU));
+    }
+    for (const auto& [key, t] : quant::to_bnb_tensors(shapes, name + ".weight")) {
+      specs.push_back({key, t.scalar_type(), t.sizes().vec()});
+    }
   }
+  return specs;
+}
+
+io::TensorList model_weights(LlamaForCausalLM& m, int64_t unit) {
+  const LlamaConfig& c = m->config();
+  io::TensorList tensors;
+  for (const auto& [name, p] : base_parameters(*m)) {
+    if (unit < 0 || unit_of(name, c) == unit) tensors.emplace_back(name, p.detach());
+  }
+  for (auto& [name, lin] : linears(m)) {
+    if (!lin->nf4 || (unit >= 0 && unit_of(name + ".weight", c) != unit)) continue;
+    for (auto& kv : quant::to_bnb_tensors(*lin->nf4, name + ".weight")) tensors.push_back(std::move(kv));
+  }
+  return tensors;
+}
+
+void save_model_config(const fs::path& dir, LlamaForCausalLM& m) {
   LlamaConfig cfg = m->config();
   cfg.extra.erase("quantization_config");
   for (auto& [name, lin] : linears(m)) {
-    if (!lin->nf4) continue;
-    for (auto& kv : quant::to_bnb_tensors(*lin->nf4, name + ".weight")) tensors.push_back(std::move(kv));
-    if (!cfg.extra.contains("quantization_config")) {
+    if (lin->nf4) {
       cfg.extra["quantization_config"] = quantization_config(*lin->nf4, lin->nf4_compute_dtype);
+      break;
     }
   }
+  at::ScalarType dtype = at::kFloat;
+  for (const auto& [name, p] : base_parameters(*m)) dtype = p.scalar_type();
   cfg.torch_dtype = dtype_name(dtype);
-  io::save_weights(dir, tensors, max_shard_bytes);
   write_file_atomic(dir / "config.json", cfg.to_json().dump(2) + "\n");
   write_file_atomic(dir / "generation_config.json", cfg.generation_config_json().dump(2) + "\n");
+}
+
+void save_model(const fs::path& dir, LlamaForCausalLM& m, int64_t max_shard_bytes) {
+  fs::create_directories(dir);
+  io::save_weights(dir, model_weights(m), max_shard_bytes);
+  save_model_config(dir, m);
 }
 
 void copy_tokenizer_files(const fs::path& from, const fs::path& to) {

@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include "io/safetensors.h"
 #include "model/llama.h"
 #include "quant/nf4.h"
 
@@ -45,6 +46,16 @@ void load_weights_into(LlamaForCausalLM& m, const std::map<std::string, at::Tens
 // atomically. Tokenizer files are the caller's (see copy_tokenizer_files).
 void save_model(const std::filesystem::path& dir, LlamaForCausalLM& m,
                 int64_t max_shard_bytes = int64_t{5} << 30);
+
+// save_model in parts, for a writer that sees the model one unit at a time (a sharded model's
+// streamed export). The weights it writes, in file order: the dense base parameters, then each
+// NF4 linear's bitsandbytes tensors. model_weight_specs reads no tensor data (a sharding strategy
+// may have freed it): names, dtypes, shapes. model_weights gives the tensors, all or only those of
+// unit `unit` (model::unit_of): dense ones are m's own, 4-bit ones CPU copies.
+// save_model_config writes config.json and generation_config.json.
+std::vector<io::TensorSpec> model_weight_specs(LlamaForCausalLM& m);
+io::TensorList model_weights(LlamaForCausalLM& m, int64_t unit = -1);
+void save_model_config(const std::filesystem::path& dir, LlamaForCausalLM& m);
 
 // Memory of a model's frozen base: its NF4 linears (every tensor they hold; tables shared between
 // linears counted once) and its dense base parameters (embeddings, norms, lm_head, dense

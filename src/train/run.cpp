@@ -23,7 +23,11 @@
 #include "model/device.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
+<<<<<<< HEAD
 #include "train/checkpoint_sharded.h"
+=======
+#include "train/export.h"
+>>>>>>> h-d
 #include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"
@@ -417,16 +421,19 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   s.finished = state.step >= total_steps;
   s.output_dir = out;
   if (auto ck = latest_checkpoint(out)) s.last_checkpoint = *ck;
-  if (!main) return s;
   if (s.finished) {
+    // Every rank takes part (a sharded model is gathered unit by unit); rank 0 writes.
     const fs::path tmp = out / (".tmp-final-" + std::to_string(::getpid()));
     std::error_code ec;
-    fs::remove_all(tmp, ec);
-    save_trained(tmp, m, src.dir.string());  // a model dir, or an adapter dir for LoRA
-    model::copy_tokenizer_files(src.dir, tmp);
-    replace_dir_atomic(tmp, out / "final");
-    s.final_dir = out / "final";
+    if (main) fs::remove_all(tmp, ec);
+    save_trained_streamed(tmp, m, src.dir.string(), strategy);  // a model dir, or an adapter dir
+    if (main) {
+      model::copy_tokenizer_files(src.dir, tmp);
+      replace_dir_atomic(tmp, out / "final");
+      s.final_dir = out / "final";
+    }
   }
+  if (!main) return s;
   write_loss_plot(metrics_path, out / "loss_curve.svg");
   std::ostringstream os;
   os << (s.finished ? "done: " : "stopped: ") << s.steps << "/" << s.total_steps << " steps, "

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <functional>
+#include <map>
 #include <fstream>
 #include <initializer_list>
 #include <set>
@@ -303,3 +305,95 @@ TEST_F(WeightsTest, ReadIntoCopiesInChunksAndConverts) {
 }
 
 }  // namespace
+
+// Every file under `dir`, by name, with its bytes.
+std::map<std::string, std::string> files_of(const fs::path& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out[e.path().filename().string()] = ftune::read_file(e.path());
+  return out;
+}
+
+std::vector<ftune::io::TensorSpec> specs_of(const TensorList& tensors) {
+  std::vector<ftune::io::TensorSpec> specs;
+  for (const auto& [n, t] : tensors) specs.push_back({n, t.scalar_type(), t.sizes().vec()});
+  return specs;
+}
+
+// The stream writer in reverse order, in shuffled order and in order gives save_safetensors'
+// bytes exactly (the tensors land at the offsets the header announced).
+TEST_F(SafetensorsTest, StreamWriterInAnyOrderGivesSaveSafetensorsBytes) {
+  TensorList in = sample_tensors();
+  const std::map<std::string, std::string> meta = {{"format", "pt"}};
+  ftune::io::save_safetensors(dir_ / "ref.safetensors", in, meta);
+  const std::string ref = ftune::read_file(dir_ / "ref.safetensors");
+  std::vector<size_t> order(in.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::vector<std::vector<size_t>> orders = {order, {order.rbegin(), order.rend()}, order};
+  std::swap(orders[2][1], orders[2][7]);
+  std::swap(orders[2][0], orders[2][12]);
+  for (size_t k = 0; k < orders.size(); ++k) {
+    const fs::path p = dir_ / ("s" + std::to_string(k) + ".safetensors");
+    ftune::io::SafetensorsStreamWriter w(p, specs_of(in), meta);
+    for (size_t i : orders[k]) w.write(in[i].first, in[i].second);
+    EXPECT_FALSE(fs::exists(p));  // nothing at the destination until finish()
+    w.finish();
+    EXPECT_EQ(ftune::read_file(p), ref) << "order " << k;
+  }
+}
+
+TEST_F(SafetensorsTest, StreamWriterErrorsLeaveNothingBehind) {
+  const fs::path p = dir_ / "x.safetensors";
+  const std::vector<ftune::io::TensorSpec> specs = {{"a", at::kFloat, {2, 3}}, {"b", at::kByte, {4}}};
+  auto message = [&](const std::function<void(ftune::io::SafetensorsStreamWriter&)>& f) {
+    try {
+      ftune::io::SafetensorsStreamWriter w(p, specs);
+      f(w);
+    } catch (const ftune::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string where = p.string() + ": ";
+  EXPECT_EQ(message([](auto& w) { w.write("a", at::zeros({3, 2})); }),
+            where + "a: produced Float [3, 2], announced Float [2, 3]");
+  EXPECT_EQ(message([](auto& w) { w.write("b", at::zeros({4})); }),
+            where + "b: produced Float [4], announced Byte [4]");
+  EXPECT_EQ(message([](auto& w) { w.write("c", at::zeros({1})); }), where + "c: not in the header");
+  EXPECT_EQ(message([](auto& w) {
+              w.write("a", at::zeros({2, 3}));
+              w.write("a", at::zeros({2, 3}));
+            }),
+            where + "a: written twice");
+  EXPECT_EQ(message([](auto& w) {
+              w.write("a", at::zeros({2, 3}));
+              w.finish();
+            }),
+            where + "b: announced but never written");
+  EXPECT_TRUE(fs::is_empty(dir_)) << "a failed writer left a file";
+  try {
+    ftune::io::SafetensorsStreamWriter w(p, {{"a", at::kFloat, {1}}, {"a", at::kFloat, {1}}});
+    ADD_FAILURE();
+  } catch (const ftune::Error& e) {
+    EXPECT_EQ(std::string(e.what()), where + "a: duplicate tensor name");
+  }
+}
+
+// The model-dir writer: the same files as save_weights (single and sharded), in any write order.
+TEST_F(WeightsTest, StreamWriterGivesSaveWeightsFiles) {
+  TensorList in = sample_tensors();
+  for (int64_t max_shard : {int64_t{5} << 30, int64_t{100}}) {
+    const fs::path ref = dir_ / ("ref" + std::to_string(max_shard));
+    const fs::path got = dir_ / ("got" + std::to_string(max_shard));
+    ftune::io::save_weights(ref, in, max_shard);
+    ftune::io::WeightsStreamWriter w(got, specs_of(in), max_shard);
+    for (size_t i = in.size(); i-- > 0;) w.write(in[i].first, in[i].second);
+    w.finish();
+    const auto a = files_of(ref), b = files_of(got);
+    EXPECT_EQ(a.size(), max_shard == 100 ? 5u : 1u);  // pinned: 4 shards + index at 100 bytes
+    ASSERT_EQ(a.size(), b.size());
+    for (const auto& [name, bytes] : a) {
+      ASSERT_TRUE(b.count(name)) << name;
+      EXPECT_EQ(b.at(name), bytes) << name;
+    }
+  }
+}

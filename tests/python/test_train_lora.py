@@ -206,7 +206,8 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, sets, where):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("recipe", ["smollm2_lora", "smollm2_qlora", "tinyllama_qlora"])
+@pytest.mark.parametrize("recipe", ["smollm2_lora", "smollm2_qlora", "tinyllama_qlora",
+                                    "smollm2_qlora_fsdp", "codellama_fsdp"])
 def test_recipes_are_valid_configs(tmp_path, recipe):
     """Every key of the recipes is accepted and valid: the first error is the placeholder model
     path, which is checked after the whole config."""
