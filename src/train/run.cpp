@@ -23,11 +23,8 @@
 #include "model/device.h"
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
-<<<<<<< HEAD
 #include "train/checkpoint_sharded.h"
-=======
 #include "train/export.h"
->>>>>>> h-d
 #include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"

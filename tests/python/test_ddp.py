@@ -513,7 +513,7 @@ def test_launch_environment_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("key,value", [
     ("parallel.bucket_mb", "0"), ("parallel.bucket_mb", "-1"), ("parallel.bucket_mb", "nan"),
-    ("parallel.timeout_s", "0"), ("parallel.timeout_s", "abc"), ("parallel.strategy", "fsdp")])
+    ("parallel.timeout_s", "0"), ("parallel.timeout_s", "abc"), ("parallel.strategy", "fsdp4")])
 def test_bad_parallel_values_are_one_line_naming_the_key(tmp_path, key, value):
     line = one_line_run(tmp_path / "run", clean_env(), f"{key}={value}")
     assert f"--set {key}={value}: {key}: expected" in line, line
