@@ -246,4 +246,12 @@ at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces) {
   return sq.sqrt().to(at::kFloat).reshape({});
 }
 
+at::Tensor master_copy(const at::Tensor& t, bool offload) {
+  if (!offload || t.device().is_cpu()) {
+    return t.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  }
+  at::Tensor out = at::empty(t.sizes(), at::TensorOptions(at::kFloat).pinned_memory(true));
+  return out.copy_(t);
+}
+
 }  // namespace ftune::parallel

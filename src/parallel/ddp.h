@@ -64,6 +64,10 @@ uint64_t check_replicas(ProcessGroup& group, const NamedParams& params);
 // part of the parameters: ZeRO's and FSDP's shards), summed in fp64; an fp32 scalar.
 at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces);
 
+// A contiguous fp32 copy of `t` for a sharded optimizer's master piece or its gradient: on t's
+// device, or with `offload` in CPU memory (pinned when t is on a GPU, so the copy runs by DMA).
+at::Tensor master_copy(const at::Tensor& t, bool offload);
+
 // The verb: wraps the trainable parameters of a replica in DDP on `group`.
 std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params, const DdpOptions& options);
 

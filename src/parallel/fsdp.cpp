@@ -165,6 +165,7 @@ struct Fsdp::Impl {
       if (!s.trainable || s.piece < 0) continue;
       at::Tensor g = scatter->out.narrow(0, s.grad_off, s.rows_of(rank) * s.row_numel);
       at::Tensor& piece = pieces[s.piece].second;
+      if (g.device() != piece.device()) g = master_copy(g, /*offload=*/true);
       if (piece.grad().defined()) {
         piece.mutable_grad().add_(g);
       } else {
@@ -254,12 +255,15 @@ Fsdp::Fsdp(ProcessGroup& group, std::vector<std::vector<FsdpTensor>> units, Fsdp
       // A tensor that shares or views its storage gets one of its own first.
       if (!owns_storage(s.full)) s.full.set_data(s.full.clone(at::MemoryFormat::Contiguous));
       const int64_t mine = s.rows_of(rank) * s.row_numel;
-      at::Tensor my_rows = s.full.detach().reshape(-1).narrow(0, rank * s.block_numel(), mine);
+      // A rank past the last row (a tensor with fewer rows than ranks) holds an empty block.
+      at::Tensor flat = s.full.detach().reshape(-1);
+      at::Tensor my_rows = mine > 0 ? flat.narrow(0, rank * s.block_numel(), mine)
+                                    : flat.narrow(0, 0, 0);
       if (s.trainable) {
         if (mine > 0) {
           s.piece = static_cast<int>(im.pieces.size());
-          im.pieces.emplace_back(s.name, my_rows.to(at::kFloat, /*non_blocking=*/false,
-                                                    /*copy=*/true).requires_grad_(true));
+          im.pieces.emplace_back(s.name,
+                                 master_copy(my_rows, options.offload).requires_grad_(true));
           im.piece_decay.push_back(s.decay);
           im.piece_slot.emplace_back(u, unit.slots.size());
         }

@@ -34,6 +34,7 @@ struct FsdpTensor {
 
 struct FsdpOptions {
   at::ScalarType param_dtype = at::kFloat;  // what trainable tensors are gathered and computed in
+  bool offload = false;  // the fp32 master pieces and their gradients live in (pinned) CPU memory
 };
 
 class Fsdp {

@@ -12,7 +12,7 @@
 
 namespace ftune::parallel {
 
-ZeroShard::ZeroShard(ProcessGroup& group, NamedParams params, int stage)
+ZeroShard::ZeroShard(ProcessGroup& group, NamedParams params, int stage, bool offload)
     : group_(group), params_(std::move(params)), stage_(stage) {
   FTUNE_CHECK(stage == 1 || stage == 2, "ZeRO stage ", stage, ": expected 1 or 2");
   broadcast_parameters(group_, params_);
@@ -33,8 +33,8 @@ ZeroShard::ZeroShard(ProcessGroup& group, NamedParams params, int stage)
     if (begin >= end) continue;
     Piece pc{i, begin - offsets_[i], begin - lo, end - begin};
     layout_.push_back(pc);
-    at::Tensor t = params_[i].second.detach().reshape({-1}).narrow(0, pc.param_offset, pc.length)
-                       .clone();
+    at::Tensor t = master_copy(
+        params_[i].second.detach().reshape({-1}).narrow(0, pc.param_offset, pc.length), offload);
     t.requires_grad_(true);
     pieces_.emplace_back(params_[i].first, t);
   }
@@ -66,7 +66,9 @@ void ZeroShard::reduce_gradients() {
     group_.reduce_scatter(mine, flat, "ZeRO-2: reduce-scatter of the gradients");
   }
   for (size_t k = 0; k < layout_.size(); ++k) {
-    pieces_[k].second.mutable_grad() = mine.narrow(0, layout_[k].shard_offset, layout_[k].length);
+    at::Tensor g = mine.narrow(0, layout_[k].shard_offset, layout_[k].length);
+    const at::Tensor& piece = pieces_[k].second;
+    pieces_[k].second.mutable_grad() = piece.device() == g.device() ? g : master_copy(g, true);
   }
 }
 
@@ -84,67 +86,6 @@ void ZeroShard::gather_parameters() {
     at::Tensor& p = params_[i].second;
     p.detach().view({-1}).copy_(flat.narrow(0, offsets_[i], p.numel()));
   }
-}
-
-void ZeroShard::refresh_pieces() {
-  at::NoGradGuard no_grad;
-  for (size_t k = 0; k < layout_.size(); ++k) {
-    const Piece& pc = layout_[k];
-    pieces_[k].second.copy_(
-        params_[pc.param].second.detach().reshape({-1}).narrow(0, pc.param_offset, pc.length));
-  }
-}
-
-std::vector<std::pair<std::string, at::Tensor>> ZeroShard::full_state(
-    const std::vector<std::pair<std::string, at::Tensor>>& piece_state) {
-  at::NoGradGuard no_grad;
-  std::map<std::string, at::Tensor> mine(piece_state.begin(), piece_state.end());
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  int64_t step = -1;
-  for (const auto& pc : layout_) {
-    step = std::max(step, mine.at(params_[pc.param].first + ".step").item<int64_t>());
-  }
-  // Every rank that holds a piece has the same count; ranks without one contribute -1.
-  at::Tensor all = at::empty({group_.size()}, at::kLong);
-  group_.all_gather_into(all, at::full({1}, step, at::kLong), "all-gather of the step counts");
-  const int64_t common = all.max().item<int64_t>();
-  for (const char* key : {".exp_avg", ".exp_avg_sq"}) {
-    at::Tensor send = at::zeros({shard_}, params_[0].second.options());
-    for (size_t k = 0; k < layout_.size(); ++k) {
-      send.narrow(0, layout_[k].shard_offset, layout_[k].length)
-          .copy_(mine.at(params_[layout_[k].param].first + key));
-    }
-    at::Tensor flat = at::empty({shard_ * group_.size()}, send.options());
-    group_.all_gather_into(flat, send, std::string("all-gather of the optimizer state") + key);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& p = params_[i].second;
-      out.emplace_back(params_[i].first + key,
-                       flat.narrow(0, offsets_[i], p.numel()).view(p.sizes()).clone());
-    }
-  }
-  for (const auto& [name, p] : params_) {
-    out.emplace_back(name + ".step", at::scalar_tensor(common, at::kLong));
-  }
-  return out;
-}
-
-std::map<std::string, at::Tensor> ZeroShard::shard_state(
-    const std::map<std::string, at::Tensor>& full, const std::string& origin) const {
-  std::map<std::string, at::Tensor> out;
-  for (const auto& pc : layout_) {
-    const auto& [name, p] = params_[pc.param];
-    for (const char* key : {".exp_avg", ".exp_avg_sq"}) {
-      auto it = full.find(name + key);
-      FTUNE_CHECK(it != full.end(), origin, ": ", name, key, ": missing optimizer state");
-      FTUNE_CHECK(it->second.numel() == p.numel(), origin, ": ", name, key, ": ",
-                  it->second.numel(), " elements, the parameter has ", p.numel());
-      out[name + key] = it->second.reshape({-1}).narrow(0, pc.param_offset, pc.length).clone();
-    }
-    auto st = full.find(name + ".step");
-    FTUNE_CHECK(st != full.end(), origin, ": ", name, ".step: missing optimizer state");
-    out[name + ".step"] = st->second;
-  }
-  return out;
 }
 
 }  // namespace ftune::parallel

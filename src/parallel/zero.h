@@ -6,15 +6,15 @@
 // gradient norm is reduced from the shards, each rank steps its shard, and the updated shards are
 // all-gathered back into every replica. Per rank: AdamW state 8 Psi / n bytes instead of 8 Psi;
 // per step an all-reduce (or reduce-scatter) of the gradients plus an all-gather of the params.
+// With offload the pieces (fp32 master shard) and their gradients live in CPU memory, where the
+// optimizer (optim::cpu_adamw_step) updates them; on a CPU device that changes nothing but the kernel.
 // Defines ZeroShard.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "parallel/ddp.h"
@@ -25,8 +25,8 @@ namespace ftune::parallel {
 class ZeroShard {
  public:
   // `params`: the trainable parameters (identical on every rank; rank 0's are broadcast first).
-  // stage 1 or 2.
-  ZeroShard(ProcessGroup& group, NamedParams params, int stage);
+  // stage 1 or 2; offload: the pieces are kept in (pinned) CPU memory.
+  ZeroShard(ProcessGroup& group, NamedParams params, int stage, bool offload = false);
 
   // This rank's pieces of the flat parameter space, one leaf tensor per parameter that overlaps
   // the shard, named like that parameter (1-D; their .grad() is set by reduce_gradients). Build
@@ -45,16 +45,6 @@ class ZeroShard {
   at::Tensor global_grad_norm();
   // After the pieces were updated: every replica gets every shard's new values.
   void gather_parameters();
-  // The pieces take the parameters' current values (after a checkpoint was loaded into them).
-  void refresh_pieces();
-
-  // Optimizer state: `piece_state` ("<name>.exp_avg", ".exp_avg_sq", ".step" of this rank's
-  // pieces) gathered into the full state of every parameter, in the single-process format (so a
-  // checkpoint resumes at any world size); and back: this rank's slices of a full state.
-  std::vector<std::pair<std::string, at::Tensor>> full_state(
-      const std::vector<std::pair<std::string, at::Tensor>>& piece_state);
-  std::map<std::string, at::Tensor> shard_state(const std::map<std::string, at::Tensor>& full,
-                                                const std::string& origin) const;
 
  private:
   struct Piece {

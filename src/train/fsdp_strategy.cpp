@@ -145,6 +145,7 @@ std::unique_ptr<Strategy> make_fsdp_strategy(parallel::ProcessGroup& group, at::
   // Mixed precision: full fine-tuning with model.dtype bf16 gathers and computes in bf16 over
   // fp32 master pieces (LoRA adapters stay fp32; a LoRA base is already stored in bf16).
   if (cfg.model.dtype == "bf16" && !cfg.lora) o.param_dtype = at::kBFloat16;
+  o.offload = cfg.parallel.offload == "optimizer";
   return std::make_unique<FsdpStrategy>(group, device, o);
 }
 

@@ -33,11 +33,13 @@ class DdpStrategy : public GroupStrategy {
 
 class ZeroStrategy : public GroupStrategy {
  public:
-  ZeroStrategy(parallel::ProcessGroup& group, at::Device device, int stage)
-      : GroupStrategy(group, device, "zero" + std::to_string(stage)), stage_(stage) {}
+  ZeroStrategy(parallel::ProcessGroup& group, at::Device device, int stage, bool offload)
+      : GroupStrategy(group, device, "zero" + std::to_string(stage)), stage_(stage),
+        offload_(offload) {}
 
   optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
-    shard_ = std::make_unique<parallel::ZeroShard>(group_, GroupStrategy::prepare(m), stage_);
+    shard_ = std::make_unique<parallel::ZeroShard>(group_, GroupStrategy::prepare(m), stage_,
+                                                      offload_);
     return shard_->pieces();
   }
   std::vector<bool> decay_flags() const override { return shard_->decays(); }
@@ -49,14 +51,6 @@ class ZeroStrategy : public GroupStrategy {
     opt.clip_and_step_with_norm(lr, max_grad_norm, norm);
     shard_->gather_parameters();
     return norm.item<double>();
-  }
-  optim::NamedTensors optimizer_state(const optim::AdamW& opt) override {
-    return shard_->full_state(opt.state());
-  }
-  void load_optimizer_state(optim::AdamW& opt, const std::map<std::string, at::Tensor>& st,
-                            const std::string& origin) override {
-    opt.load_state(shard_->shard_state(st, origin), origin);
-    shard_->refresh_pieces();  // load_checkpoint restored the weights just before this
   }
   std::vector<PieceInfo> piece_layout() const override {
     std::vector<PieceInfo> out;
@@ -70,6 +64,7 @@ class ZeroStrategy : public GroupStrategy {
 
  private:
   int stage_;
+  bool offload_;
   std::unique_ptr<parallel::ZeroShard> shard_;
 };
 
@@ -110,8 +105,9 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
   } else if (strategy == "fsdp" || strategy == "zero3") {
     run.strategy = make_fsdp_strategy(*run.group, run.device, cfg);
   } else {
-    run.strategy =
-        std::make_unique<ZeroStrategy>(*run.group, run.device, strategy == "zero1" ? 1 : 2);
+    run.strategy = std::make_unique<ZeroStrategy>(*run.group, run.device,
+                                                  strategy == "zero1" ? 1 : 2,
+                                                  p.offload == "optimizer");
   }
   return run;
 }

@@ -558,6 +558,10 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
                  static_cast<long long>(total_steps), static_cast<long long>(global_rows),
                  lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
     std::fprintf(stderr, "%s\n", format_param_report(param_report(m, opt)).c_str());
+    if (cfg.parallel.offload == "optimizer") {
+      std::fprintf(stderr, "optimizer: AdamW on the CPU (parallel.offload: optimizer): master "
+                   "pieces, gradient shards and AdamW state in host memory\n");
+    }
   }
   state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
 

@@ -6,6 +6,7 @@ test_ddp.py and test_zero.py check DDP and ZeRO-1/2: ranks started with the laun
   fine-tuning, LoRA and QLoRA, tied and untied embeddings, with and without activation
   checkpointing: per-step losses and grad norms within 1e-5 relative, the exported model or
   adapter within 1e-5 of the one-process one.
+- CPU offload (parallel.offload optimizer, the CPU AdamW kernel): the same parity, full and LoRA.
 - Memory: the parameter bytes each rank holds between steps are 1/n of the model's (its row
   blocks, within 5%), and the gathered footprint never exceeds two units' full tensors plus one
   receive buffer (the current unit and the prefetched one).
@@ -52,13 +53,17 @@ def runs(tmp_path_factory, models):
     def get(mode, world, model="tied", *extra):
         key = (mode, world, model, extra)
         if key not in cache:
-            sets = [f"model.path={models[model]}", *MODES[mode], *extra]
+            # parallel.* settings go to the ranks only; the oracle is the plain one process.
+            common = [e for e in extra if not e.startswith("parallel.")]
+            sets = [f"model.path={models[model]}", *MODES[mode], *common]
             name = f"{mode}-{model}-x{world}" + "".join("-" + e.split("=")[0] for e in extra)
             out = root / name
             res = ddp_train(out, world, *sets, f"training.micro_batch={MB}",
-                            "parallel.strategy=fsdp")
-            single = root / (name + "-oracle")
-            single_train(single, *sets, f"training.micro_batch={MB * world}")
+                            "parallel.strategy=fsdp", *(set(extra) - set(common)))
+            single = root / (f"{mode}-{model}-x{world}" +
+                             "".join("-" + e.split("=")[0] for e in common) + "-oracle")
+            if not single.exists():
+                single_train(single, *sets, f"training.micro_batch={MB * world}")
             cache[key] = (out, res, single)
         return cache[key]
 
@@ -86,6 +91,17 @@ def test_parity_with_one_process(runs, mode, world, model):
     assert f"fsdp: {world} ranks" in res[0].stdout
 
 
+@pytest.mark.parametrize("mode,world,model", [("full", 2, "untied"), ("lora", 3, "tied")])
+def test_parity_with_cpu_offload(runs, mode, world, model):
+    """parallel.offload optimizer: the master pieces step with the CPU AdamW kernel."""
+    out, res, single = runs(mode, world, model, "parallel.offload=optimizer")
+    a, b = metrics(out), metrics(single)
+    assert [m["target_tokens"] for m in a] == [m["target_tokens"] for m in b]
+    assert max_rel(a, b, "loss") < TOL and max_rel(a, b, "grad_norm") < TOL
+    assert tensors_max_rel(weight_file(out / "final"), weight_file(single / "final")) < TOL
+    assert "optimizer: AdamW on the CPU" in res[0].stderr, res[0].stderr[-3000:]
+
+
 def test_parity_with_activation_checkpointing(runs):
     out, _, single = runs("full", 2, "untied", "model.grad_checkpointing=true")
     a, b = metrics(out), metrics(single)
@@ -106,15 +122,16 @@ def unit_bytes(final, untied):
     return units
 
 
-def padded_bytes(tensors, world):
-    """One rank's all-gather payload of a unit x world: every tensor's rows padded to a multiple
-    of world, each tensor's block 16-byte aligned."""
+def padded_bytes(tensors, world, align=16):
+    """One rank's collective payload for a unit x world: every tensor's rows padded to a multiple
+    of world, each tensor's block `align`-byte aligned (the all-gather packs bytes at 16; the
+    reduce-scatter packs fp32 gradients back to back, align 4)."""
     seg = 0
     for t in tensors:
         rows = t.shape[0]
         per = -(-rows // world)
-        seg = -(-seg // 16) * 16 + per * (t.numel() // rows) * 4
-    return (-(-seg // 16) * 16) * world
+        seg = -(-seg // align) * align + per * (t.numel() // rows) * 4
+    return (-(-seg // align) * align) * world
 
 
 @pytest.mark.parametrize("world,model", [(2, "untied"), (3, "tied")])
@@ -126,15 +143,13 @@ def test_bytes_per_step_follow_zero3(runs, world, model):
     micro-batch: ZeRO-3's 3 Psi. Counted exactly, padding included."""
     out, _, single = runs("full", world, model)
     units = unit_bytes(single / "final", model == "untied")
-    tied = model == "tied"
-    if tied:  # the head's all-gather re-gathers the embedding (the tied weight)
-        pass
+    tied = model == "tied"  # the head's all-gather re-gathers the embedding (the tied weight)
     per_unit = {u: padded_bytes(ts, world) for u, ts in units.items()}
     layers = sum(v for u, v in per_unit.items() if u not in (0, "head"))
     embed, head = per_unit[0], per_unit["head"]
     fwd = embed + layers + head + (embed if tied else 0)
     gathered = fwd + layers
-    scattered = embed + layers + head
+    scattered = sum(padded_bytes(ts, world, align=4) for ts in units.values())
     last = metrics(out)[-1]
     cb = last["comm_bytes"]
     assert cb["all_gather"] == ACCUM * gathered, (cb, gathered)
@@ -145,7 +160,7 @@ def test_bytes_per_step_follow_zero3(runs, world, model):
     assert abs(cb["all_gather"] + cb["reduce_scatter"] - formula) <= 0.02 * formula
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_memory_is_sharded_and_gathers_are_bounded(runs, world):
     out, _, single = runs("full", world, "untied")
     units = unit_bytes(single / "final", True)
@@ -154,6 +169,7 @@ def test_memory_is_sharded_and_gathers_are_bounded(runs, world):
     within = lambda got, want: abs(got - want) <= 0.05 * want  # noqa: E731
     assert within(last["held_param_bytes"], psi / world), (last, psi)
     assert within(last["held_optimizer_bytes"], 2 * psi / world), last
+    assert within(last["held_grad_bytes"], psi / world), last
     # Gathered: at most two units' full tensors plus the receive buffer of one gather.
     full = sorted((sum(t.numel() * 4 for t in ts) for ts in units.values()), reverse=True)
     bound = full[0] + full[1] + padded_bytes(max(units.values(), key=lambda ts: sum(
@@ -174,7 +190,10 @@ def test_rank_killed_inside_a_collective_ends_the_run(tmp_path, models, collecti
     assert res[1].rc == 128 + 9 or res[1].rc == -9, res[1].rc
     lines = [l for l in res[0].stderr.splitlines() if l.startswith("ftune: error:")]
     assert res[0].rc == 1 and len(lines) == 1, res[0].stderr[-3000:]
-    assert collective.split()[0] in lines[0] and "rank 1" in lines[0], lines[0]
+    # Rank 0 names the collective it was blocked in: a reduce-scatter runs in the background while
+    # the next unit's all-gather is already under way, so either may be the one that fails.
+    named = ["all-gather", "reduce-scatter"] if collective.startswith("reduce") else ["all-gather"]
+    assert any(n in lines[0] for n in named) and "rank 1" in lines[0], lines[0]
     assert took < 5 + 10 + 5
 
 
@@ -199,5 +218,5 @@ def test_sharded_checkpoint_resumes_at_the_same_and_another_world_size(tmp_path,
             assert [m["grad_norm"] for m in a] == [m["grad_norm"] for m in b]
         else:
             assert max_rel(a[6:], b[6:], "loss") < TOL and max_rel(a[6:], b[6:], "grad_norm") < TOL
-        assert tensors_max_rel(weight_file(out / "final"), weight_file(whole / "final")) < (
-            0 if world == 2 else TOL)
+        rel = tensors_max_rel(weight_file(out / "final"), weight_file(whole / "final"))
+        assert rel == 0 if world == 2 else rel < TOL, rel

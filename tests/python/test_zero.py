@@ -8,6 +8,7 @@ batch, the way test_ddp.py checks DDP: ranks started with the launcher variables
 - Memory: the AdamW state each rank holds is 1/n of one process's (within 5%, REFERENCE.md §5).
 - Communication per step: ZeRO-1 all-reduces the gradients and all-gathers the parameters
   (2 x 4 Psi bytes of payload), ZeRO-2 reduce-scatters instead of all-reducing; exact counts.
+- CPU offload (parallel.offload optimizer): zero1 and zero2, full and LoRA, the same parity.
 - QLoRA (NF4 base) under zero1, zero2 and ddp at 2 ranks equals one process.
 - Memory: metrics' held_* bytes against the fp32 ZeRO formulas, within 5%.
 - Faults: a rank killed entering the reduce-scatter or the shard all-gather ends the run.
@@ -57,8 +58,10 @@ def runs(tmp_path_factory, model):
         if key not in cache:
             sets = [f"model.path={model}", *(FULL if mode == "full" else LORA)]
             out = root / f"{strategy}-{mode}-x{world}"
+            name, _, offload = strategy.partition("+")  # "zero2+offload": parallel.offload
             res = ddp_train(out, world, *sets, f"training.micro_batch={MB}",
-                            f"parallel.strategy={strategy}")
+                            f"parallel.strategy={name}",
+                            *(["parallel.offload=optimizer"] if offload else []))
             single = root / f"{mode}-x{world}-oracle"
             if not single.exists():
                 single_train(single, *sets, f"training.micro_batch={MB * world}")
@@ -70,9 +73,13 @@ def runs(tmp_path_factory, model):
 
 CASES = [pytest.param(s, m, w, id=f"{s}-{m}-x{w}")
          for s in ("zero1", "zero2") for m in ("full", "lora") for w in (2, 3)]
+# CPU offload: the master shard steps with the CPU AdamW kernel (optim/cpu_adam.h).
+OFFLOAD = [pytest.param(s, m, w, id=f"{s}-{m}-x{w}") for s, m, w in
+           [("zero1+offload", "full", 2), ("zero2+offload", "full", 3),
+            ("zero2+offload", "lora", 2)]]
 
 
-@pytest.mark.parametrize("strategy,mode,world", CASES)
+@pytest.mark.parametrize("strategy,mode,world", CASES + OFFLOAD)
 def test_parity_with_one_process(runs, strategy, mode, world):
     out, res, single = runs(strategy, mode, world)
     a, b = metrics(out), metrics(single)
@@ -84,7 +91,10 @@ def test_parity_with_one_process(runs, strategy, mode, world):
     assert tensors_max_rel(weight_file(out / "final"), weight_file(single / "final")) < TOL
     m = REPLICAS.search(res[0].stdout)
     assert m and int(m.group(1)) == world, res[0].stdout
-    assert f"{strategy}: {world} ranks" in res[0].stdout
+    name, _, offload = strategy.partition("+")
+    assert f"{name}: {world} ranks" in res[0].stdout
+    if offload:
+        assert "optimizer: AdamW on the CPU" in res[0].stderr, res[0].stderr[-3000:]
 
 
 @pytest.mark.parametrize("strategy,world", [("zero1", 2), ("zero2", 3)])
@@ -156,7 +166,7 @@ def test_qlora_matches_one_process(tmp_path, model, strategy):
 
 
 @pytest.mark.parametrize("strategy,world", [("zero1", 2), ("zero2", 2), ("zero1", 3),
-                                            ("zero2", 3), ("ddp", 2)])
+                                            ("zero2", 3), ("zero2", 4), ("ddp", 2)])
 def test_held_bytes_follow_the_zero_formulas(runs, strategy, world):
     """metrics.jsonl's held_* bytes (ftune's count of its own tensors on rank 0) against the fp32
     form of REFERENCE.md §5 (no bf16 copies: parameters 4 Psi, gradients 4 Psi, AdamW 8 Psi):
