@@ -76,8 +76,8 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
     assert "training.resume: /nonexistent/step-3: not a complete checkpoint" in line
     line = run_cfg(good + "parallel:\n  dp: 2\n")
     assert "parallel.dp: unknown key" in line
-    line = run_cfg(good + "parallel:\n  strategy: fsdp\n")
-    assert "parallel.strategy" in line and "fsdp" in line
+    line = run_cfg(good + "parallel:\n  strategy: fsdp4\n")
+    assert "parallel.strategy" in line and "fsdp4" in line
 
     bad = good.replace("  lr_schedule: cosine", "  lr_schedule: cosine\n  lr: 1.0")
     first = good.splitlines().index("  lr: 3.0e-3                 # a tiny, freshly initialized "
