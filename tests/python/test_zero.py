@@ -151,13 +151,15 @@ def test_checkpoint_resumes_at_another_world_size(tmp_path, model, runs):
         assert max_rel(a[8:], b[8:], "loss") < TOL, name
 
 
-@pytest.mark.parametrize("strategy", ["zero1", "zero2", "ddp"])
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "ddp", "zero2+offload"])
 def test_qlora_matches_one_process(tmp_path, model, strategy):
     """QLoRA (NF4 base quantized at load, fp32 compute): the adapters are the only trainable
     tensors, so they alone are sharded (zero1/2) or all-reduced (ddp); 2 ranks equal one process."""
     sets = [f"model.path={model}", *LORA, "quant.compute_dtype=fp32", "training.steps=8"]
     out, single = tmp_path / "ranks", tmp_path / "one"
-    res = ddp_train(out, 2, *sets, f"training.micro_batch={MB}", f"parallel.strategy={strategy}")
+    name, _, offload = strategy.partition("+")
+    res = ddp_train(out, 2, *sets, f"training.micro_batch={MB}", f"parallel.strategy={name}",
+                    *(["parallel.offload=optimizer"] if offload else []))
     single_train(single, *sets, f"training.micro_batch={2 * MB}")
     a, b = metrics(out), metrics(single)
     assert max_rel(a, b, "loss") < TOL and max_rel(a, b, "grad_norm") < TOL
