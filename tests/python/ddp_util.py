@@ -162,6 +162,24 @@ def ddp_train(out: Path, world: int, *sets, timeout=180, check=True, **kw):
     return res
 
 
+def killed_in_collective(out: Path, collective: str, *sets):
+    """Two ranks with parallel.timeout_s 5, rank 1 killed (SIGKILL, through the
+    FTUNE_TEST_KILL_AT seam) as it enters `collective` at its first step. Checks that rank 1 died
+    of the signal and rank 0 exited 1 with exactly one error line; returns (that line, seconds
+    the run took, start-up included)."""
+    port = free_port()
+    env_of = lambda r: rank_env(r, 2, port, FTUNE_TEST_KILL_AT=f"1:{collective}")  # noqa: E731
+    t0 = time.monotonic()
+    with start_ranks(out, 2, *sets, "parallel.timeout_s=5", port=port,
+                     env_of_rank=env_of) as ranks:
+        res = ranks.wait(60)
+    took = time.monotonic() - t0
+    assert res[1].rc == 128 + 9 or res[1].rc == -9, res[1].rc
+    lines = res[0].error_lines()
+    assert res[0].rc == 1 and len(lines) == 1, res[0].stderr[-3000:]
+    return lines[0], took
+
+
 def single_train(out: Path, *sets, check=True, timeout=180):
     """The one-process oracle: the same run with no launcher variables."""
     return ftune(*train_args(out, *sets)[1:], check=check, cwd=SOURCE_DIR, env=clean_env(),

@@ -15,16 +15,13 @@ test_ddp.py and test_zero.py check DDP and ZeRO-1/2: ranks started with the laun
   reduce-scattered once per micro-batch. ZeRO-3's 3 Psi, counted exactly with the padding.
 - Faults: a rank killed inside an all-gather or a reduce-scatter ends the run, naming it.
 """
-import re
-import time
 
 import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import (ddp_train, free_port, max_rel, rank_env, single_train, start_ranks,
-                      tensors_max_rel, tiny_models, weight_file)
-from ftune_testing import ftune
+from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, tensors_max_rel,
+                      tiny_models, weight_file)
 from train_testing import metrics
 
 STEPS, ACCUM, MB = 20, 2, 2
@@ -180,21 +177,12 @@ def test_memory_is_sharded_and_gathers_are_bounded(runs, world):
 
 @pytest.mark.parametrize("collective", ["all-gather of unit", "reduce-scatter of unit"])
 def test_rank_killed_inside_a_collective_ends_the_run(tmp_path, models, collective):
-    port = free_port()
-    sets = [f"model.path={models['tied']}", *FULL, f"training.micro_batch={MB}",
-            "parallel.strategy=fsdp", "parallel.timeout_s=5"]
-    env_of = lambda r: rank_env(r, 2, port, FTUNE_TEST_KILL_AT=f"1:{collective}")  # noqa: E731
-    t0 = time.monotonic()
-    with start_ranks(tmp_path / "run", 2, *sets, port=port, env_of_rank=env_of) as ranks:
-        res = ranks.wait(60)
-    took = time.monotonic() - t0
-    assert res[1].rc == 128 + 9 or res[1].rc == -9, res[1].rc
-    lines = [l for l in res[0].stderr.splitlines() if l.startswith("ftune: error:")]
-    assert res[0].rc == 1 and len(lines) == 1, res[0].stderr[-3000:]
+    line, took = killed_in_collective(tmp_path / "run", collective, f"model.path={models['tied']}",
+                                      *FULL, f"training.micro_batch={MB}", "parallel.strategy=fsdp")
     # Rank 0 names the collective it was blocked in: a reduce-scatter runs in the background while
     # the next unit's all-gather is already under way, so either may be the one that fails.
     named = ["all-gather", "reduce-scatter"] if collective.startswith("reduce") else ["all-gather"]
-    assert any(n in lines[0] for n in named) and "rank 1" in lines[0], lines[0]
+    assert any(n in line for n in named) and "rank 1" in line, line
     assert took < 5 + 10 + 5
 
 

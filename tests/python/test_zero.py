@@ -17,14 +17,13 @@ batch, the way test_ddp.py checks DDP: ranks started with the launcher variables
   losses.
 """
 import re
-import time
 
 import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import (ddp_train, free_port, max_rel, rank_env, single_train, start_ranks,
-                      tensors_max_rel, weight_file)
+from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, tensors_max_rel,
+                      weight_file)
 from ftune_testing import ftune
 from train_testing import metrics
 
@@ -194,16 +193,7 @@ def test_rank_killed_inside_a_sharding_collective_ends_the_run(tmp_path, model, 
     """Rank 1 dies (SIGKILL, through the FTUNE_TEST_KILL_AT seam) as it enters the reduce-scatter
     of the gradients or the all-gather of the updated shards at its first step: rank 0, inside
     the same collective, exits within parallel.timeout_s + 10 s with one line naming it and rank 1."""
-    port = free_port()
-    sets = [f"model.path={model}", *FULL, f"training.micro_batch={MB}",
-            f"parallel.strategy={strategy}", "parallel.timeout_s=5"]
-    env_of = lambda r: rank_env(r, 2, port, FTUNE_TEST_KILL_AT=f"1:{collective}")  # noqa: E731
-    t0 = time.monotonic()
-    with start_ranks(tmp_path / "run", 2, *sets, port=port, env_of_rank=env_of) as ranks:
-        res = ranks.wait(60)
-    took = time.monotonic() - t0
-    assert res[1].rc == 128 + 9 or res[1].rc == -9, res[1].rc
-    lines = [l for l in res[0].stderr.splitlines() if l.startswith("ftune: error:")]
-    assert res[0].rc == 1 and len(lines) == 1, res[0].stderr[-3000:]
-    assert collective.split()[0] in lines[0] and "rank 1" in lines[0], lines[0]
+    line, took = killed_in_collective(tmp_path / "run", collective, f"model.path={model}", *FULL,
+                                      f"training.micro_batch={MB}", f"parallel.strategy={strategy}")
+    assert collective.split()[0] in line and "rank 1" in line, line
     assert took < 5 + 10 + 5  # start-up included
