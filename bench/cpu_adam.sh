@@ -24,7 +24,8 @@ torch_step() {  # layout numel threads impl(fused|foreach)
   $PY - "$($BIN --layout "$1" --numel "$2" --shapes 1)" "$1" "$3" "$4" "$STEPS" <<'PYEOF'
 import json, statistics, sys, time
 import torch
-shapes, layout, threads, impl, steps = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+shapes, layout, impl = json.loads(sys.argv[1]), sys.argv[2], sys.argv[4]
+threads, steps = int(sys.argv[3]), int(sys.argv[5])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 ps = [torch.randn(s, requires_grad=True) for s in shapes]
@@ -59,11 +60,12 @@ done
 $PY - "$RES" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"\n{'layout':<14}{'params':>8}{'thr':>5}  {'implementation':<36}{'median ms':>10}{'GB/s':>7}"
-      f"{'vs torch fused':>16}")
+print(f"\n{'layout':<14}{'params':>8}{'thr':>5}  {'implementation':<36}{'median ms':>10}"
+      f"{'GB/s':>7}{'vs torch fused':>16}")
 for r in rows:
     ref = next(x for x in rows if x["layout"] == r["layout"] and x["threads"] == r["threads"]
                and x["impl"] == "torch AdamW(fused=True)")
+    speedup = ref["median_ms"] / r["median_ms"]
     print(f"{r['layout']:<14}{r['numel'] / 1e6:>7.1f}M{r['threads']:>5}  {r['impl']:<36}"
-          f"{r['median_ms']:>10.1f}{r['gb_per_s']:>7.1f}{ref['median_ms'] / r['median_ms']:>15.2f}x")
+          f"{r['median_ms']:>10.1f}{r['gb_per_s']:>7.1f}{speedup:>15.2f}x")
 PYEOF

@@ -28,7 +28,7 @@ struct CpuAdamStep {
 };
 
 // One AdamW update of `n` elements in place: param, exp_avg, exp_avg_sq (and grad when
-// s.grad_scale is set). Uses at::get_num_threads() threads.
+// s.grad_scale is set); the four arrays must not overlap. Uses at::get_num_threads() threads.
 void cpu_adamw_step(float* param, float* grad, float* exp_avg, float* exp_avg_sq, int64_t n,
                     const CpuAdamStep& s);
 
