@@ -23,7 +23,7 @@ namespace {
 struct Coeffs {
   float scale;          // grad divisor (has_scale)
   float decay;          // 1 - lr * wd, or 1 without weight decay (p * 1 is exact)
-  float lerp_w;         // m = fma(lerp_w, g - m, lerp_base ? g : m)
+  float lerp_w;         // m = fma(lerp_w, g - m, lerp_from_grad ? g : m)
   float beta2, c2;      // v = beta2 * v + c2 * g * g
   float bc2_sqrt, eps;  // denom = sqrt(v) / bc2_sqrt + eps
   float neg_step_size;  // p += neg_step_size * m / denom
