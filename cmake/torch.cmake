@@ -10,6 +10,17 @@ set(FTUNE_TORCH_ROOT "" CACHE PATH "LibTorch root (has include/ and lib/); defau
 add_library(ftune_torch INTERFACE)
 add_library(ftune::torch ALIAS ftune_torch)
 
+# ftune::openmp, for sources that call at::parallel_for: it is inline OpenMP code
+# (ATen/ParallelOpenMP.h), so a file built without -fopenmp runs it on one thread. With the wheel,
+# the rpath below resolves libgomp.so.1 to the wheel's own copy: one OpenMP runtime, the one
+# at::set_num_threads sets.
+add_library(ftune_openmp INTERFACE)
+add_library(ftune::openmp ALIAS ftune_openmp)
+if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  target_compile_options(ftune_openmp INTERFACE -fopenmp)
+  target_link_options(ftune_openmp INTERFACE -fopenmp)
+endif()
+
 if(FTUNE_TORCH_FIND_PACKAGE)
   if(NOT TARGET CUDA::nvToolsExt AND EXISTS /usr/local/cuda/include/nvtx3)
     add_library(CUDA::nvToolsExt INTERFACE IMPORTED)

@@ -1,6 +1,6 @@
 // AdamW: fused (at::_fused_adamw_, torch fused=True) or mirroring torch/optim/adam.py
 // _single_tensor_adam (decoupled_weight_decay=True, amsgrad=False, maximize=False,
-// capturable=False); see adamw.h.
+// capturable=False), or optim::cpu_adamw_step per CPU fp32 tensor; see adamw.h.
 #include "optim/adamw.h"
 
 #include <ATen/core/grad_mode.h>
@@ -10,9 +10,26 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "optim/cpu_adam.h"
 #include "optim/grad_clip.h"
 
 namespace ftune::optim {
+
+namespace {
+
+// What cpu_adamw_step can update in place: CPU fp32 with a dense gradient of the same layout
+// and state.
+bool cpu_kernel_fits(const at::Tensor& p, const at::Tensor& m, const at::Tensor& v) {
+  for (const at::Tensor* t : {&p, &p.grad(), &m, &v}) {
+    if (!t->device().is_cpu() || t->scalar_type() != at::kFloat || t->layout() != at::kStrided ||
+        !t->is_contiguous() || t->sizes() != p.sizes()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
 
 AdamW::AdamW(NamedTensors params, AdamWOptions opts, std::vector<bool> decay)
     : params_(std::move(params)), opts_(opts), decay_(std::move(decay)) {
@@ -29,7 +46,7 @@ AdamW::AdamW(NamedTensors params, AdamWOptions opts, std::vector<bool> decay)
 
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
-  if (opts_.fused) {
+  if (uses_fused()) {
     step_fused(lr);
   } else {
     step_unfused(lr);
@@ -48,7 +65,7 @@ double AdamW::clip_and_step(double lr, double max_grad_norm) {
 
 void AdamW::clip_and_step_with_norm(double lr, double max_grad_norm, const at::Tensor& norm) {
   at::NoGradGuard no_grad;
-  if (!opts_.fused || max_grad_norm <= 0) {
+  if (!uses_fused() || max_grad_norm <= 0) {
     std::vector<at::Tensor> ps;
     ps.reserve(params_.size());
     for (const auto& p : params_) ps.push_back(p.second);
@@ -68,13 +85,20 @@ void AdamW::clip_and_step_with_norm(double lr, double max_grad_norm, const at::T
 void AdamW::step_fused(double lr, const std::optional<at::Tensor>& grad_scale) {
   // One kernel call per (weight decay, device, dtype) group, like torch's _fused_adamw grouping.
   // The kernel reads each step count from a float32 scalar tensor that the caller has advanced.
+  // With cpu_kernel, the tensors cpu_adamw_step can update skip the groups (same arithmetic).
   struct Group {
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
   };
   std::map<std::tuple<bool, std::string, at::ScalarType>, Group> groups;
+  std::optional<float> scale;  // the kernel's copy of grad_scale, read once
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& param = params_[i].second;
     if (!param.grad().defined()) continue;
+    if (opts_.cpu_kernel && cpu_kernel_fits(param, exp_avg_[i], exp_avg_sq_[i])) {
+      if (grad_scale && !scale) scale = grad_scale->item<float>();
+      step_cpu_kernel(i, lr, scale);
+      continue;
+    }
     Group& g = groups[{decay_[i], param.device().str(), param.scalar_type()}];
     g.params.push_back(param);
     g.grads.push_back(param.grad());
@@ -91,6 +115,21 @@ void AdamW::step_fused(double lr, const std::optional<at::Tensor>& grad_scale) {
                       grad_scale ? std::optional<at::Tensor>(grad_scale->to(g.params[0].device()))
                                  : std::nullopt);
   }
+}
+
+void AdamW::step_cpu_kernel(size_t i, double lr, std::optional<float> grad_scale) {
+  at::Tensor param = params_[i].second;
+  at::Tensor grad = param.grad();
+  CpuAdamStep s;
+  s.lr = lr;
+  s.beta1 = opts_.beta1;
+  s.beta2 = opts_.beta2;
+  s.eps = opts_.eps;
+  s.weight_decay = decay_[i] ? opts_.weight_decay : 0.0;
+  s.step = ++steps_[i];
+  s.grad_scale = grad_scale;
+  cpu_adamw_step(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg_[i].data_ptr<float>(),
+                 exp_avg_sq_[i].data_ptr<float>(), param.numel(), s);
 }
 
 void AdamW::step_unfused(double lr) {

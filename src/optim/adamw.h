@@ -5,6 +5,7 @@
 // op for op (the same ATen calls and scalars in the same order), so updates match it bit for bit.
 // Parameters with fewer than 2 dims (norm weights, biases) get no weight decay, as the HF Trainer
 // groups them. State (exp_avg, exp_avg_sq, step) is exposed by parameter name for checkpoints.
+// cpu_kernel steps CPU fp32 tensors with optim::cpu_adamw_step (bit-identical to the fused kernel).
 // Defines AdamWOptions, AdamW.
 #pragma once
 
@@ -27,6 +28,8 @@ struct AdamWOptions {
   double eps = 1e-8;           // added to sqrt(v_hat)
   double weight_decay = 0.0;   // decoupled: p *= 1 - lr * wd, for params with dim >= 2 only
   bool fused = true;           // at::_fused_adamw_ (fused=True); false = foreach=False op for op
+  bool cpu_kernel = false;     // CPU fp32 params: step with optim::cpu_adamw_step (for
+                               // parallel.offload: optimizer), the others fused; implies fused
 };
 
 class AdamW {
@@ -69,6 +72,9 @@ class AdamW {
 
   void step_unfused(double lr);
   void step_fused(double lr, const std::optional<at::Tensor>& grad_scale = std::nullopt);
+  // Parameter i by optim::cpu_adamw_step (the caller has checked it fits).
+  void step_cpu_kernel(size_t i, double lr, std::optional<float> grad_scale);
+  bool uses_fused() const { return opts_.fused || opts_.cpu_kernel; }
 };
 
 }  // namespace ftune::optim

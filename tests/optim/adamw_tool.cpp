@@ -3,7 +3,7 @@
 //   adamw_tool <in.safetensors> <out.safetensors>
 // in: "param.<name>" (initial values) and "grad.<step>.<name>" for steps 0..N-1; metadata "lrs"
 // (comma-separated, one per step), "beta1", "beta2", "eps", "weight_decay", "fused" ("0"/"1"),
-// optional "max_grad_norm" (steps with AdamW::clip_and_step).
+// optional "max_grad_norm" (steps with AdamW::clip_and_step) and "cpu_kernel" ("0"/"1").
 // out: "param.<name>" after the N steps, plus AdamW::state() ("<name>.exp_avg", ...) and, with
 // max_grad_norm, "norms" (the norm before clipping of each step, fp64).
 #include <cstdio>
@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
     o.eps = std::stod(meta.at("eps"));
     o.weight_decay = std::stod(meta.at("weight_decay"));
     o.fused = meta.at("fused") == "1";
+    o.cpu_kernel = meta.count("cpu_kernel") && meta.at("cpu_kernel") == "1";
     std::vector<double> lrs;
     std::stringstream ss(meta.at("lrs"));
     for (std::string item; std::getline(ss, item, ',');) lrs.push_back(std::stod(item));
