@@ -22,6 +22,7 @@
 #include "lora/lora.h"
 #include "model/device.h"
 #include "model/hf_io.h"
+#include "optim/cpu_adam.h"
 #include "tokenizer/tokenizer.h"
 #include "train/checkpoint_sharded.h"
 #include "train/export.h"
@@ -515,7 +516,10 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   if (lora) lora_strategy.emplace(strategy, *lora, static_cast<uint64_t>(t.seed));
   Strategy& run_strategy = lora_strategy ? static_cast<Strategy&>(*lora_strategy) : strategy;
   optim::NamedTensors trained = run_strategy.prepare(m);
-  optim::AdamW opt(std::move(trained), adamw_options(t), run_strategy.decay_flags());
+  optim::AdamWOptions ao = adamw_options(t);
+  // Offload: the strategy's pieces are host tensors; step them with the CPU kernel.
+  ao.cpu_kernel = cfg.parallel.offload == "optimizer";
+  optim::AdamW opt(std::move(trained), ao, run_strategy.decay_flags());
   if (lora && t.dump_batches && main && !resume) {
     // With the dumped batches, the adapter the run starts from: what a replay needs besides the
     // base (tests feed both to transformers + PEFT).
@@ -559,8 +563,9 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
                  lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
     std::fprintf(stderr, "%s\n", format_param_report(param_report(m, opt)).c_str());
     if (cfg.parallel.offload == "optimizer") {
-      std::fprintf(stderr, "optimizer: AdamW on the CPU (parallel.offload: optimizer): master "
-                   "pieces, gradient shards and AdamW state in host memory\n");
+      std::fprintf(stderr, "optimizer: AdamW on the CPU (parallel.offload: optimizer; %s kernel, "
+                   "%d threads): master pieces, gradient shards and AdamW state in host memory\n",
+                   optim::cpu_adam_isa(), at::get_num_threads());
     }
   }
   state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
