@@ -520,10 +520,10 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   // Offload: the strategy's pieces are host tensors; step them with the CPU kernel.
   ao.cpu_kernel = cfg.parallel.offload == "optimizer";
   optim::AdamW opt(std::move(trained), ao, run_strategy.decay_flags());
-  if (lora && t.dump_batches && main && !resume) {
+  if (lora && t.dump_batches && !resume) {
     // With the dumped batches, the adapter the run starts from: what a replay needs besides the
-    // base (tests feed both to transformers + PEFT).
-    lora::save_adapter(out / "batches" / "initial_adapter", m, src.dir.string());
+    // base (tests feed both to transformers + PEFT). Every rank takes part (FSDP gathers).
+    save_trained_streamed(out / "batches" / "initial_adapter", m, src.dir.string(), run_strategy);
   }
   TrainState state;
   if (resume) {

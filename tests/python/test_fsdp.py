@@ -100,6 +100,18 @@ def test_parity_with_cpu_offload(runs, mode, world, model):
     assert "optimizer: AdamW on the CPU" in res[0].stderr, res[0].stderr[-3000:]
 
 
+def test_initial_adapter_is_written_under_fsdp(tmp_path, models):
+    """training.dump_batches writes the adapter the run starts from; under FSDP its tensors are
+    sharded, so it is gathered unit by unit: equal to the one-process run's (same seed)."""
+    sets = [f"model.path={models['tied']}", *LORA, "training.steps=2", "training.dump_batches=true"]
+    ddp_train(tmp_path / "ranks", 2, *sets, f"training.micro_batch={MB}", "parallel.strategy=fsdp")
+    single_train(tmp_path / "one", *sets, f"training.micro_batch={2 * MB}")
+    name = "batches/initial_adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "ranks" / name), load_file(tmp_path / "one" / name)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(a[k].equal(b[k]) for k in a)
+
+
 def test_parity_with_activation_checkpointing(runs):
     out, _, single = runs("full", 2, "untied", "model.grad_checkpointing=true")
     a, b = metrics(out), metrics(single)
