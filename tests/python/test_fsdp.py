@@ -112,6 +112,29 @@ def test_initial_adapter_is_written_under_fsdp(tmp_path, models):
     assert all(a[k].equal(b[k]) for k in a)
 
 
+@pytest.mark.parametrize("mode,world,model", [("full", 2, "untied"), ("lora", 3, "tied")])
+def test_exported_final_loads_in_transformers_and_peft(runs, models, mode, world, model):
+    """final/ of an fsdp run, exported unit by unit, is a model dir transformers loads (full) or
+    an adapter PEFT loads onto the base (LoRA), with the logits of the one-process run's final/
+    loaded the same way, within 1e-5."""
+    import torch
+    from transformers import LlamaForCausalLM
+    out, _, single = runs(mode, world, model)
+
+    def load(final):
+        if mode == "full":
+            return LlamaForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+        from peft import PeftModel
+        base = LlamaForCausalLM.from_pretrained(models[model], dtype=torch.float32)
+        return PeftModel.from_pretrained(base, final).eval()
+
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = load(out / "final")(input_ids=ids).logits
+        b = load(single / "final")(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < TOL
+
+
 def test_parity_with_activation_checkpointing(runs):
     out, _, single = runs("full", 2, "untied", "model.grad_checkpointing=true")
     a, b = metrics(out), metrics(single)
