@@ -145,7 +145,11 @@ void TrainConfig::validate() const {
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
   one_of("parallel.strategy", parallel.strategy,
-         {"auto", "none", "ddp", "zero1", "zero2", "fsdp", "zero3"});
+         {"auto", "none", "ddp", "zero1", "zero2", "fsdp", "zero3", "model_parallel"});
+  const bool mp = parallel.strategy == "model_parallel";
+  check("parallel.devices", mp == !parallel.devices.empty(),
+        mp ? "model_parallel needs the devices of its stages, e.g. [cuda:0, cuda:1]"
+           : "only model_parallel places layers on devices (set parallel.strategy: model_parallel)");
   one_of("parallel.offload", parallel.offload, {"none", "optimizer"});
   check("parallel.offload", parallel.offload == "none" || parallel.strategy == "zero1" ||
         parallel.strategy == "zero2" || parallel.strategy == "fsdp" ||

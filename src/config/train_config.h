@@ -157,15 +157,21 @@ struct ParallelOptions {
                                   // none (one process) | ddp (replicas, gradients all-reduced) |
                                   // zero1 / zero2 (replicas; optimizer state, and for zero2 the
                                   // gradients, sharded across ranks) | fsdp (alias
-                                  // zero3: parameters sharded too, gathered unit by unit)
+                                  // zero3: parameters sharded too, gathered unit by unit) |
+                                  // model_parallel (one process; consecutive layers on the
+                                  // devices of parallel.devices)
   std::string offload = "none";   // none | optimizer: zero1/zero2/fsdp keep the fp32 master
                                   // shard and its AdamW state in CPU memory, stepped there
+  std::vector<std::string> devices;  // model_parallel: one device per stage, in layer order
+                                     // ([cuda:0, cuda:1]; repeated cpu entries for tests); the
+                                     // layers split into blocks of balanced parameter counts
   double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
   double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
                                   // fails, naming the collective and the ranks behind
   template <class V> void fields(V& v) {
     v("strategy", strategy);
     v("offload", offload);
+    v("devices", devices);
     v("bucket_mb", bucket_mb);
     v("timeout_s", timeout_s);
   }

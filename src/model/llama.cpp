@@ -360,6 +360,11 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
     auto layer = model->layers->ptr<LlamaDecoderLayerImpl>(i);
     const int64_t unit = static_cast<int64_t>(i) + 1;
     if (unit_hooks_) unit_hooks_->before_unit(unit);
+    if (cos.device() != x.device()) {  // model parallelism: this layer sits on another device
+      cos = cos.to(x.device());
+      sin = sin.to(x.device());
+      if (mask.defined()) mask = mask.to(x.device());
+    }
     if (checkpoint) {
       x = CheckpointedLayer::apply(x, LayerCall{layer, cos, sin, mask});
     } else if (opts.cache) {
@@ -374,7 +379,8 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
 }
 
 at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& input_ids, const ForwardOptions& opts) {
-  return at::linear(hidden_states(input_ids, opts), lm_head_weight());
+  const at::Tensor h = hidden_states(input_ids, opts);
+  return at::linear(h, lm_head_weight().to(h.device()));
 }
 
 void init_weights(LlamaForCausalLM& m, uint64_t seed) {

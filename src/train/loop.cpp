@@ -34,7 +34,10 @@ model::LossSum forward_loss(model::LlamaForCausalLM& m, const data::Batch& b, bo
   fo.positions = b.positions.to(device);
   if (!b.causal) fo.attn_mask = b.attn_mask.to(device);
   at::Tensor hidden = m->hidden_states(b.input_ids.to(device), fo);  // [B, T, H]
-  return model::chunked_lm_loss_sum(hidden, m->lm_head_weight(), b.labels.to(device));
+  // Under model parallelism the head sits on the last stage's device (a tied weight is copied
+  // there, differentiably).
+  return model::chunked_lm_loss_sum(hidden, m->lm_head_weight().to(hidden.device()),
+                                    b.labels.to(hidden.device()));
 }
 
 void dump_batches(const std::filesystem::path& dir, int64_t step,

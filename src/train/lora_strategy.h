@@ -23,6 +23,7 @@ class LoraStrategy : public Strategy {
     return inner_.prepare(m);
   }
   std::string name() const override { return inner_.name(); }
+  at::Device load_device(at::Device d) const override { return inner_.load_device(d); }
   int rank() const override { return inner_.rank(); }
   int world_size() const override { return inner_.world_size(); }
   DataShard data_shard() const override { return inner_.data_shard(); }

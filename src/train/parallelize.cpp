@@ -1,13 +1,16 @@
 // The run's strategy from config + environment; see parallelize.h. DdpStrategy adds
 // parallel::Ddp's buckets and hooks, ZeroStrategy parallel::ZeroShard's sharded optimizer step;
-// FsdpStrategy (fsdp_strategy.h) parallel::Fsdp's sharded parameters.
+// FsdpStrategy (fsdp_strategy.h) parallel::Fsdp's sharded parameters; model_parallel
+// (model_parallel.h) places layer blocks on the devices of one process.
 #include "train/parallelize.h"
 
 #include "core/error.h"
+#include "model/device.h"
 #include "parallel/ddp.h"
 #include "parallel/zero.h"
 #include "train/fsdp_strategy.h"
 #include "train/group_strategy.h"
+#include "train/model_parallel.h"
 
 namespace ftune::train {
 namespace {
@@ -82,6 +85,16 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
                 "but this process is rank ", env.rank, " of ", env.world_size, " (", env.source,
                 "): every rank would train alone and write the same output_dir; use ddp (or auto)");
     run.strategy = std::make_unique<SingleDevice>();
+    return run;
+  }
+  if (strategy == "model_parallel") {
+    FTUNE_CHECK(!env.distributed(), cfg.where("parallel.strategy"), ": parallel.strategy: "
+                "model_parallel runs in one process (its stages are the devices of "
+                "parallel.devices), but this process is rank ", env.rank, " of ", env.world_size,
+                " (", env.source, ")");
+    run.strategy = make_model_parallel_strategy(cfg);
+    run.device = model::parse_device(cfg.parallel.devices.front(),
+                                     cfg.where("parallel.devices") + ": parallel.devices");
     return run;
   }
   if (env.source.empty()) {

@@ -325,6 +325,7 @@ model::LoadOptions load_options(const config::TrainConfig& cfg, at::Device devic
 model::LlamaForCausalLM build_model(const config::TrainConfig& cfg, const ModelSource& src,
                                     at::Device device, Strategy& strategy) {
   const bool main = strategy.is_main();
+  device = strategy.load_device(device);
   const model::LoadOptions lo = load_options(cfg, device);
   model::LlamaForCausalLM m{nullptr};
   if (src.preset) {

@@ -47,6 +47,10 @@ class Strategy {
   bool is_main() const { return rank() == 0; }
   virtual DataShard data_shard() const { return {}; }
 
+  // Where the model is built before prepare() sees it: the run's device, or (a strategy that
+  // places parts of it on several devices) the host, so no single device holds it whole.
+  virtual at::Device load_device(at::Device run_device) const { return run_device; }
+
   // Prepares the model (wrap, shard, inject adapters) and returns the parameters to train, by
   // name: by default every parameter that requires grad (frozen ones never reach the optimizer).
   // Called once, before the optimizer is built.
