@@ -150,6 +150,10 @@ void TrainConfig::validate() const {
   check("parallel.devices", mp == !parallel.devices.empty(),
         mp ? "model_parallel needs the devices of its stages, e.g. [cuda:0, cuda:1]"
            : "only model_parallel places layers on devices (set parallel.strategy: model_parallel)");
+  check("parallel.split", parallel.split.empty() || parallel.split.size() ==
+                               parallel.devices.size() + 1,
+        "expected one point per device plus the layer count ([0, first layer of stage 2, ..., "
+        "layers]) for ", parallel.devices.size(), " devices, got ", parallel.split.size());
   one_of("parallel.offload", parallel.offload, {"none", "optimizer"});
   check("parallel.offload", parallel.offload == "none" || parallel.strategy == "zero1" ||
         parallel.strategy == "zero2" || parallel.strategy == "fsdp" ||

@@ -165,6 +165,9 @@ struct ParallelOptions {
   std::vector<std::string> devices;  // model_parallel: one device per stage, in layer order
                                      // ([cuda:0, cuda:1]; repeated cpu entries for tests); the
                                      // layers split into blocks of balanced parameter counts
+  std::vector<int64_t> split;        // model_parallel: the first layer of each stage and the
+                                     // layer count ([0, 12, 22] for 22 layers on 2 devices);
+                                     // empty = balanced
   double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
   double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
                                   // fails, naming the collective and the ranks behind
@@ -172,6 +175,7 @@ struct ParallelOptions {
     v("strategy", strategy);
     v("offload", offload);
     v("devices", devices);
+    v("split", split);
     v("bucket_mb", bucket_mb);
     v("timeout_s", timeout_s);
   }

@@ -191,6 +191,22 @@ void SectionReader::operator()(const char* key, std::vector<std::string>& out) {
   }
 }
 
+void SectionReader::operator()(const char* key, std::vector<int64_t>& out) {
+  std::vector<std::string> items;
+  (*this)(key, items);
+  if (items.empty()) return;
+  const YAML::Node n = node_[key];
+  out.clear();
+  for (const std::string& s : items) {
+    int64_t v = 0;
+    auto res = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (res.ec != std::errc() || res.ptr != s.data() + s.size()) {
+      type_error(key, n, "a list of integers");
+    }
+    out.push_back(v);
+  }
+}
+
 void SectionReader::finish() const {
   if (!node_.IsDefined() || !node_.IsMap()) return;
   for (auto it = node_.begin(); it != node_.end(); ++it) {
@@ -211,6 +227,13 @@ void SectionEmitter::operator()(const char* key, const std::string& v) {
 }
 
 void SectionEmitter::operator()(const char* key, const std::vector<std::string>& v) {
+  if (skip_.count(key)) return;
+  YAML::Emitter e;
+  e << YAML::Flow << v;
+  os_ << "  " << key << ": " << e.c_str() << "\n";
+}
+
+void SectionEmitter::operator()(const char* key, const std::vector<int64_t>& v) {
   if (skip_.count(key)) return;
   YAML::Emitter e;
   e << YAML::Flow << v;

@@ -48,6 +48,8 @@ class SectionReader {
   void operator()(const char* key, std::string& out);
   // A list of strings: a YAML list, or one value as a list of one.
   void operator()(const char* key, std::vector<std::string>& out);
+  // A list of integers ([0, 12, 22]).
+  void operator()(const char* key, std::vector<int64_t>& out);
   void finish() const;
 
  private:
@@ -79,6 +81,7 @@ class SectionEmitter {
   }
   void operator()(const char* key, const std::string& v);
   void operator()(const char* key, const std::vector<std::string>& v);  // flow list [a, b]
+  void operator()(const char* key, const std::vector<int64_t>& v);      // flow list [0, 12]
 
  private:
   std::ostringstream& os_;
@@ -97,6 +100,11 @@ class SectionFlattener {
   void operator()(const char* key, const std::vector<std::string>& v) {
     std::string s = "[";
     for (const auto& x : v) s += (s.size() > 1 ? ", " : "") + x;
+    out_[prefix_ + key] = s + "]";
+  }
+  void operator()(const char* key, const std::vector<int64_t>& v) {
+    std::string s = "[";
+    for (int64_t x : v) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
     out_[prefix_ + key] = s + "]";
   }
 

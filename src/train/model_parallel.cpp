@@ -16,8 +16,10 @@ namespace {
 
 class ModelParallelStrategy : public Strategy, public model::UnitHooks {
  public:
-  ModelParallelStrategy(std::vector<at::Device> devices, std::string where)
-      : devices_(std::move(devices)), where_(std::move(where)) {}
+  ModelParallelStrategy(std::vector<at::Device> devices, std::string where,
+                        std::vector<int64_t> split, std::string split_where)
+      : devices_(std::move(devices)), where_(std::move(where)), split_(std::move(split)),
+        split_where_(std::move(split_where)) {}
   ~ModelParallelStrategy() override {
     if (model_) (*model_)->set_unit_hooks(nullptr);
   }
@@ -40,7 +42,11 @@ class ModelParallelStrategy : public Strategy, public model::UnitHooks {
       const int64_t u = model::unit_of(name + ".weight", m->config());
       if (lin->nf4 && u >= 1 && u <= layers) cost[u - 1] += lin->nf4->numel();
     }
-    split_ = parallel::balanced_split(cost, stages);
+    if (split_.empty()) {
+      split_ = parallel::balanced_split(cost, stages);
+    } else {
+      parallel::check_split(split_, layers, stages, split_where_);
+    }
     unit_device_.assign(layers + 2, devices_.back());
     unit_device_[0] = devices_.front();
     for (int64_t k = 0; k < stages; ++k) {
@@ -78,7 +84,8 @@ class ModelParallelStrategy : public Strategy, public model::UnitHooks {
  private:
   std::vector<at::Device> devices_;
   std::string where_;
-  std::vector<int64_t> split_;
+  std::vector<int64_t> split_;  // parallel.split, or balanced in prepare()
+  std::string split_where_;
   std::vector<at::Device> unit_device_;
   model::LlamaForCausalLM* model_ = nullptr;
 };
@@ -91,7 +98,9 @@ std::unique_ptr<Strategy> make_model_parallel_strategy(const config::TrainConfig
   for (const std::string& d : cfg.parallel.devices) {
     devices.push_back(model::parse_device(d, where));
   }
-  return std::make_unique<ModelParallelStrategy>(std::move(devices), where);
+  return std::make_unique<ModelParallelStrategy>(
+      std::move(devices), where, cfg.parallel.split,
+      cfg.where("parallel.split") + ": parallel.split");
 }
 
 }  // namespace ftune::train

@@ -105,6 +105,26 @@ TEST(TrainConfig, ResolvedYamlRoundTrips) {
   EXPECT_EQ(b.data.valid, a.data.valid);
 }
 
+TEST(TrainConfig, ModelParallelDevicesAndSplit) {
+  TrainConfig a = parse_train_config(kGood, "cfg.yaml",
+                                     {"parallel.strategy=model_parallel",
+                                      "parallel.devices=[cuda:0, cuda:1]",
+                                      "parallel.split=[0, 12, 22]"});
+  a.validate();
+  EXPECT_EQ(a.parallel.devices, (std::vector<std::string>{"cuda:0", "cuda:1"}));
+  EXPECT_EQ(a.parallel.split, (std::vector<int64_t>{0, 12, 22}));
+  TrainConfig b = parse_train_config(a.to_yaml(), "resolved.yaml");
+  EXPECT_EQ(b.parallel.split, a.parallel.split);
+  EXPECT_EQ(a.to_yaml(), b.to_yaml());
+  try {
+    parse_train_config(kGood, "cfg.yaml", {"parallel.split=[0, x]"});
+    FAIL();
+  } catch (const ftune::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.split: expected a list of integers"),
+              std::string::npos) << e.what();
+  }
+}
+
 TEST(TrainConfig, MalformedYamlNamesFileAndLine) {
   std::string e = error_of("model:\n  path: [unclosed\n");
   EXPECT_NE(e.find("cfg.yaml:"), std::string::npos) << e;

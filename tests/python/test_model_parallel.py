@@ -88,7 +88,22 @@ def test_activation_checkpointing(tmp_path, models, oracle):
     assert same_files(weight_file(out / "final"), weight_file(single / "final"))
 
 
+def test_explicit_split(tmp_path, models, oracle):
+    out = tmp_path / "mp"
+    p = single_train(out, f"model.path={models['three']}", *FULL,
+                     "parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]",
+                     "parallel.split=[0, 2, 3]")
+    assert "model_parallel: layers 0-1 on cpu, layers 2-2 on cpu" in p.stderr, p.stderr[-2000:]
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(oracle("full", "three"))]
+
+
 @pytest.mark.parametrize("sets,expected", [
+    (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, 2]"],
+     "parallel.split: expected one point per device plus the layer count"),
+    (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, 2, 2]"],
+     "parallel.split: expected strictly increasing points"),
+    (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, a, 2]"],
+     "parallel.split"),
     (["parallel.strategy=model_parallel"], "parallel.devices: model_parallel needs the devices"),
     (["parallel.devices=[cpu, cpu]"], "parallel.devices: only model_parallel places layers"),
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu, cpu]"],
