@@ -159,6 +159,45 @@ def reduce(x, dtype):
     return t.item(), time.perf_counter() - t0
 
 
+def peer_loss(model, m, denom, world):
+    """One micro-batch's forward and backward; returns its loss (local target sum / global
+    targets). The backward runs on loss x world: DDP and FSDP average gradients over ranks, while
+    ftune's loss is a global sum."""
+    loss = model(input_ids=m["input_ids"], labels=m["labels"], position_ids=m["position_ids"],
+                 attention_mask=m["attention_mask"], num_items_in_batch=denom).loss
+    (loss * world).backward()
+    return loss
+
+
+def peer_loop(steps, params, opt, sched, clip, micro_step):
+    """The timed optimizer steps of a peer: the global target count, each micro-batch through
+    micro_step(last, m, denom) -> (loss, seconds it waited on communication), the loss sum,
+    clip_grad_norm_, AdamW and the schedule. Returns per step: seconds, seconds blocked on
+    communication, loss, target count."""
+    dist.barrier()
+    dts, waits, losses, targets_log = [], [], [], []
+    for mbs in steps:
+        t0 = time.perf_counter()
+        targets, wait = reduce(sum(m["targets"] for m in mbs), torch.int64)
+        denom = max(targets, 1)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i, m in enumerate(mbs):
+            loss, w = micro_step(i == len(mbs) - 1, m, denom)
+            wait += w
+            loss_sum += loss.item() * denom
+        loss_sum, w = reduce(loss_sum, torch.float64)
+        wait += w
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        dts.append(time.perf_counter() - t0)
+        waits.append(wait)
+        losses.append(loss_sum / denom)
+        targets_log.append(targets)
+    return dts, waits, losses, targets_log
+
+
 def main():
     ap = argparse.ArgumentParser()
     peer_args(ap)
@@ -173,33 +212,12 @@ def main():
     opt, sched = peer_optimizer(named, a)
     steps = peer_steps(a, rank, world)
 
-    dist.barrier()
-    dts, exposed, losses, targets_log = [], [], [], []
-    for mbs in steps:
-        t0 = time.perf_counter()
-        targets, wait = reduce(sum(m["targets"] for m in mbs), torch.int64)
-        denom = max(targets, 1)
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for i, m in enumerate(mbs):
-            sync = i == len(mbs) - 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss = ddp(input_ids=m["input_ids"], labels=m["labels"],
-                           position_ids=m["position_ids"], attention_mask=m["attention_mask"],
-                           num_items_in_batch=denom).loss  # local target sum / global targets
-                (loss * world).backward()  # DDP averages over ranks; ftune's loss is a global sum
-                if sync:
-                    wait += max(0.0, time.perf_counter() - clock.t)
-            loss_sum += loss.item() * denom
-        loss_sum, w = reduce(loss_sum, torch.float64)
-        wait += w
-        torch.nn.utils.clip_grad_norm_(params, a.clip)
-        opt.step()
-        sched.step()
-        dts.append(time.perf_counter() - t0)
-        exposed.append(wait)
-        losses.append(loss_sum / denom)
-        targets_log.append(targets)
+    def micro_step(last, m, denom):
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            loss = peer_loss(ddp, m, denom, world)  # DDP averages over ranks
+            return loss, max(0.0, time.perf_counter() - clock.t) if last else 0.0
+
+    dts, exposed, losses, targets_log = peer_loop(steps, params, opt, sched, a.clip, micro_step)
 
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

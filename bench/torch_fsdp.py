@@ -22,12 +22,11 @@ import argparse
 import json
 import resource
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from torch_ddp import peer_args, peer_optimizer, peer_setup, peer_steps, reduce
+from torch_ddp import peer_args, peer_loop, peer_loss, peer_optimizer, peer_setup, peer_steps
 
 
 def main():
@@ -50,30 +49,11 @@ def main():
     opt, sched = peer_optimizer(named, a)
     steps = peer_steps(a, rank, world)
 
-    dist.barrier()
-    dts, waits, losses, targets_log = [], [], [], []
-    for mbs in steps:
-        t0 = time.perf_counter()
-        targets, wait = reduce(sum(m["targets"] for m in mbs), torch.int64)
-        denom = max(targets, 1)
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for i, m in enumerate(mbs):
-            model.set_requires_gradient_sync(i == len(mbs) - 1)
-            loss = model(input_ids=m["input_ids"], labels=m["labels"],
-                         position_ids=m["position_ids"], attention_mask=m["attention_mask"],
-                         num_items_in_batch=denom).loss  # local target sum / global targets
-            (loss * world).backward()  # FSDP averages over ranks; ftune's loss is a global sum
-            loss_sum += loss.item() * denom
-        loss_sum, w = reduce(loss_sum, torch.float64)
-        wait += w
-        torch.nn.utils.clip_grad_norm_(params, a.clip)
-        opt.step()
-        sched.step()
-        dts.append(time.perf_counter() - t0)
-        waits.append(wait)
-        losses.append(loss_sum / denom)
-        targets_log.append(targets)
+    def micro_step(last, m, denom):
+        model.set_requires_gradient_sync(last)  # FSDP2's no_sync
+        return peer_loss(model, m, denom, world), 0.0
+
+    dts, waits, losses, targets_log = peer_loop(steps, params, opt, sched, a.clip, micro_step)
 
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -28,6 +28,16 @@ BASE = ["data.seq_len=64", "data.valid=", "logging.peak_flops=1e10", "training.t
         "parallel.timeout_s=60"]
 
 
+# The sharded strategies' parity runs (test_zero.py, test_fsdp.py): 20 steps of grad_accum 2 at
+# micro_batch 2 per rank, clipping active (full: weight decay too; LoRA: r 4 on every linear).
+STEPS, ACCUM, MB = 20, 2, 2
+FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.5",
+        "training.weight_decay=0.1"]
+LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.05",
+        "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
+        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+
+
 def tiny_model(tmp_path_factory, seed=7) -> Path:
     """An HF dir of the tiny preset (`ftune init-model`), for a module's runs."""
     d = tmp_path_factory.mktemp("models") / "tiny"

@@ -20,16 +20,10 @@ import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, tensors_max_rel,
-                      tiny_models, weight_file)
+from ddp_util import (ACCUM, FULL, LORA, MB, STEPS, ddp_train, killed_in_collective, max_rel,
+                      single_train, tensors_max_rel, tiny_models, weight_file)
 from train_testing import metrics
 
-STEPS, ACCUM, MB = 20, 2, 2
-FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.5",
-        "training.weight_decay=0.1"]
-LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.05",
-        "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
-        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 QLORA = [*LORA, "quant.compute_dtype=fp32", "training.steps=8"]
 MODES = {"full": FULL, "lora": LORA, "qlora": QLORA}
 TOL = 1e-5

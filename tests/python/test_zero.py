@@ -22,17 +22,11 @@ import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, tensors_max_rel,
-                      weight_file)
+from ddp_util import (FULL, LORA, MB, STEPS, ddp_train, killed_in_collective, max_rel, single_train,
+                      tensors_max_rel, weight_file)
 from ftune_testing import ftune
 from train_testing import metrics
 
-STEPS, ACCUM, MB = 20, 2, 2
-FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.5",
-        "training.weight_decay=0.1"]
-LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.05",
-        "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
-        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 TOL = 1e-5
 REPLICAS = re.compile(r"replicas: the trained parameters of all (\d+) ranks are bit-identical")
 OPTIMIZER_MB = re.compile(r"optimizer state ([0-9.]+) MB")
