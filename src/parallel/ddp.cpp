@@ -254,4 +254,8 @@ at::Tensor master_copy(const at::Tensor& t, bool offload) {
   return out.copy_(t);
 }
 
+at::Tensor grad_for_piece(const at::Tensor& g, const at::Tensor& piece) {
+  return g.device() == piece.device() ? g : master_copy(g, /*offload=*/true);
+}
+
 }  // namespace ftune::parallel

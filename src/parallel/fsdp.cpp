@@ -163,9 +163,9 @@ struct Fsdp::Impl {
     const int rank = group.rank();
     for (auto& s : units[scatter->unit].slots) {
       if (!s.trainable || s.piece < 0) continue;
-      at::Tensor g = scatter->out.narrow(0, s.grad_off, s.rows_of(rank) * s.row_numel);
       at::Tensor& piece = pieces[s.piece].second;
-      if (g.device() != piece.device()) g = master_copy(g, /*offload=*/true);
+      at::Tensor g = grad_for_piece(
+          scatter->out.narrow(0, s.grad_off, s.rows_of(rank) * s.row_numel), piece);
       if (piece.grad().defined()) {
         piece.mutable_grad().add_(g);
       } else {

@@ -146,8 +146,8 @@ PipeTimeline simulate(PipeSchedule s, int64_t stages, int64_t micro_batches, dou
       if (sl.forward) {
         ready = k == 0 ? 0 : done_f[k - 1][sl.micro_batch];
       } else {
+        // Its own forward of this micro-batch ran earlier in its order (free_at covers it).
         ready = k == p - 1 ? done_f[k][sl.micro_batch] : done_b[k + 1][sl.micro_batch];
-        if (done_f[k][sl.micro_batch] < 0) ready = -1;
       }
       if (ready < 0) continue;
       const double start = std::max(ready, free_at[k]);

@@ -66,9 +66,9 @@ void ZeroShard::reduce_gradients() {
     group_.reduce_scatter(mine, flat, "ZeRO-2: reduce-scatter of the gradients");
   }
   for (size_t k = 0; k < layout_.size(); ++k) {
-    at::Tensor g = mine.narrow(0, layout_[k].shard_offset, layout_[k].length);
-    const at::Tensor& piece = pieces_[k].second;
-    pieces_[k].second.mutable_grad() = piece.device() == g.device() ? g : master_copy(g, true);
+    at::Tensor& piece = pieces_[k].second;
+    piece.mutable_grad() =
+        grad_for_piece(mine.narrow(0, layout_[k].shard_offset, layout_[k].length), piece);
   }
 }
 

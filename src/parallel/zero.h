@@ -7,7 +7,7 @@
 // all-gathered back into every replica. Per rank: AdamW state 8 Psi / n bytes instead of 8 Psi;
 // per step an all-reduce (or reduce-scatter) of the gradients plus an all-gather of the params.
 // With offload the pieces (fp32 master shard) and their gradients live in CPU memory, where the
-// optimizer (optim::cpu_adamw_step) updates them; on a CPU device that changes nothing but the kernel.
+// optimizer (optim::cpu_adamw_step) updates them; on a CPU device only the kernel changes.
 // Defines ZeroShard.
 #pragma once
 

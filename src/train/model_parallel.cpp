@@ -7,7 +7,6 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "model/device.h"
 #include "model/hf_io.h"
 #include "parallel/pipeline_schedule.h"
 
@@ -92,14 +91,10 @@ class ModelParallelStrategy : public Strategy, public model::UnitHooks {
 
 }  // namespace
 
-std::unique_ptr<Strategy> make_model_parallel_strategy(const config::TrainConfig& cfg) {
-  const std::string where = cfg.where("parallel.devices") + ": parallel.devices";
-  std::vector<at::Device> devices;
-  for (const std::string& d : cfg.parallel.devices) {
-    devices.push_back(model::parse_device(d, where));
-  }
+std::unique_ptr<Strategy> make_model_parallel_strategy(std::vector<at::Device> devices,
+                                                       const config::TrainConfig& cfg) {
   return std::make_unique<ModelParallelStrategy>(
-      std::move(devices), where, cfg.parallel.split,
+      std::move(devices), cfg.where("parallel.devices") + ": parallel.devices", cfg.parallel.split,
       cfg.where("parallel.split") + ": parallel.split");
 }
 

@@ -8,13 +8,16 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "config/train_config.h"
 #include "train/strategy.h"
 
 namespace ftune::train {
 
-// From parallel.devices (checked: each a valid device name, at most one stage per layer).
-std::unique_ptr<Strategy> make_model_parallel_strategy(const config::TrainConfig& cfg);
+// One stage per device of `devices` (parallel.devices, parsed; at most one stage per layer,
+// checked when the model is prepared), cut at parallel.split or balanced.
+std::unique_ptr<Strategy> make_model_parallel_strategy(std::vector<at::Device> devices,
+                                                       const config::TrainConfig& cfg);
 
 }  // namespace ftune::train

@@ -92,9 +92,13 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
                 "model_parallel runs in one process (its stages are the devices of "
                 "parallel.devices), but this process is rank ", env.rank, " of ", env.world_size,
                 " (", env.source, ")");
-    run.strategy = make_model_parallel_strategy(cfg);
-    run.device = model::parse_device(cfg.parallel.devices.front(),
-                                     cfg.where("parallel.devices") + ": parallel.devices");
+    std::vector<at::Device> devices;
+    for (const std::string& d : p.devices) {
+      devices.push_back(model::parse_device(d, cfg.where("parallel.devices") +
+                                                   ": parallel.devices"));
+    }
+    run.device = devices.front();  // the embedding's: where the batches go
+    run.strategy = make_model_parallel_strategy(std::move(devices), cfg);
     return run;
   }
   if (env.source.empty()) {
