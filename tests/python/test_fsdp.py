@@ -82,7 +82,8 @@ def test_parity_with_one_process(runs, mode, world, model):
     assert f"fsdp: {world} ranks" in res[0].stdout
 
 
-@pytest.mark.parametrize("mode,world,model", [("full", 2, "untied"), ("lora", 3, "tied"),
+@pytest.mark.parametrize("mode,world,model", [("full", 2, "untied"), ("full", 3, "tied"),
+                                            ("lora", 2, "untied"), ("lora", 3, "tied"),
                                             ("qlora", 2, "untied")])
 def test_parity_with_cpu_offload(runs, mode, world, model):
     """parallel.offload optimizer: the master pieces step with the CPU AdamW kernel."""

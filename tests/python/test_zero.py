@@ -69,7 +69,7 @@ CASES = [pytest.param(s, m, w, id=f"{s}-{m}-x{w}")
 # CPU offload: the master shard steps with the CPU AdamW kernel (optim/cpu_adam.h).
 OFFLOAD = [pytest.param(s, m, w, id=f"{s}-{m}-x{w}") for s, m, w in
            [("zero1+offload", "full", 2), ("zero2+offload", "full", 3),
-            ("zero2+offload", "lora", 2)]]
+            ("zero2+offload", "lora", 2), ("zero1+offload", "lora", 3)]]
 
 
 @pytest.mark.parametrize("strategy,mode,world", CASES + OFFLOAD)
