@@ -145,15 +145,28 @@ void TrainConfig::validate() const {
   check("logging.peak_flops", logging.peak_flops >= 0.0,
         "expected at least 0 (0 = measure), got ", logging.peak_flops);
   one_of("parallel.strategy", parallel.strategy,
-         {"auto", "none", "ddp", "zero1", "zero2", "fsdp", "zero3", "model_parallel"});
+         {"auto", "none", "ddp", "zero1", "zero2", "fsdp", "zero3", "model_parallel", "pipeline"});
   const bool mp = parallel.strategy == "model_parallel";
   check("parallel.devices", mp == !parallel.devices.empty(),
         mp ? "model_parallel needs the devices of its stages, e.g. [cuda:0, cuda:1]"
            : "only model_parallel places layers on devices (set parallel.strategy: model_parallel)");
-  check("parallel.split", parallel.split.empty() || parallel.split.size() ==
-                               parallel.devices.size() + 1,
-        "expected one point per device plus the layer count ([0, first layer of stage 2, ..., "
-        "layers]) for ", parallel.devices.size(), " devices, got ", parallel.split.size());
+  const bool pipe = parallel.strategy == "pipeline";
+  // model_parallel: a stage per device; pipeline: parallel.pp stages.
+  const int64_t stages = mp ? static_cast<int64_t>(parallel.devices.size()) : parallel.pp;
+  check("parallel.split", parallel.split.empty() ||
+        ((mp || pipe) && static_cast<int64_t>(parallel.split.size()) == stages + 1),
+        "expected one point per stage plus the layer count ([0, first layer of stage 2, ..., "
+        "layers]) for ", stages, " stages of model_parallel or pipeline, got ",
+        parallel.split.size(), " points");
+  check("parallel.pp", pipe ? parallel.pp >= 2 : parallel.pp == 0,
+        pipe ? "pipeline needs at least 2 stages (parallel.pp: 2 or more), got "
+             : "only the pipeline strategy has stages (set parallel.strategy: pipeline), got ",
+        parallel.pp);
+  one_of("parallel.schedule", parallel.schedule, {"naive", "gpipe", "1f1b"});
+  check("parallel.micro_batches", parallel.micro_batches >= 0 &&
+        (parallel.micro_batches == 0 || training.grad_accum % parallel.micro_batches == 0),
+        "expected 0 (= training.grad_accum) or a divisor of training.grad_accum (",
+        training.grad_accum, "), got ", parallel.micro_batches);
   one_of("parallel.offload", parallel.offload, {"none", "optimizer"});
   check("parallel.offload", parallel.offload == "none" || parallel.strategy == "zero1" ||
         parallel.strategy == "zero2" || parallel.strategy == "fsdp" ||
@@ -239,7 +252,10 @@ bool keeps_run_on_resume(const std::string& key) {
       "model.device",        "training.eval_every", "training.eval_at_start",
       "training.save_every", "training.keep_last",  "training.stop_after",
       "training.resume",     "training.output_dir", "training.threads",
-      "training.dump_batches", "parallel.timeout_s",  "parallel.bucket_mb"};
+      "training.dump_batches", "parallel.timeout_s",  "parallel.bucket_mb",
+      // Where layers sit and in which order micro-batches run: the same updates.
+      "parallel.pp", "parallel.schedule", "parallel.micro_batches", "parallel.split",
+      "parallel.devices"};
   return key.rfind("logging.", 0) == 0 || kSameRun.count(key) > 0;
 }
 

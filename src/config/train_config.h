@@ -159,7 +159,8 @@ struct ParallelOptions {
                                   // gradients, sharded across ranks) | fsdp (alias
                                   // zero3: parameters sharded too, gathered unit by unit) |
                                   // model_parallel (one process; consecutive layers on the
-                                  // devices of parallel.devices)
+                                  // devices of parallel.devices) | pipeline (parallel.pp
+                                  // stages on as many ranks, x data-parallel replicas)
   std::string offload = "none";   // none | optimizer: zero1/zero2/fsdp keep the fp32 master
                                   // shard and its AdamW state in CPU memory, stepped there
   std::vector<std::string> devices;  // model_parallel: one device per stage, in layer order
@@ -168,6 +169,12 @@ struct ParallelOptions {
   std::vector<int64_t> split;        // model_parallel: the first layer of each stage and the
                                      // layer count ([0, 12, 22] for 22 layers on 2 devices);
                                      // empty = balanced
+  int64_t pp = 0;                 // pipeline: stages (>= 2); world size = pp x dp, and each
+                                  // stage's dp replicas run DDP among themselves
+  std::string schedule = "1f1b";  // pipeline: naive | gpipe | 1f1b
+  int64_t micro_batches = 0;      // pipeline: micro-batches per pipeline round (0 =
+                                  // training.grad_accum, one round per optimizer step);
+                                  // grad_accum must be a multiple of it
   double bucket_mb = 25;          // DDP: gradient MiB per all-reduce bucket
   double timeout_s = 300;         // rendezvous and every collective; a rank that waits longer
                                   // fails, naming the collective and the ranks behind
@@ -176,6 +183,9 @@ struct ParallelOptions {
     v("offload", offload);
     v("devices", devices);
     v("split", split);
+    v("pp", pp);
+    v("schedule", schedule);
+    v("micro_batches", micro_batches);
     v("bucket_mb", bucket_mb);
     v("timeout_s", timeout_s);
   }

@@ -324,20 +324,33 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
                                                const ForwardOptions& opts) {
   FTUNE_CHECK(input_ids.dim() == 2, "forward: input_ids: expected [batch, seq], got ",
               input_ids.dim(), " dims");
-  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  return run_units(input_ids, opts, 0, unit_count(config_));
+}
+
+at::Tensor LlamaForCausalLMImpl::run_units(const at::Tensor& input, const ForwardOptions& opts,
+                                           int64_t first, int64_t end) {
+  const int64_t n_layers = static_cast<int64_t>(model->layers->size());
+  FTUNE_CHECK(0 <= first && first < end && end <= n_layers + 2, "forward: units [", first, ", ",
+              end, ") outside the model's ", n_layers + 2);
+  FTUNE_CHECK(input.dim() == (first == 0 ? 2 : 3), "forward: units from ", first,
+              ": expected ", first == 0 ? "input_ids [batch, seq]" : "hidden [batch, seq, hidden]",
+              ", got ", input.dim(), " dims");
+  const int64_t B = input.size(0), T = input.size(1);
   const int64_t past = opts.cache ? opts.cache->length() : 0;
   FTUNE_CHECK(past + T <= config_.max_position_embeddings, "sequence: length ", past + T,
               " exceeds max_position_embeddings ", config_.max_position_embeddings);
-  auto dev = input_ids.device();
+  auto dev = input.device();
   at::Tensor positions = opts.positions.defined()
       ? opts.positions
       : at::arange(past, past + T, at::TensorOptions().dtype(at::kLong).device(dev))
             .unsqueeze(0).expand({B, T});
-  const int64_t n_layers = static_cast<int64_t>(model->layers->size());
-  if (unit_hooks_) unit_hooks_->before_unit(0);
-  at::Tensor x = model->embed_tokens(input_ids);  // [B, T, H]
-  if (unit_hooks_) x = unit_hooks_->after_unit(0, x);
-  auto [cos, sin] = rope(positions, x.scalar_type());
+  at::Tensor x = input;
+  if (first == 0) {
+    if (unit_hooks_) unit_hooks_->before_unit(0);
+    x = model->embed_tokens(input);  // [B, T, H]
+    if (unit_hooks_) x = unit_hooks_->after_unit(0, x);
+  }
+  auto [cos, sin] = rope(positions.to(x.device()), x.scalar_type());
   const int64_t half = sin.size(-1) / 2;
   sin = at::cat({-sin.slice(-1, 0, half), sin.slice(-1, half)}, -1);  // sign of rotate_half
   at::Tensor mask = opts.attn_mask;
@@ -356,9 +369,9 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
   // (LoRA) the input must be marked, or the adapters of every layer would get no gradient
   // (what transformers' enable_input_require_grads works around).
   if (checkpoint && !x.requires_grad()) x = x.detach().requires_grad_(true);
-  for (size_t i = 0; i < model->layers->size(); ++i) {
+  for (int64_t unit = std::max<int64_t>(first, 1); unit < std::min(end, n_layers + 1); ++unit) {
+    const size_t i = static_cast<size_t>(unit - 1);
     auto layer = model->layers->ptr<LlamaDecoderLayerImpl>(i);
-    const int64_t unit = static_cast<int64_t>(i) + 1;
     if (unit_hooks_) unit_hooks_->before_unit(unit);
     if (cos.device() != x.device()) {  // model parallelism: this layer sits on another device
       cos = cos.to(x.device());
@@ -374,6 +387,7 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& input_ids,
     }
     if (unit_hooks_) x = unit_hooks_->after_unit(unit, x);
   }
+  if (end < n_layers + 2) return x;
   if (unit_hooks_) unit_hooks_->before_unit(n_layers + 1);
   return model->norm(x);
 }

@@ -168,6 +168,12 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
 
   // Final hidden states after the last norm: [B, T, H].
   at::Tensor hidden_states(const at::Tensor& input_ids, const ForwardOptions& opts = {});
+  // Units [first, end) of hidden_states (unit_count numbering; a pipeline stage's share): `input`
+  // is input_ids [B, T] when first == 0, else the hidden state [B, T, H] unit first - 1 gave.
+  // Returns the hidden state after unit end - 1 (after the final norm when end is unit_count).
+  // opts.positions default to arange(T); the RoPE tables and mask follow x's device.
+  at::Tensor run_units(const at::Tensor& input, const ForwardOptions& opts, int64_t first,
+                       int64_t end);
   // Logits [B, T, V] in the weights' dtype, as transformers returns them.
   at::Tensor forward(const at::Tensor& input_ids, const ForwardOptions& opts = {});
   at::Tensor lm_head_weight() const;  // the tied embedding or lm_head.weight: [V, H]

@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "parallel/storage.h"
 
 namespace ftune::parallel {
 namespace {
@@ -17,30 +18,6 @@ namespace {
 constexpr int64_t kAlign = 16;  // each tensor's block starts 16-byte aligned in the gather buffer
 
 int64_t align_up(int64_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-int64_t nbytes_of(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
-
-// The storage of `t` gives its memory back (the tensor keeps shape, dtype and autograd identity).
-void free_storage(const at::Tensor& t) {
-  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
-  s->set_data_ptr_noswap(at::DataPtr(nullptr, t.device()));
-  s->set_nbytes(0);
-}
-
-// Fresh (uninitialized) memory for a freed storage, from its own allocator.
-void alloc_storage(const at::Tensor& t) {
-  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
-  const auto n = static_cast<size_t>(nbytes_of(t));
-  s->set_data_ptr_noswap(s->allocator()->allocate(n));
-  s->set_nbytes(n);
-}
-
-// True when `t` alone spans its storage, contiguously, from offset 0, with an allocator (so its
-// storage can be freed and reallocated); a view or a tensor over a file mapping is not.
-bool owns_storage(const at::Tensor& t) {
-  return t.is_contiguous() && t.storage_offset() == 0 &&
-         static_cast<int64_t>(t.storage().nbytes()) == nbytes_of(t) &&
-         t.storage().allocator() != nullptr && t.storage().resizable();
-}
 
 }  // namespace
 

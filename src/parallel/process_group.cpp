@@ -22,6 +22,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cerrno>
@@ -138,6 +139,48 @@ std::optional<std::string> process_getenv(const char* name) {
   return std::string(v);
 }
 
+// A Gloo (CPU) or NCCL (CUDA) backend over `store` for `size` ranks, this one being `rank`; env
+// gives MASTER_ADDR/PORT (which interface Gloo binds to).
+c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& store,
+                                               const DistEnv& env, int rank, int size,
+                                               const GroupOptions& o, const std::string& origin) {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  try {
+    if (o.device.is_cuda()) {
+#if FTUNE_WITH_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(o.device.index()));
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = o.timeout;
+      backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank, size, no);
+#else
+      fail(origin, ": model.device is ", o.device.str(),
+           " but this ftune was built without CUDA, so without NCCL");
+#endif
+    } else {
+      auto go = c10d::ProcessGroupGloo::Options::create(o.timeout);
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      go->devices.push_back(
+          ifname != nullptr && *ifname != '\0'
+              ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+              : c10d::ProcessGroupGloo::createDeviceForHostname(
+                    local_address_towards(env.master_addr, env.master_port)));
+      go->threads = 2;
+      backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
+          c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank, size, go);
+    }
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
+         first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
+         first_line(e.what()));
+  }
+  return backend;
+}
+
 }  // namespace
 
 std::string first_host_of_nodelist(const std::string& nodelist) {
@@ -248,6 +291,12 @@ struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> tcp;    // the TCPStore itself (its timeout is set here)
   c10::intrusive_ptr<c10d::Store> store;  // prefixed "ftune/"
   c10::intrusive_ptr<c10d::Backend> backend;
+  // A subgroup (ProcessGroup::subgroup) points at the world group's Impl, which counts its traffic
+  // and holds the step and failure flags; the world group points at itself. group_rank/group_size
+  // are the position in and size of this group; env stays the world's (messages name global ranks).
+  Impl* root = this;
+  int group_rank = 0, group_size = 1;
+  std::string label;  // " (<name> group)" for a subgroup, in its error messages
   std::mutex stats_mutex;
   CommStats stats;
   std::atomic<int64_t> step{-1};
@@ -293,13 +342,14 @@ struct ProcessGroup::Impl {
   }
 
   void count(const char* op, int64_t payload, double wire_factor) {
-    std::lock_guard<std::mutex> lock(stats_mutex);
-    stats.calls[op] += 1;
-    stats.payload_bytes[op] += payload;
-    stats.wire_bytes[op] += static_cast<int64_t>(static_cast<double>(payload) * wire_factor + 0.5);
+    std::lock_guard<std::mutex> lock(root->stats_mutex);
+    root->stats.calls[op] += 1;
+    root->stats.payload_bytes[op] += payload;
+    root->stats.wire_bytes[op] +=
+        static_cast<int64_t>(static_cast<double>(payload) * wire_factor + 0.5);
   }
-  double ring_factor() const {  // (n-1)/n
-    return static_cast<double>(env.world_size - 1) / static_cast<double>(env.world_size);
+  double ring_factor() const {  // (n-1)/n over this group
+    return static_cast<double>(group_size - 1) / static_cast<double>(group_size);
   }
 
   // What the store says about the other ranks: the first failure one of them recorded as its own
@@ -368,16 +418,17 @@ struct ProcessGroup::Impl {
     const bool timed_out = cause.find("imed out") != std::string::npos ||
                            cause.find("imeout") != std::string::npos;
     std::ostringstream os;
-    os << "rank " << env.rank << ": " << what;
-    if (step >= 0) os << " (step " << step << ")";
+    const int64_t at_step = root->step;
+    os << "rank " << env.rank << ": " << what << label;
+    if (at_step >= 0) os << " (step " << at_step << ")";
     if (timed_out) {
       os << " timed out after " << seconds_text(opts.timeout) << " (parallel.timeout_s)";
     } else {
       os << " failed after " << seconds_since(t0) << " s: " << cause;
     }
-    os << "; " << peers_report();
-    failed = true;
-    comm_failed = true;
+    os << "; " << root->peers_report();
+    failed = root->failed = true;
+    comm_failed = root->comm_failed = true;
     throw Error(os.str());
   }
 
@@ -396,8 +447,8 @@ struct ProcessGroup::Impl {
     account_wait(t0);
   }
   void account_wait(Clock::time_point t0) {
-    std::lock_guard<std::mutex> lock(stats_mutex);
-    stats.wait_s += seconds_since(t0);
+    std::lock_guard<std::mutex> lock(root->stats_mutex);
+    root->stats.wait_s += seconds_since(t0);
   }
 
   // Starting a collective can itself throw (a closed connection): same message.
@@ -437,6 +488,10 @@ ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 
 ProcessGroup::~ProcessGroup() {
   if (!impl_) return;
+  if (impl_->root != impl_.get()) {  // a subgroup: no heartbeat of its own
+    if (impl_->root->failed || std::uncaught_exceptions() > 0) (void)impl_.release();
+    return;
+  }
   if (impl_->failed || std::uncaught_exceptions() > 0) {
     // An orderly shutdown would join Gloo's threads (and the heartbeat), which may sit in a
     // collective or a store call with a dead or stalled peer until the timeout: leave them all
@@ -458,6 +513,8 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) FLAGS_caffe2_log_level = 3;  // FATAL only
   auto impl = std::make_unique<Impl>();
   impl->env = env;
+  impl->group_rank = env.rank;
+  impl->group_size = env.world_size;
   if (const char* k = std::getenv("FTUNE_TEST_KILL_AT")) {
     const std::string spec = k;
     const auto colon = spec.find(':');
@@ -534,47 +591,41 @@ std::unique_ptr<ProcessGroup> ProcessGroup::create(const DistEnv& env, const Gro
   }
 
   // 3. The backend.
-  try {
-    if (o.device.is_cuda()) {
-#if FTUNE_WITH_NCCL
-      c10::cuda::set_device(static_cast<c10::DeviceIndex>(o.device.index()));
-      auto no = c10d::ProcessGroupNCCL::Options::create();
-      no->timeout = o.timeout;
-      impl->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-          c10::make_intrusive<c10d::PrefixStore>("nccl", impl->store), env.rank, env.world_size,
-          no);
-#else
-      fail(origin, ": model.device is ", o.device.str(),
-           " but this ftune was built without CUDA, so without NCCL");
-#endif
-    } else {
-      auto go = c10d::ProcessGroupGloo::Options::create(o.timeout);
-      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-      go->devices.push_back(
-          ifname != nullptr && *ifname != '\0'
-              ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
-              : c10d::ProcessGroupGloo::createDeviceForHostname(
-                    local_address_towards(env.master_addr, env.master_port)));
-      go->threads = 2;
-      impl->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
-          c10::make_intrusive<c10d::PrefixStore>("gloo", impl->store), env.rank, env.world_size,
-          go);
-    }
-  } catch (const Error&) {
-    throw;
-  } catch (const c10::Error& e) {
-    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
-         first_line(e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    fail(origin, ": cannot connect the ", o.device.is_cuda() ? "NCCL" : "Gloo", " group: ",
-         first_line(e.what()));
-  }
+  impl->backend = make_backend(impl->store, env, env.rank, env.world_size, o, origin);
   impl->start_heartbeat();
   return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
 }
 
-int ProcessGroup::rank() const { return impl_->env.rank; }
-int ProcessGroup::size() const { return impl_->env.world_size; }
+std::unique_ptr<ProcessGroup> ProcessGroup::subgroup(const std::vector<int>& ranks,
+                                                     const std::string& name) {
+  Impl& root = *impl_->root;
+  const auto me = std::find(ranks.begin(), ranks.end(), root.env.rank);
+  FTUNE_CHECK(me != ranks.end() && std::is_sorted(ranks.begin(), ranks.end()) &&
+                  std::adjacent_find(ranks.begin(), ranks.end()) == ranks.end() &&
+                  ranks.front() >= 0 && ranks.back() < root.env.world_size,
+              "rank ", root.env.rank, ": ", name, " group: expected ascending distinct ranks below ",
+              root.env.world_size, " that include this rank");
+  auto impl = std::make_unique<Impl>();
+  impl->env = root.env;
+  impl->opts = root.opts;
+  impl->tcp = root.tcp;
+  impl->kill_at = root.kill_at;
+  impl->root = &root;
+  impl->group_rank = static_cast<int>(me - ranks.begin());
+  impl->group_size = static_cast<int>(ranks.size());
+  impl->label = " (" + name + " group)";
+  std::string key = "sub/" + name + "/";
+  for (int r : ranks) key += std::to_string(r) + ",";
+  impl->store = c10::make_intrusive<c10d::PrefixStore>(key, root.store);
+  impl->backend = make_backend(impl->store, root.env, impl->group_rank, impl->group_size,
+                               root.opts, "rank " + std::to_string(root.env.rank) + ": " + name +
+                                              " group");
+  return std::unique_ptr<ProcessGroup>(new ProcessGroup(std::move(impl)));
+}
+
+int ProcessGroup::rank() const { return impl_->group_rank; }
+int ProcessGroup::size() const { return impl_->group_size; }
+int ProcessGroup::global_rank() const { return impl_->env.rank; }
 at::Device ProcessGroup::device() const { return impl_->opts.device; }
 
 ProcessGroup::Pending ProcessGroup::all_reduce_async(const at::Tensor& t, const std::string& what) {
@@ -645,18 +696,25 @@ void ProcessGroup::reduce_scatter(const at::Tensor& out, const at::Tensor& in,
   reduce_scatter_async(out, in, what).wait();
 }
 
-void ProcessGroup::send(const at::Tensor& t, int dst, const std::string& what) {
+ProcessGroup::Pending ProcessGroup::send_async(const at::Tensor& t, int dst,
+                                               const std::string& what, int tag) {
   impl_->check_tensor(t, what);
   impl_->count("send", t.numel() * t.element_size(), 1.0);
   std::vector<at::Tensor> ts{t};
-  impl_->wait(impl_->start(what, [&] { return impl_->backend->send(ts, dst, 0); }), what);
+  Pending p = new_pending(what);
+  p.work_->work = impl_->start(what, [&] { return impl_->backend->send(ts, dst, tag); });
+  return p;
 }
 
-void ProcessGroup::recv(const at::Tensor& t, int src, const std::string& what) {
+void ProcessGroup::send(const at::Tensor& t, int dst, const std::string& what, int tag) {
+  send_async(t, dst, what, tag).wait();
+}
+
+void ProcessGroup::recv(const at::Tensor& t, int src, const std::string& what, int tag) {
   impl_->check_tensor(t, what);
   impl_->count("recv", t.numel() * t.element_size(), 0.0);
   std::vector<at::Tensor> ts{t};
-  impl_->wait(impl_->start(what, [&] { return impl_->backend->recv(ts, src, 0); }), what);
+  impl_->wait(impl_->start(what, [&] { return impl_->backend->recv(ts, src, tag); }), what);
 }
 
 void ProcessGroup::barrier(const std::string& what, std::optional<milliseconds> timeout) {
@@ -668,24 +726,27 @@ void ProcessGroup::barrier(const std::string& what, std::optional<milliseconds> 
 }
 
 void ProcessGroup::mark_progress(int64_t step) {
-  impl_->step = step;
-  impl_->store->set("progress/" + std::to_string(rank()), bytes_of(std::to_string(step)));
+  Impl& root = *impl_->root;
+  root.step = step;
+  root.store->set("progress/" + std::to_string(root.env.rank), bytes_of(std::to_string(step)));
 }
 
 void ProcessGroup::mark_failed(const std::string& message) {
-  impl_->failed = true;
-  if (impl_->comm_failed) return;  // a knock-on failure: the cause lies with another rank
+  Impl& root = *impl_->root;
+  root.failed = true;
+  if (root.comm_failed) return;  // a knock-on failure: the cause lies with another rank
   try {
-    impl_->store->set("failed/" + std::to_string(rank()), bytes_of(first_line(message)));
+    root.store->set("failed/" + std::to_string(root.env.rank), bytes_of(first_line(message)));
   } catch (const std::exception&) {
     // The store host may be gone already; the launcher still names this rank.
   }
 }
 
 CommStats ProcessGroup::take_stats() {
-  std::lock_guard<std::mutex> lock(impl_->stats_mutex);
-  CommStats out = std::move(impl_->stats);
-  impl_->stats = CommStats{};
+  Impl& root = *impl_->root;
+  std::lock_guard<std::mutex> lock(root.stats_mutex);
+  CommStats out = std::move(root.stats);
+  root.stats = CommStats{};
   return out;
 }
 

@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace ftune::parallel {
 
@@ -88,8 +89,16 @@ class ProcessGroup {
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
 
-  int rank() const;
+  // A group over `ranks` (global ranks, ascending, this one among them) for collectives among
+  // them only (a pipeline stage's data-parallel replicas, the stages of one pipeline). Every
+  // member calls it with the same ranks and name, and members create their subgroups in the same
+  // order. It shares this group's store, timeout, traffic counts, progress and failure reports;
+  // its errors name global ranks and "(<name> group)". Destroy it before this group.
+  std::unique_ptr<ProcessGroup> subgroup(const std::vector<int>& ranks, const std::string& name);
+
+  int rank() const;         // within this group
   int size() const;
+  int global_rank() const;  // within the world
   at::Device device() const;  // where its tensors must live (kCPU for Gloo)
 
   // Collectives. `what` names it in errors ("all-reduce of gradient bucket 2/5"). Tensors are
@@ -107,8 +116,12 @@ class ProcessGroup {
                                 const std::string& what);
   Pending reduce_scatter_async(const at::Tensor& out, const at::Tensor& in,
                                const std::string& what);
-  void send(const at::Tensor& t, int dst, const std::string& what);
-  void recv(const at::Tensor& t, int src, const std::string& what);
+  // Point to point (peers are ranks of this group). A send may wait for the matching recv, so a
+  // pipeline starts its sends with send_async and waits for them later.
+  // A recv takes the messages of `src` with its `tag` in the order they were sent.
+  Pending send_async(const at::Tensor& t, int dst, const std::string& what, int tag = 0);
+  void send(const at::Tensor& t, int dst, const std::string& what, int tag = 0);
+  void recv(const at::Tensor& t, int src, const std::string& what, int tag = 0);
   // A barrier with its own timeout (default: the group's), e.g. longer while rank 0 saves.
   void barrier(const std::string& what,
                std::optional<std::chrono::milliseconds> timeout = std::nullopt);

@@ -288,6 +288,7 @@ fs::path save_sharded_checkpoint(const fs::path& output_dir, const std::vector<P
     FTUNE_CHECK(pi.name == name && !pieces.contains(name), "sharded checkpoint: piece ", i, " (",
                 name, ") on rank ", rank, ": the layout says ", pi.name,
                 "; expected one piece per parameter and rank, in the optimizer's order");
+    if (pi.replica) continue;  // another rank writes the same values
     pieces[name] = {{"offset", pi.offset}, {"length", p.numel()}, {"shape", pi.shape}};
     tensors.emplace_back(name, p.detach().reshape({-1}));
     for (const char* s : kStateSuffixes) tensors.emplace_back(name + s, st.at(name + s).reshape({-1}));

@@ -108,7 +108,15 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   // Evaluates on the validation rows and adds eval_loss/eval_ppl to `rec`.
   auto run_eval = [&](int64_t step, nlohmann::json& rec) {
     const auto te = Clock::now();
-    EvalResult ev = evaluate(m, my_valid, o.bf16_autocast, o.device);
+    EvalResult ev;
+    if (MicroBatchRunner* r = strategy.runner()) {  // pipeline stages: each runs its share
+      const auto [sum, count] = r->eval_sums(m, my_valid, o.bf16_autocast);
+      ev.tokens = count;
+      ev.loss = count > 0 ? sum / static_cast<double>(count) : std::nan("");
+      ev.ppl = std::exp(ev.loss);
+    } else {
+      ev = evaluate(m, my_valid, o.bf16_autocast, o.device);
+    }
     if (distributed) {  // each rank evaluated its share: sum the NLL and the token counts
       const double local = ev.tokens > 0 ? ev.loss * static_cast<double>(ev.tokens) : 0.0;
       const double sum = strategy.global_sum(local);
@@ -166,13 +174,17 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
 
     opt.zero_grad();
     double loss_sum = 0;
-    for (size_t i = 0; i < micro.size(); ++i) {
-      const auto& b = micro[i];
-      model::LossSum ls = forward_loss(m, b, o.bf16_autocast, o.device);
-      at::Tensor loss = ls.sum / denom;
-      strategy.before_backward(i + 1 == micro.size());
-      loss.backward();
-      loss_sum += ls.sum.item<double>();
+    if (MicroBatchRunner* r = strategy.runner()) {  // pipeline stages, in the schedule's order
+      loss_sum = r->train_step(m, micro, denom, o.bf16_autocast);
+    } else {
+      for (size_t i = 0; i < micro.size(); ++i) {
+        const auto& b = micro[i];
+        model::LossSum ls = forward_loss(m, b, o.bf16_autocast, o.device);
+        at::Tensor loss = ls.sum / denom;
+        strategy.before_backward(i + 1 == micro.size());
+        loss.backward();
+        loss_sum += ls.sum.item<double>();
+      }
     }
     loss_sum = strategy.global_sum(loss_sum);
     // Gradient bytes held at their peak in the step (logged steps only): after the backward, or
@@ -230,6 +242,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
         rec["held_optimizer_bytes"] = pr.optimizer_bytes;
         rec["held_buffer_bytes"] = strategy.buffer_bytes();
       }
+      if (MicroBatchRunner* r = strategy.runner()) rec.update(r->step_metrics());
       if (distributed) {
         // Per optimizer step, averaged over the steps since the last line: payload and ring
         // bytes by collective, and the seconds rank 0 waited on communication.

@@ -56,6 +56,7 @@ class LoraStrategy : public Strategy {
   void mark_step(int64_t step) override { inner_.mark_step(step); }
   void mark_failed(const std::string& message) override { inner_.mark_failed(message); }
   parallel::CommStats take_comm_stats() override { return inner_.take_comm_stats(); }
+  MicroBatchRunner* runner() override { return inner_.runner(); }
   int64_t buffer_bytes() const override { return inner_.buffer_bytes(); }
   int64_t held_param_bytes() const override { return inner_.held_param_bytes(); }
   int64_t take_peak_gathered_bytes() override { return inner_.take_peak_gathered_bytes(); }

@@ -29,23 +29,7 @@ class ModelParallelStrategy : public Strategy, public model::UnitHooks {
   optim::NamedTensors prepare(model::LlamaForCausalLM& m) override {
     const int64_t layers = m->config().num_hidden_layers;
     const auto stages = static_cast<int64_t>(devices_.size());
-    FTUNE_CHECK(stages <= layers, where_, ": ", stages, " devices for ", layers,
-                " decoder layers: every stage needs at least one layer");
-    // Balance by what each layer holds: its parameters' elements plus its 4-bit weights'.
-    std::vector<int64_t> cost(layers, 0);
-    for (const auto& p : m->named_parameters()) {
-      const int64_t u = model::unit_of(p.key(), m->config());
-      if (u >= 1 && u <= layers) cost[u - 1] += p.value().numel();
-    }
-    for (const auto& [name, lin] : model::linears(m)) {
-      const int64_t u = model::unit_of(name + ".weight", m->config());
-      if (lin->nf4 && u >= 1 && u <= layers) cost[u - 1] += lin->nf4->numel();
-    }
-    if (split_.empty()) {
-      split_ = parallel::balanced_split(cost, stages);
-    } else {
-      parallel::check_split(split_, layers, stages, split_where_);
-    }
+    split_ = stage_split(m, stages, split_, split_where_, where_);
     unit_device_.assign(layers + 2, devices_.back());
     unit_device_[0] = devices_.front();
     for (int64_t k = 0; k < stages; ++k) {
@@ -90,6 +74,29 @@ class ModelParallelStrategy : public Strategy, public model::UnitHooks {
 };
 
 }  // namespace
+
+std::vector<int64_t> stage_split(model::LlamaForCausalLM& m, int64_t stages,
+                                 const std::vector<int64_t>& split, const std::string& split_where,
+                                 const std::string& stages_where) {
+  const int64_t layers = m->config().num_hidden_layers;
+  FTUNE_CHECK(stages <= layers, stages_where, ": ", stages, " stages for ", layers,
+              " decoder layers: every stage needs at least one layer");
+  if (!split.empty()) {
+    parallel::check_split(split, layers, stages, split_where);
+    return split;
+  }
+  // Balance by what each layer holds: its parameters' elements plus its 4-bit weights'.
+  std::vector<int64_t> cost(layers, 0);
+  for (const auto& p : m->named_parameters()) {
+    const int64_t u = model::unit_of(p.key(), m->config());
+    if (u >= 1 && u <= layers) cost[u - 1] += p.value().numel();
+  }
+  for (const auto& [name, lin] : model::linears(m)) {
+    const int64_t u = model::unit_of(name + ".weight", m->config());
+    if (lin->nf4 && u >= 1 && u <= layers) cost[u - 1] += lin->nf4->numel();
+  }
+  return parallel::balanced_split(cost, stages);
+}
 
 std::unique_ptr<Strategy> make_model_parallel_strategy(std::vector<at::Device> devices,
                                                        const config::TrainConfig& cfg) {

@@ -1,7 +1,8 @@
 // The run's strategy from config + environment; see parallelize.h. DdpStrategy adds
 // parallel::Ddp's buckets and hooks, ZeroStrategy parallel::ZeroShard's sharded optimizer step;
 // FsdpStrategy (fsdp_strategy.h) parallel::Fsdp's sharded parameters; model_parallel
-// (model_parallel.h) places layer blocks on the devices of one process.
+// (model_parallel.h) places layer blocks on the devices of one process; pipeline
+// (pipeline_strategy.h) puts them on ranks.
 #include "train/parallelize.h"
 
 #include "core/error.h"
@@ -11,6 +12,7 @@
 #include "train/fsdp_strategy.h"
 #include "train/group_strategy.h"
 #include "train/model_parallel.h"
+#include "train/pipeline_strategy.h"
 
 namespace ftune::train {
 namespace {
@@ -119,6 +121,8 @@ ParallelRun parallelize(const config::TrainConfig& cfg, at::Device configured) {
     parallel::DdpOptions dopt;
     dopt.bucket_bytes = static_cast<int64_t>(p.bucket_mb * 1024 * 1024);
     run.strategy = std::make_unique<DdpStrategy>(*run.group, run.device, dopt);
+  } else if (strategy == "pipeline") {
+    run.strategy = make_pipeline_strategy(*run.group, run.device, cfg);
   } else if (strategy == "fsdp" || strategy == "zero3") {
     run.strategy = make_fsdp_strategy(*run.group, run.device, cfg);
   } else {

@@ -488,7 +488,8 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
                const std::optional<lora::LoraOptions>& lora, Strategy& strategy,
                at::Device device) {
   const bool main = strategy.is_main();
-  const int world = strategy.world_size();
+  // The data-parallel replicas: each reads its own rows (the stages of a pipeline share theirs).
+  const int world = static_cast<int>(strategy.data_shard().count);
   const auto& t = cfg.training;
   const fs::path out = t.output_dir;
 
@@ -551,8 +552,9 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml, world);
   if (main) {
     const int64_t global_rows = t.micro_batch * t.grad_accum * world;
+    const int ranks_n = strategy.world_size();
     const std::string ranks =
-        world > 1 ? " x " + std::to_string(world) + " ranks (" + strategy.name() + ")" : "";
+        ranks_n > 1 ? " x " + std::to_string(ranks_n) + " ranks (" + strategy.name() + ")" : "";
     std::fprintf(stderr,
                  "training %s (%lld parameters) on %s%s: %zu train / %zu valid documents, %lld "
                  "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",

@@ -4,7 +4,7 @@
 // per-rank counts are summed, and what the communication cost. SingleDevice is the plain case; a
 // strategy overrides only what it changes. The algorithms (buckets, shards, c10d) live in
 // src/parallel; a Strategy adapts one of them to the loop.
-// Defines DataShard, Strategy, SingleDevice.
+// Defines DataShard, PieceInfo, MicroBatchRunner, Strategy, SingleDevice.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +13,9 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "data/dataset.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
@@ -34,6 +37,26 @@ struct PieceInfo {
   std::string name;
   std::vector<int64_t> shape;
   int64_t offset = 0;
+  // Another rank holds the same values and writes them (a data-parallel replica, the last
+  // pipeline stage's copy of a tied embedding): a checkpoint skips it; resuming still loads it.
+  bool replica = false;
+};
+
+// How a strategy that cuts the model into pipeline stages runs the loop's micro-batches: each
+// rank computes only its stage, in the order its schedule says. Every rank gets the results.
+class MicroBatchRunner {
+ public:
+  virtual ~MicroBatchRunner() = default;
+  // Forward and backward of one optimizer step's micro-batches, each loss sum divided by `denom`
+  // before its backward; returns the sum of their loss sums (before the division).
+  virtual double train_step(model::LlamaForCausalLM& m, const std::vector<data::Batch>& micro,
+                            double denom, bool bf16_autocast) = 0;
+  // Forward only over `batches`: the NLL sum and the target count.
+  virtual std::pair<double, int64_t> eval_sums(model::LlamaForCausalLM& m,
+                                               const std::vector<data::Batch>& batches,
+                                               bool bf16_autocast) = 0;
+  // What to add to the metrics line of a logged step (the measured timeline's bubble, ...).
+  virtual nlohmann::json step_metrics() = 0;
 };
 
 class Strategy {
@@ -114,6 +137,9 @@ class Strategy {
   // fatal error (so the others name it instead of waiting out their timeout).
   virtual void mark_step(int64_t /*step*/) {}
   virtual void mark_failed(const std::string& /*message*/) {}
+
+  // Null: the loop forwards and backpropagates each micro-batch through the whole model itself.
+  virtual MicroBatchRunner* runner() { return nullptr; }
 
   // Bytes of the communication buffers the strategy keeps between steps (DDP's buckets).
   virtual int64_t buffer_bytes() const { return 0; }

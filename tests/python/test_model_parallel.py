@@ -99,7 +99,7 @@ def test_explicit_split(tmp_path, models, oracle):
 
 @pytest.mark.parametrize("sets,expected", [
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, 2]"],
-     "parallel.split: expected one point per device plus the layer count"),
+     "parallel.split: expected one point per stage plus the layer count"),
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, 2, 2]"],
      "parallel.split: expected strictly increasing points"),
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu]", "parallel.split=[0, a, 2]"],
@@ -107,7 +107,7 @@ def test_explicit_split(tmp_path, models, oracle):
     (["parallel.strategy=model_parallel"], "parallel.devices: model_parallel needs the devices"),
     (["parallel.devices=[cpu, cpu]"], "parallel.devices: only model_parallel places layers"),
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, cpu, cpu]"],
-     "parallel.devices: 3 devices for 2 decoder layers"),
+     "parallel.devices: 3 stages for 2 decoder layers"),
     (["parallel.strategy=model_parallel", "parallel.devices=[cpu, gpu7]"], "parallel.devices"),
 ])
 def test_bad_settings_are_one_line(tmp_path, models, sets, expected):
