@@ -66,8 +66,8 @@ void PipelineStage::run_round(int64_t round, int64_t micro_batches, const StageC
       }
       const double start = now();
       at::Tensor out = cb.forward(m, in);
+      stats_.spans.push_back({mb, true, start, now()});  // its compute: ends before the send
       if (!is_last()) send(out, s + 1, slot_name("activation", mb, s, s + 1), kActTag);
-      stats_.spans.push_back({mb, true, start, now()});
     }
     for (auto& p : sends) p.wait();
     return;
@@ -89,8 +89,8 @@ void PipelineStage::run_round(int64_t round, int64_t micro_batches, const StageC
       }
       const double start = now();
       at::Tensor out = cb.forward(m, in);
-      if (!is_last()) send(out.detach(), s + 1, slot_name("activation", mb, s, s + 1), kActTag);
       stats_.spans.push_back({mb, true, start, now()});
+      if (!is_last()) send(out.detach(), s + 1, slot_name("activation", mb, s, s + 1), kActTag);
       inputs[m] = in;
       outputs[m] = out;
       stats_.max_in_flight =
@@ -110,12 +110,12 @@ void PipelineStage::run_round(int64_t round, int64_t micro_batches, const StageC
           torch::autograd::backward({out}, {grad});
         }
       }
+      stats_.spans.push_back({mb, false, start, now()});
       if (!is_first()) {
         const at::Tensor& in = inputs.at(m);
         at::Tensor g = in.grad().defined() ? in.grad() : at::zeros_like(in);
         send(g, s - 1, slot_name("gradient", mb, s, s - 1), kGradTag);
       }
-      stats_.spans.push_back({mb, false, start, now()});
       inputs.erase(m);
       outputs.erase(m);
     }

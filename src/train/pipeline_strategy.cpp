@@ -13,6 +13,7 @@
 #include "core/fs.h"
 #include "lora/lora.h"
 #include "model/autocast.h"
+#include "model/hf_io.h"
 #include "model/loss.h"
 #include "parallel/ddp.h"
 #include "parallel/pipeline.h"
