@@ -7,9 +7,11 @@
 # SHAPE below, or PRESET=<ftune preset>), layers split evenly at a layer boundary, a step of M
 # micro-batches (training.grad_accum = parallel.micro_batches = M) of MICRO_BATCH rows of SEQ
 # tokens, fused AdamW + cosine (lr 1e-4, weight decay 0.01 on >= 2-dim params), no clipping on
-# either side (torch's clipping would be per stage). Rows differ in content only: ftune's are
-# packed data/sample_train.jsonl, the peer's random ids (full rows, causal attention, every token a
-# target). "naive" is ftune's parallel.schedule=naive and, for the peer, ScheduleGPipe run M times
+# either side (torch's clipping would be per stage). Rows differ in content: ftune's are packed
+# data/sample_text.jsonl (format text: every token a target), the peer's random ids (full rows,
+# every token a target); ftune's packed rows hold several documents and attend through a dense
+# block mask, more work than the peer's is_causal rows. "naive" is ftune's
+# parallel.schedule=naive and, for the peer, ScheduleGPipe run M times
 # with one micro-batch each (plain gradient accumulation through the pipeline).
 # The default SHAPE (8 layers, hidden 384, vocab 259: ~12.6M parameters) keeps stages balanced
 # (tiny lm_head) and one 10-step run under a minute on 2 cores; PRESET=smollm2-135m is ~20x slower.
@@ -140,7 +142,9 @@ PYEOF
 FT_OK=1 FT_WHY="" PLOT_RUN=""
 ftune_row() {  # SCHEDULE M
   local s=$1 m=$2 out=$W/out/ftune-$1-$2
+  # Plain text: every token is a target, as on the peer's side.
   local args=(train --config bench/configs/train_packed.yaml --set "model.path=$MODEL"
+    --set "data.train=data/sample_text.jsonl" --set "data.format=text"
     --set "data.seq_len=$SEQ" --set "training.micro_batch=$MB" --set "training.grad_accum=$m"
     --set "training.steps=$STEPS" --set "training.threads=1" --set "training.lr=1e-4"
     --set "training.weight_decay=0.01" --set "training.max_grad_norm=0"
