@@ -236,6 +236,9 @@ std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params,
 }
 
 at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces) {
+  // Offloaded gradients may still be in flight (grad_for_piece): a blocking copy on the same
+  // stream returns only after every copy queued before it.
+  if (!group.device().is_cpu()) (void)at::empty({1}, at::TensorOptions().device(group.device())).cpu();
   at::NoGradGuard no_grad;
   at::Tensor sq = at::zeros({1}, at::TensorOptions(at::kDouble));
   for (const auto& [name, t] : pieces) {
@@ -254,8 +257,13 @@ at::Tensor master_copy(const at::Tensor& t, bool offload) {
   return out.copy_(t);
 }
 
-at::Tensor grad_for_piece(const at::Tensor& g, const at::Tensor& piece) {
-  return g.device() == piece.device() ? g : master_copy(g, /*offload=*/true);
+at::Tensor grad_for_piece(const at::Tensor& g, const at::Tensor& piece, bool non_blocking) {
+  if (g.device() == piece.device()) return g;
+  // A GPU gradient for a host piece: a DMA into pinned memory, queued without waiting when the
+  // caller does not read it before the step, so the backward's next kernels and collectives go
+  // on meanwhile; global_grad_norm waits for it.
+  at::Tensor out = at::empty(g.sizes(), at::TensorOptions(at::kFloat).pinned_memory(true));
+  return out.copy_(g, non_blocking);
 }
 
 }  // namespace ftune::parallel

@@ -67,9 +67,11 @@ at::Tensor global_grad_norm(ProcessGroup& group, const NamedParams& pieces);
 // A contiguous fp32 copy of `t` for a sharded optimizer's master piece or its gradient: on t's
 // device, or with `offload` in CPU memory (pinned when t is on a GPU, so the copy runs by DMA).
 at::Tensor master_copy(const at::Tensor& t, bool offload);
-// A reduced gradient `g` where `piece` lives: g itself, or its pinned host copy when the piece
-// was offloaded (master_copy with offload).
-at::Tensor grad_for_piece(const at::Tensor& g, const at::Tensor& piece);
+// A reduced gradient `g` where `piece` lives: g itself, or, when the piece was offloaded
+// (master_copy with offload) and g is on a GPU, a pinned host copy; with non_blocking it is
+// queued without waiting (overlapping the rest of the backward) and must not be read before
+// global_grad_norm, which every sharded step runs first and which waits for those copies.
+at::Tensor grad_for_piece(const at::Tensor& g, const at::Tensor& piece, bool non_blocking);
 
 // The verb: wraps the trainable parameters of a replica in DDP on `group`.
 std::unique_ptr<Ddp> apply_ddp(ProcessGroup& group, NamedParams params, const DdpOptions& options);

@@ -141,8 +141,11 @@ struct Fsdp::Impl {
     for (auto& s : units[scatter->unit].slots) {
       if (!s.trainable || s.piece < 0) continue;
       at::Tensor& piece = pieces[s.piece].second;
+      // The first micro-batch's sum is only read at the step (its copy may overlap the rest of
+      // the backward); a later one is added at once.
       at::Tensor g = grad_for_piece(
-          scatter->out.narrow(0, s.grad_off, s.rows_of(rank) * s.row_numel), piece);
+          scatter->out.narrow(0, s.grad_off, s.rows_of(rank) * s.row_numel), piece,
+          /*non_blocking=*/!piece.grad().defined());
       if (piece.grad().defined()) {
         piece.mutable_grad().add_(g);
       } else {

@@ -68,7 +68,8 @@ void ZeroShard::reduce_gradients() {
   for (size_t k = 0; k < layout_.size(); ++k) {
     at::Tensor& piece = pieces_[k].second;
     piece.mutable_grad() =
-        grad_for_piece(mine.narrow(0, layout_[k].shard_offset, layout_[k].length), piece);
+        grad_for_piece(mine.narrow(0, layout_[k].shard_offset, layout_[k].length), piece,
+                       /*non_blocking=*/true);
   }
 }
 
