@@ -364,7 +364,7 @@ optim::AdamWOptions adamw_options(const config::TrainingOptions& t) {
 
 LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
                          int64_t total_steps, at::Device device, const std::string& yaml,
-                         int world) {
+                         int world, int ranks) {
   const auto& t = cfg.training;
   const bool bf16 = cfg.model.dtype == "bf16";
   LoopOptions lo;
@@ -386,9 +386,11 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   lo.dump_batches = t.dump_batches;
   lo.progress_bar = cfg.logging.progress == "bar" ||
                     (cfg.logging.progress == "auto" && ::isatty(STDERR_FILENO));
-  lo.peak_flops = cfg.logging.peak_flops > 0
-                      ? cfg.logging.peak_flops
-                      : measure_matmul_flops(device, bf16 ? at::kBFloat16 : at::kFloat);
+  // MFU's denominator: every rank's device works on the logged tokens (data-parallel replicas
+  // on their own rows, pipeline stages on their share of the layers).
+  lo.peak_flops = ranks * (cfg.logging.peak_flops > 0
+                               ? cfg.logging.peak_flops
+                               : measure_matmul_flops(device, bf16 ? at::kBFloat16 : at::kFloat));
   lo.flops_per_token = train_flops_per_token(src.config, cfg.data.seq_len);
   lo.device = device;
   lo.output_dir = t.output_dir;
@@ -549,7 +551,8 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   MetricsLog metrics(out / "metrics.jsonl", state.step, main);
 
   // 5. Loop.
-  const LoopOptions lo = loop_options(cfg, src, total_steps, device, yaml, world);
+  const LoopOptions lo =
+      loop_options(cfg, src, total_steps, device, yaml, world, strategy.world_size());
   if (main) {
     const int64_t global_rows = t.micro_batch * t.grad_accum * world;
     const int ranks_n = strategy.world_size();
@@ -557,13 +560,14 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
         ranks_n > 1 ? " x " + std::to_string(ranks_n) + " ranks (" + strategy.name() + ")" : "";
     std::fprintf(stderr,
                  "training %s (%lld parameters) on %s%s: %zu train / %zu valid documents, %lld "
-                 "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s)\n",
+                 "rows per epoch, %lld steps of %lld rows; peak %.3g FLOP/s (%s%s)\n",
                  src.origin.c_str(), static_cast<long long>(src.config.num_parameters()),
                  device.str().c_str(),
                  ranks.c_str(),
                  data.train_docs, data.valid_docs, static_cast<long long>(rows),
                  static_cast<long long>(total_steps), static_cast<long long>(global_rows),
-                 lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul");
+                 lo.peak_flops, cfg.logging.peak_flops > 0 ? "configured" : "measured matmul",
+                 ranks_n > 1 ? ", all ranks" : "");
     std::fprintf(stderr, "%s\n", format_param_report(param_report(m, opt)).c_str());
     if (cfg.parallel.offload == "optimizer") {
       std::fprintf(stderr, "optimizer: AdamW on the CPU (parallel.offload: optimizer; %s kernel, "

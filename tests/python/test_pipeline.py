@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from safetensors.torch import load_file
+
 from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, start_ranks,
                       tensors_max_rel, tiny_models, weight_file)
 from ftune_testing import SOURCE_DIR, ftune
@@ -115,6 +117,13 @@ def test_two_rounds_per_step(tmp_path, models, oracle):
     ddp_train(out, 2, f"model.path={models['untied']}", *FULL, *pipeline_sets(2, "1f1b", 2))
     check_parity(out, oracle("full", "untied"))
     assert metrics(out)[-1]["pipeline_bubble_theory"] == pytest.approx(1 / 3)
+    # MFU counts both ranks' devices: model FLOPs of the run's tokens over 2 x the peak (1e10).
+    cfg = json.loads((models["untied"] / "config.json").read_text())
+    w = load_file(out / "final" / "model.safetensors")
+    matmul_params = sum(t.numel() for t in w.values()) - w["model.embed_tokens.weight"].numel()
+    fpt = 6 * matmul_params + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 64
+    for r in metrics(out):
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / (2 * 1e10), rel=1e-9)
 
 
 def spans_of(timeline, stage):
