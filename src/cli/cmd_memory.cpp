@@ -2,6 +2,7 @@
 // table or JSON, or with --fit the fastest configuration that fits a GPU (src/memory/fit.h) and
 // the `ftune train --set` lines that run it. Parses and checks flags only; the arithmetic and the
 // rendering live in src/memory. See docs/memory.md.
+#include <algorithm>
 #include <filesystem>
 #include <iostream>
 
@@ -26,6 +27,12 @@ struct MemoryArgs {
   bool given_lora_r = false, given_ckpt = false, given_offload = false, given_qlora = false;
 };
 
+std::string preset_list() {
+  std::string names;
+  for (const auto& n : model::preset_names()) names += (names.empty() ? "" : ", ") + n;
+  return names;
+}
+
 // A preset name, an HF model dir or a config.json.
 model::LlamaConfig resolve_model(const std::string& ref, memory::ModelRef* out) {
   namespace fs = std::filesystem;
@@ -42,9 +49,7 @@ model::LlamaConfig resolve_model(const std::string& ref, memory::ModelRef* out) 
     out->preset = true;
     return model::preset_config(ref);
   } catch (const Error&) {
-    std::string names;
-    for (const auto& n : model::preset_names()) names += (names.empty() ? "" : ", ") + n;
-    fail("memory: --model: \"", ref, "\" is neither a preset (", names,
+    fail("memory: --model: \"", ref, "\" is neither a preset (", preset_list(),
          ") nor an existing model dir or config.json");
   }
 }
@@ -99,7 +104,13 @@ void run_memory(const MemoryArgs& a) {
   f.base.lora_r = a.given_lora_r ? a.lora_r : 8;
   if (a.given_qlora) f.methods = {memory::Method::kQlora};
   if (a.given_micro_batch) f.micro_batches = {a.micro_batch};
-  if (a.given_strategy) f.strategies = {o.strategy};
+  if (a.given_strategy) {
+    const auto& runnable = memory::fit_strategies();
+    FTUNE_CHECK(std::find(runnable.begin(), runnable.end(), o.strategy) != runnable.end(),
+                "memory: --strategy: --fit recommends only what ftune train runs (single, ddp, "
+                "zero1, zero2, fsdp, model_parallel), got ", a.strategy);
+    f.strategies = {o.strategy};
+  }
   // Checks the flags that every candidate shares (targets, rank, seq-len) once, with their names.
   memory::EstimateOptions probe = f.base;
   probe.strategy = memory::Strategy::kSingle;
@@ -107,6 +118,8 @@ void run_memory(const MemoryArgs& a) {
   probe.pp = 1;
   probe.validate(cfg);
   const memory::FitResult r = memory::fit(cfg, f);
+  FTUNE_CHECK(r.searched > 0, "memory: --strategy: ", a.strategy, " cannot run on --gpus ", a.gpus,
+              " (single takes one GPU, the others several; model_parallel at most one per layer)");
   if (a.json) {
     std::cout << memory::fit_json(cfg, ref, f, r).dump(2) << "\n";
   } else {
@@ -121,10 +134,8 @@ void register_memory(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "memory", "Estimate the GPU memory of a fine-tuning setup per rank, or (--fit) find the "
                 "fastest setup that fits");
-  std::string presets;
-  for (const auto& n : model::preset_names()) presets += (presets.empty() ? "" : ", ") + n;
   cmd->add_option("--model", a->model,
-                  "A preset (" + presets + "; any case), an HF model dir or a config.json")
+                  "A preset (" + preset_list() + "; any case), an HF model dir or a config.json")
       ->required()
       ->type_name("PRESET|DIR|FILE");
   auto* strategy = cmd->add_option("--strategy", a->strategy,
