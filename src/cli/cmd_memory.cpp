@@ -12,6 +12,7 @@
 #include "memory/fit.h"
 #include "memory/report.h"
 #include "model/config.h"
+#include "model/hf_io.h"
 
 namespace ftune::cli {
 namespace {
@@ -59,9 +60,7 @@ void run_memory(const MemoryArgs& a) {
   const model::LlamaConfig cfg = resolve_model(a.model, &ref);
   memory::EstimateOptions o;
   o.strategy = memory::parse_strategy(a.strategy, "memory: --strategy");
-  FTUNE_CHECK(a.dtype == "bf16" || a.dtype == "fp32", "memory: --dtype: expected fp32 or bf16, got \"",
-              a.dtype, "\"");
-  o.bf16 = a.dtype == "bf16";
+  o.bf16 = model::dtype_from_name(a.dtype, "memory: --dtype") == at::kBFloat16;
   FTUNE_CHECK(a.optimizer == "adamw" || a.optimizer == "sgd",
               "memory: --optimizer: expected adamw or sgd, got \"", a.optimizer, "\"");
   o.optimizer = a.optimizer == "adamw" ? memory::Optimizer::kAdamW : memory::Optimizer::kSgd;

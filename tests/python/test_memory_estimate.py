@@ -282,6 +282,8 @@ def test_bad_input_is_one_line_naming_the_flag():
         'ftune: error: memory: --micro-batch: expected an integer >= 1, got "-2"'
     assert error_of("--model", "Llama-2-7B", "--gpu-mem", "lots") == \
         'ftune: error: memory: --gpu-mem: expected a size such as 80GB, 24GiB or 81920MiB, got "lots"'
+    assert error_of("--model", "Llama-2-7B", "--dtype", "fp16").startswith(
+        "ftune: error: memory: --dtype: fp16 is not supported")
     assert error_of("--model", "Llama-2-7B", "--strategy", "zero4").startswith(
         "ftune: error: memory: --strategy: expected one of single, ddp")
     assert error_of("--model", "Llama-2-7B", "--strategy", "ddp", "--world-size", 2,
