@@ -3,8 +3,10 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
 #include <set>
+#include <string_view>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -346,7 +348,27 @@ const Preset kPresets[] = {
     {"codellama-7b", 32016, 4096, 11008, 32, 32, 32, 16384, 1e-5, 1000000.0, false, "bfloat16", 1, 2, false},
     {"llama-3-8b", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000.0, false, "bfloat16", 128000, 128001, false},
     {"llama-3.1-8b", 128256, 4096, 14336, 32, 32, 8, 131072, 1e-5, 500000.0, false, "bfloat16", 128000, 128001, true},
+    {"smollm2-360m", 49152, 960, 2560, 32, 15, 5, 8192, 1e-5, 100000.0, true, "bfloat16", 1, 2, false},
+    {"smollm2-1.7b", 49152, 2048, 8192, 24, 32, 32, 8192, 1e-5, 130000.0, true, "bfloat16", 1, 2, false},
+    {"llama-2-13b", 32000, 5120, 13824, 40, 40, 40, 4096, 1e-5, 10000.0, false, "bfloat16", 1, 2, false},
+    {"llama-2-70b", 32000, 8192, 28672, 80, 64, 8, 4096, 1e-5, 10000.0, false, "bfloat16", 1, 2, false},
+    {"codellama-13b", 32016, 5120, 13824, 40, 40, 40, 16384, 1e-5, 1000000.0, false, "bfloat16", 1, 2, false},
+    {"codellama-34b", 32000, 8192, 22016, 48, 64, 8, 16384, 1e-5, 1000000.0, false, "bfloat16", 1, 2, false},
+    {"llama-3-70b", 128256, 8192, 28672, 80, 64, 8, 8192, 1e-5, 500000.0, false, "bfloat16", 128000, 128001, false},
 };
+
+// Names compare without case (init-model --preset, model.path: preset:NAME, memory --model), so
+// the published spellings ("TinyLlama-1.1B", "Llama-3-8B") work.
+bool same_name(const std::string& a, const char* b) {
+  const std::string_view v(b);
+  if (a.size() != v.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(v[i]))) {
+      return false;
+    }
+  }
+  return true;
+}
 }  // namespace
 
 std::vector<std::string> preset_names() {
@@ -357,7 +379,7 @@ std::vector<std::string> preset_names() {
 
 LlamaConfig preset_config(const std::string& name) {
   for (const auto& p : kPresets) {
-    if (name != p.name) continue;
+    if (!same_name(name, p.name)) continue;
     LlamaConfig c;
     c.vocab_size = p.vocab;
     c.hidden_size = p.hidden;
