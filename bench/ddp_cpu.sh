@@ -51,13 +51,8 @@ case $LAUNCHER in
   *) echo "LAUNCHER: expected torchrun or ftune, got $LAUNCHER" >&2; exit 1 ;;
 esac
 
-torchrun_n() {  # RSS_PREFIX CMD...: NPROC workers on a free port, each under /usr/bin/time (its
-               # peak RSS in KiB to RSS_PREFIX.<rank>)
-  local p=$1
-  shift
-  timeout -k 10 "$RUN_TIMEOUT" "$TORCHRUN" --standalone --nproc-per-node "$NPROC" --no-python \
-    bash -c 'exec /usr/bin/time -f %M -o "$0.$RANK" "$@"' "$p" "$@"
-}
+# shellcheck source=bench/torchrun_n.sh
+source bench/torchrun_n.sh  # torchrun_n RSS_PREFIX CMD...
 
 # record IMPL MODE ROUND RSS_PREFIX JSON: appends JSON + impl/mode/round/per-rank peak RSS.
 record() {

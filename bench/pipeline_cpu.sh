@@ -86,13 +86,8 @@ echo "# $(date -u +%F) model=$NAME pp=$NPROC threads/rank=1 seq=$SEQ micro_batch
   "torch=$($PY -c 'import torch;print(torch.__version__)')" \
   "transformers=$($PY -c 'import transformers;print(transformers.__version__)')"
 
-torchrun_n() {  # RSS_PREFIX CMD...: NPROC workers on a free port, each under /usr/bin/time (its
-               # peak RSS in KiB to RSS_PREFIX.<rank>)
-  local p=$1
-  shift
-  timeout -k 10 "$RUN_TIMEOUT" "$TORCHRUN" --standalone --nproc-per-node "$NPROC" --no-python \
-    bash -c 'exec /usr/bin/time -f %M -o "$0.$RANK" "$@"' "$p" "$@"
-}
+# shellcheck source=bench/torchrun_n.sh
+source bench/torchrun_n.sh  # torchrun_n RSS_PREFIX CMD...
 
 # record SIDE SCHEDULE M RSS_PREFIX JSON|- [METRICS_JSONL]: appends one result line: tok_s (global,
 # median of the measured steps), stage_mem_bytes, and ftune's bubble or the peer's wait share.

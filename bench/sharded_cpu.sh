@@ -47,13 +47,8 @@ echo "# $(date -u +%F) preset=$PRESET nproc=$NPROC threads/rank=1 seq=$SEQ micro
   "grad_accum=$GA steps=$STEPS median_from=$MEDIAN_FROM cores=$(getconf _NPROCESSORS_ONLN)" \
   "torch=$($PY -c 'import torch;print(torch.__version__)')"
 
-torchrun_n() {  # RSS_PREFIX CMD...: NPROC workers on a free port, each under /usr/bin/time (its
-               # peak RSS in KiB to RSS_PREFIX.<rank>)
-  local p=$1
-  shift
-  timeout -k 10 "$RUN_TIMEOUT" "$TORCHRUN" --standalone --nproc-per-node "$NPROC" --no-python \
-    bash -c 'exec /usr/bin/time -f %M -o "$0.$RANK" "$@"' "$p" "$@"
-}
+# shellcheck source=bench/torchrun_n.sh
+source bench/torchrun_n.sh  # torchrun_n RSS_PREFIX CMD...
 
 record() {  # ROW MODE RSS_PREFIX JSON [METRICS_JSONL]: appends one result line
   $PY - "$@" <<'PYEOF' >>"$RES"

@@ -138,6 +138,8 @@ void TrainConfig::validate() const {
         "expected auto, none, force or a checkpoint directory");
   check("training.threads", t.threads >= 0, "expected at least 0, got ", t.threads);
   check("training.stop_after", t.stop_after >= 0, "expected at least 0, got ", t.stop_after);
+  one_of("training.nonfinite", t.nonfinite, {"stop", "skip"});
+  check("training.max_skipped", t.max_skipped >= 1, "expected at least 1, got ", t.max_skipped);
 
   check("logging.log_every", logging.log_every >= 1, "expected at least 1, got ",
         logging.log_every);

@@ -78,6 +78,10 @@ struct TrainingOptions {
   int64_t threads = 0;          // CPU threads for intra-op parallelism; 0 = LibTorch's default
   int64_t stop_after = 0;       // stop after this step as if interrupted (checkpoint, no final
                                 // model); 0 = run to the end. For job time limits and tests
+  std::string nonfinite = "stop";  // a non-finite loss or gradient norm: stop (an error naming
+                                   // the step; the update is not applied and the last checkpoint
+                                   // stays) | skip (drop that step's update, log it, go on)
+  int64_t max_skipped = 5;      // skip: stop with an error after this many skipped steps in a row
   bool dump_batches = false;    // debug: write every step's micro-batches to <output_dir>/batches
 
   template <class V> void fields(V& v) {
@@ -103,6 +107,8 @@ struct TrainingOptions {
     v("resume", resume);
     v("threads", threads);
     v("stop_after", stop_after);
+    v("nonfinite", nonfinite);
+    v("max_skipped", max_skipped);
     v("dump_batches", dump_batches);
   }
 };

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <map>
+#include <utility>
 #include <tuple>
 
 #include "core/error.h"
@@ -65,6 +66,8 @@ double AdamW::clip_and_step(double lr, double max_grad_norm) {
 
 void AdamW::clip_and_step_with_norm(double lr, double max_grad_norm, const at::Tensor& norm) {
   at::NoGradGuard no_grad;
+  // A dropped step: no parameter, moment or step count moves.
+  if (std::exchange(skip_next_, false) || !std::isfinite(norm.item<double>())) return;
   if (!uses_fused() || max_grad_norm <= 0) {
     std::vector<at::Tensor> ps;
     ps.reserve(params_.size());

@@ -42,7 +42,8 @@ class AdamW {
   // One update with learning rate `lr`; parameters without a gradient are skipped (their step
   // count does not advance), as in PyTorch.
   void step(double lr);
-  // clip_grad_norm(params, max_grad_norm) then step(lr); returns the norm before clipping. Fused,
+  // clip_grad_norm(params, max_grad_norm) then step(lr); returns the norm before clipping (and
+  // updates nothing when it is not finite, nor after skip_next_step()). Fused,
   // the clip factor goes into the AdamW kernel (its grad_scale input divides each gradient as it
   // is read) instead of a separate pass over every gradient, and there is no scaling at all when
   // the norm is within max_grad_norm. The clipped gradients (also written back) then differ from
@@ -51,6 +52,9 @@ class AdamW {
   // The same with the total norm given: when the parameters here are one rank's shard, the norm
   // is the one of all shards together (computed by the strategy).
   void clip_and_step_with_norm(double lr, double max_grad_norm, const at::Tensor& norm);
+  // The next clip_and_step(_with_norm) leaves parameters and state unchanged (a step the
+  // training loop drops: a non-finite loss). A non-finite total norm always does the same.
+  void skip_next_step() { skip_next_ = true; }
   // Drops every gradient (PyTorch's zero_grad(set_to_none=True)).
   void zero_grad();
 
@@ -69,6 +73,7 @@ class AdamW {
   std::vector<bool> decay_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   std::vector<int64_t> steps_;
+  bool skip_next_ = false;
 
   void step_unfused(double lr);
   void step_fused(double lr, const std::optional<at::Tensor>& grad_scale = std::nullopt);

@@ -6,6 +6,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <sstream>
+#include <set>
 
 #include "core/error.h"
 #include "io/safetensors.h"
@@ -54,6 +57,23 @@ void dump_batches(const std::filesystem::path& dir, int64_t step,
   std::snprintf(lr_text, sizeof(lr_text), "%.17g", lr);
   io::save_safetensors(dir / ("step-" + std::to_string(step) + ".safetensors"), t,
                        {{"lr", lr_text}, {"micro_batches", std::to_string(micro.size())}});
+}
+
+// Test seam: FTUNE_TEST_NAN_AT="<rank>:<step>[,<step>...]" makes that rank's loss NaN at those
+// steps (the loop's own forward; not under a pipeline), so its gradients are NaN too: how the
+// tests feed a divergence to training.nonfinite.
+std::set<int64_t> poisoned_steps(int rank) {
+  std::set<int64_t> out;
+  const char* spec = std::getenv("FTUNE_TEST_NAN_AT");
+  if (spec == nullptr) return out;
+  const std::string s = spec;
+  const auto colon = s.find(':');
+  if (colon == std::string::npos || s.substr(0, colon) != std::to_string(rank)) return out;
+  std::stringstream steps(s.substr(colon + 1));
+  for (std::string item; std::getline(steps, item, ',');) {
+    if (!item.empty()) out.insert(std::stoll(item));
+  }
+  return out;
 }
 
 std::string step_line(double loss, double lr, double gnorm, double tok_s) {
@@ -143,6 +163,8 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   }
 
   const int64_t first_step = state.step + 1;
+  const std::set<int64_t> poisoned = poisoned_steps(strategy.rank());
+  int64_t skipped_in_a_row = 0;
   strategy.take_comm_stats();  // start-up traffic (the parameter broadcast) is not a step's
   // Throughput over the interval since the last metrics line.
   int64_t interval_tokens = 0, interval_steps = 0;
@@ -181,9 +203,10 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
         const auto& b = micro[i];
         model::LossSum ls = forward_loss(m, b, o.bf16_autocast, o.device);
         at::Tensor loss = ls.sum / denom;
+        if (i == 0 && poisoned.count(step)) loss = loss * std::nan("");
         strategy.before_backward(i + 1 == micro.size());
         loss.backward();
-        loss_sum += ls.sum.item<double>();
+        loss_sum += i == 0 && poisoned.count(step) ? std::nan("") : ls.sum.item<double>();
       }
     }
     loss_sum = strategy.global_sum(loss_sum);
@@ -192,12 +215,37 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     const int64_t grads_after_backward = do_log ? gradient_bytes(m, opt) : 0;
     strategy.after_backward(opt.params());
     const int64_t held_grads = do_log ? std::max(grads_after_backward, gradient_bytes(m, opt)) : 0;
+    // The loss is summed over the ranks and the norm taken over all of them, so every rank sees
+    // the same values and takes the same decision. A non-finite one drops the update (AdamW
+    // leaves parameters and state as they were).
+    if (!std::isfinite(loss_sum)) opt.skip_next_step();
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
     const double loss = loss_sum / denom;
-    // Later NaNs can be a divergence worth logging; one on the first step is always a setup fault.
+    // A NaN on the first step is always a setup fault.
     FTUNE_CHECK(step != first_step || std::isfinite(loss), "step ", step, ": loss is ", loss,
                 ": check the model weights (model.path) for NaN/inf values, model.dtype, and that "
                 "the data gives target tokens");
+    const bool skipped = !std::isfinite(loss) || !std::isfinite(gnorm);
+    if (skipped) {
+      FTUNE_CHECK(o.skip_nonfinite, "step ", step, ": the loss (", loss, ") or the gradient norm (",
+                  gnorm, ") is not finite (training.nonfinite: stop): the update was not applied "
+                  "and the last checkpoint is kept; resume from it with a lower training.lr or "
+                  "training.max_grad_norm, or set training.nonfinite: skip");
+      ++skipped_in_a_row;
+      FTUNE_CHECK(skipped_in_a_row <= o.max_skipped, "step ", step, ": ", skipped_in_a_row,
+                  " steps in a row had a non-finite loss or gradient norm, more than "
+                  "training.max_skipped (", o.max_skipped, "): the run diverged; the last "
+                  "checkpoint is kept");
+      if (main) {
+        char buf[200];
+        std::snprintf(buf, sizeof(buf), "step %lld: skipped: loss %g, grad_norm %g not finite "
+                      "(%lld in a row; training.nonfinite: skip)", static_cast<long long>(step),
+                      loss, gnorm, static_cast<long long>(skipped_in_a_row));
+        progress.message(buf);
+      }
+    } else {
+      skipped_in_a_row = 0;
+    }
 
     state.step = step;
     state.epoch = train.epoch();
@@ -231,6 +279,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
              {"tokens", state.tokens_seen},
              {"target_tokens", targets},
              {"epoch", state.epoch}};
+      if (skipped) rec["skipped"] = true;
       {
         // What this rank holds (its own tensors, counted): parameters, gradients at their peak
         // in the step, optimizer state, communication buffers.

@@ -32,6 +32,9 @@ struct LoopOptions {
   int64_t stop_after = 0;         // stop after this step (checkpointed); 0 = run to the end
   bool bf16_autocast = false;     // forward in bf16 autocast; weights, grads, optimizer stay fp32
   bool dump_batches = false;      // write each step's micro-batches to <output_dir>/batches
+  bool skip_nonfinite = false;    // a non-finite loss or grad norm: drop the update and go on
+                                  // (training.nonfinite: skip) instead of stopping with an error
+  int64_t max_skipped = 5;        // ... at most this many steps in a row
   bool progress_bar = false;      // redrawn bar (terminal) instead of log lines
   double peak_flops = 0;          // MFU denominator, FLOP/s
   double flops_per_token = 0;     // see train_flops_per_token

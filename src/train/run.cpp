@@ -384,6 +384,8 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   lo.stop_after = t.stop_after;
   lo.bf16_autocast = bf16;
   lo.dump_batches = t.dump_batches;
+  lo.skip_nonfinite = t.nonfinite == "skip";
+  lo.max_skipped = t.max_skipped;
   lo.progress_bar = cfg.logging.progress == "bar" ||
                     (cfg.logging.progress == "auto" && ::isatty(STDERR_FILENO));
   // MFU's denominator: every rank's device works on the logged tokens (data-parallel replicas
