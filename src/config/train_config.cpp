@@ -255,6 +255,8 @@ bool keeps_run_on_resume(const std::string& key) {
       "training.save_every", "training.keep_last",  "training.stop_after",
       "training.resume",     "training.output_dir", "training.threads",
       "training.dump_batches", "parallel.timeout_s",  "parallel.bucket_mb",
+      // What happens at a non-finite step (the error message suggests switching to skip).
+      "training.nonfinite", "training.max_skipped",
       // Where layers sit and in which order micro-batches run: the same updates.
       "parallel.pp", "parallel.schedule", "parallel.micro_batches", "parallel.split",
       "parallel.devices"};

@@ -54,7 +54,9 @@ def test_stop_keeps_the_last_checkpoint(tmp_path):
     assert "training.nonfinite: stop" in line, line
     ckpts = sorted(d.name for d in (out / "checkpoints").iterdir())
     assert ckpts == ["step-1", "step-2"], ckpts
-    run(out, "training.resume=auto")  # no NaN this time
+    # No NaN this time; switching to skip (as the error suggests) keeps the run the same.
+    p = run(out, "training.resume=auto", "training.nonfinite=skip")
+    assert 'training.nonfinite "stop" -> "skip"' in p.stderr, p.stderr[-2000:]
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(whole)]
     assert same(out / "final" / "model.safetensors", whole / "final" / "model.safetensors")
 
