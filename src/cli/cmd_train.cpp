@@ -43,7 +43,9 @@ void run_train(const TrainArgs& a) {
     return;
   }
   // run_training validates the whole config before it allocates anything.
-  train::run_training(config::load_train_config(a.config, a.sets));
+  const train::RunSummary s = train::run_training(config::load_train_config(a.config, a.sets));
+  // Preempted: the checkpoint is written; exit as a process the signal ended would (143, 130).
+  if (s.stop_signal != 0) std::exit(128 + s.stop_signal);
 }
 
 }  // namespace

@@ -40,6 +40,9 @@ struct TrainState {
   // sent and seconds it waited on collectives.
   int64_t comm_bytes = 0;
   double comm_exposed_s = 0.0;
+  // The run stopped early because a rank was signalled (preempt.h): this process's signal, or
+  // SIGTERM when only another rank got one; 0 = not stopped by a signal. Not checkpointed.
+  int stop_signal = 0;
 
 
   nlohmann::json to_json() const;

@@ -36,6 +36,11 @@ class GroupStrategy : public Strategy {
     group_.all_reduce(t, "all-reduce of the loss sum");
     return t.item<double>();
   }
+  bool any_rank(bool local) override {  // over the whole world, whatever the strategy's groups
+    at::Tensor t = at::full({1}, local ? 1 : 0, at::TensorOptions(at::kLong).device(device_));
+    group_.all_reduce(t, "all-reduce of the stop flag");
+    return t.item<int64_t>() > 0;
+  }
   void barrier(const std::string& what, double timeout_s) override {
     std::optional<std::chrono::milliseconds> t;
     if (timeout_s > 0) t = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -313,7 +314,12 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     if (do_eval) run_eval(step, rec);
     if (do_log && main) metrics.write(rec);
 
-    const bool stopping = step == end && end < o.total_steps;
+    // Preemption: a stop signal on any rank ends the run after this step, with a checkpoint.
+    const int signal = o.stop_signal ? o.stop_signal() : 0;
+    const bool preempted =
+        step < o.total_steps && (distributed ? strategy.any_rank(signal != 0) : signal != 0);
+    if (preempted) state.stop_signal = signal != 0 ? signal : SIGTERM;
+    const bool stopping = (step == end && end < o.total_steps) || preempted;
     if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
       const auto tc = Clock::now();
       std::filesystem::path dir;
@@ -341,6 +347,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       if (distributed) strategy.barrier("barrier after the checkpoint of step " +
                                         std::to_string(step), o.save_wait_s);
     }
+    if (preempted) break;
   }
   progress.finish();
   return state;

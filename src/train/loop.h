@@ -7,6 +7,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <vector>
 
 #include "data/dataset.h"
@@ -44,6 +45,8 @@ struct LoopOptions {
   std::filesystem::path tokenizer_dir;  // its tokenizer files go into each checkpoint
   std::string base_model;         // a LoRA checkpoint's base_model_name_or_path
   double save_wait_s = 1800;      // how long the other ranks wait for rank 0 to save a checkpoint
+  // The stop signal this process received (preempt.h), polled after every step; null = none.
+  std::function<int()> stop_signal;
 };
 
 struct EvalResult {
@@ -56,7 +59,8 @@ struct EvalResult {
 EvalResult evaluate(model::LlamaForCausalLM& m, const std::vector<data::Batch>& batches,
                     bool bf16_autocast, at::Device device);
 
-// Runs steps state.step+1 .. total_steps (or stop_after). `train` must already be positioned at
+// Runs steps state.step+1 .. total_steps (or stop_after, or the step in which any rank received a
+// stop signal: then state.stop_signal says which, after the checkpoint). `train` must already be positioned at
 // state.epoch/position. Returns the state after the last step run. A non-finite loss on the first
 // step it runs is an error (naming the step).
 TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::AdamW& opt,

@@ -50,6 +50,7 @@ class LoraStrategy : public Strategy {
   double clip_and_step(optim::AdamW& opt, double lr, double max_grad_norm) override {
     return inner_.clip_and_step(opt, lr, max_grad_norm);
   }
+  bool any_rank(bool local) override { return inner_.any_rank(local); }
   void barrier(const std::string& what, double timeout_s) override {
     inner_.barrier(what, timeout_s);
   }

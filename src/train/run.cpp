@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -29,6 +30,7 @@
 #include "train/lora_strategy.h"
 #include "train/loop.h"
 #include "train/loss_plot.h"
+#include "train/preempt.h"
 #include "train/parallelize.h"
 #include "train/report.h"
 
@@ -384,6 +386,7 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   lo.stop_after = t.stop_after;
   lo.bf16_autocast = bf16;
   lo.dump_batches = t.dump_batches;
+  lo.stop_signal = [] { return StopSignals::received(); };
   lo.skip_nonfinite = t.nonfinite == "skip";
   lo.max_skipped = t.max_skipped;
   lo.progress_bar = cfg.logging.progress == "bar" ||
@@ -422,6 +425,7 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   s.eval_loss = state.last_eval_loss;
   s.eval_step = state.last_eval_step;
   s.finished = state.step >= total_steps;
+  s.stop_signal = state.stop_signal;
   s.output_dir = out;
   if (auto ck = latest_checkpoint(out)) s.last_checkpoint = *ck;
   if (s.finished) {
@@ -466,6 +470,10 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
   os << "metrics: " << metrics_path.string() << " (plot: " << (out / "loss_curve.svg").string()
      << ")\n";
+  if (s.stop_signal != 0) {
+    os << "stopped by " << (s.stop_signal == SIGINT ? "SIGINT" : "SIGTERM") << " after step "
+       << s.steps << " (checkpoint written); run the same command again to resume\n";
+  }
   if (!s.finished) os << "resume with training.resume: auto (same output_dir)\n";
   std::cout << os.str() << std::flush;
   return s;
@@ -577,7 +585,10 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
                    optim::cpu_adam_isa(), at::get_num_threads());
     }
   }
-  state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
+  {
+    const StopSignals signals;  // SIGTERM/SIGINT: stop after the step, with a checkpoint
+    state = train_loop(m, run_strategy, opt, data.train, data.valid, state, lo, metrics);
+  }
 
   // 6. Final model and summary.
   return finalize(state, total_steps, m, opt, src, out, metrics.path(), run_strategy);

@@ -22,7 +22,8 @@ struct RunSummary {
   double final_loss = 0;
   double eval_loss = 0;       // of the last evaluation; NaN when there was none
   int64_t eval_step = -1;     // the step eval_loss was measured at
-  bool finished = false;      // false when stopped early (training.stop_after)
+  bool finished = false;      // false when stopped early (training.stop_after, a stop signal)
+  int stop_signal = 0;        // SIGTERM or SIGINT when a stop signal ended the run early
   ParamReport params;         // parameter counts and memory by role, at the end
   std::string strategy = "none";  // parallel.strategy as resolved (none, ddp, zero1, zero2)
   int world_size = 1;         // ranks that trained

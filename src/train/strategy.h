@@ -130,6 +130,9 @@ class Strategy {
     return opt.clip_and_step(lr, max_grad_norm);
   }
 
+  // Whether `local` holds on any rank (every rank must call it): a stop signal one rank got.
+  virtual bool any_rank(bool local) { return local; }
+
   // Waits until every rank gets here; timeout_s 0 = the group's (parallel.timeout_s).
   virtual void barrier(const std::string& /*what*/, double /*timeout_s*/ = 0) {}
 
