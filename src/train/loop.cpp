@@ -248,6 +248,13 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       skipped_in_a_row = 0;
     }
 
+    // Preemption: a stop signal on any rank ends the run after this step, with a checkpoint (the
+    // ranks agree here, so the flag's all-reduce counts in this step's traffic).
+    const int signal = o.stop_signal ? o.stop_signal() : 0;
+    const bool preempted =
+        step < o.total_steps && (distributed ? strategy.any_rank(signal != 0) : signal != 0);
+    if (preempted) state.stop_signal = signal != 0 ? signal : SIGTERM;
+
     state.step = step;
     state.epoch = train.epoch();
     state.position = train.position();
@@ -314,11 +321,6 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     if (do_eval) run_eval(step, rec);
     if (do_log && main) metrics.write(rec);
 
-    // Preemption: a stop signal on any rank ends the run after this step, with a checkpoint.
-    const int signal = o.stop_signal ? o.stop_signal() : 0;
-    const bool preempted =
-        step < o.total_steps && (distributed ? strategy.any_rank(signal != 0) : signal != 0);
-    if (preempted) state.stop_signal = signal != 0 ? signal : SIGTERM;
     const bool stopping = (step == end && end < o.total_steps) || preempted;
     if ((o.save_every > 0 && (step % o.save_every == 0 || last)) || stopping) {
       const auto tc = Clock::now();
