@@ -33,9 +33,11 @@ BASE = ["data.seq_len=64", "data.valid=", "logging.peak_flops=1e10", "training.t
 STEPS, ACCUM, MB = 20, 2, 2
 FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.5",
         "training.weight_decay=0.1"]
+# The LoRA runs' adapter: r 4 on every linear, lr 1e-2 (test_model_parallel, test_pipeline too).
+ADAPTER = ["training.lr=1e-2", "lora.r=4", "lora.alpha=8",
+           "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", "training.max_grad_norm=0.05",
-        "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
-        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+        *ADAPTER]
 
 
 def tiny_model(tmp_path_factory, seed=7) -> Path:

@@ -11,15 +11,15 @@ import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import free_port, rank_env, single_train, tiny_models, train_args, weight_file
+from ddp_util import (ADAPTER, free_port, rank_env, single_train, tiny_models, train_args,
+                      weight_file)
 from ftune_testing import SOURCE_DIR, ftune
 from train_testing import metrics, one_error_line
 
 STEPS = 8
 FULL = [f"training.steps={STEPS}", "training.grad_accum=2", "training.micro_batch=2",
         "training.max_grad_norm=0.5", "training.weight_decay=0.1"]
-LORA = [*FULL, "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
-        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+LORA = [*FULL, *ADAPTER]
 QLORA = [*LORA, "quant.compute_dtype=fp32"]
 MODES = {"full": FULL, "lora": LORA, "qlora": QLORA}
 

@@ -24,8 +24,8 @@ import pytest
 
 from safetensors.torch import load_file
 
-from ddp_util import (ddp_train, killed_in_collective, max_rel, single_train, start_ranks,
-                      tensors_max_rel, tiny_models, weight_file)
+from ddp_util import (ADAPTER, ddp_train, killed_in_collective, max_rel, single_train,
+                      start_ranks, tensors_max_rel, tiny_models, weight_file)
 from ftune_testing import SOURCE_DIR, ftune
 from train_testing import metrics, one_error_line
 
@@ -34,8 +34,7 @@ STEPS, ACCUM, MB = 20, 4, 2
 FULL = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", f"training.micro_batch={MB}",
         "training.max_grad_norm=0.5", "training.weight_decay=0.1"]
 LORA = [f"training.steps={STEPS}", f"training.grad_accum={ACCUM}", f"training.micro_batch={MB}",
-        "training.max_grad_norm=0.05", "training.lr=1e-2", "lora.r=4", "lora.alpha=8",
-        "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+        "training.max_grad_norm=0.05", *ADAPTER]
 QLORA = [*LORA, "quant.compute_dtype=fp32"]
 MODES = {"full": FULL, "lora": LORA, "qlora": QLORA}
 
