@@ -3,6 +3,7 @@
 // "ftune: error: ..." line and exit code 1, never a crash. --help and --version exit 0.
 #include <c10/util/Exception.h>
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
 
@@ -11,6 +12,10 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f) would kill the process in the middle of a write (SIGXFSZ);
+  // ignored, the write fails with EFBIG and the writer reports it naming the file, while the
+  // temp-and-rename writes leave the previous checkpoint or model as it was.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"ftune: fine-tune Llama-family models natively (full, LoRA or QLoRA; on one CPU or GPU, "
                "or data-parallel over several processes)"};
   app.require_subcommand(1);
