@@ -393,6 +393,8 @@ EstimateOptions options_from_train_config(const config::TrainConfig& t, int64_t 
   if (o.strategy == Strategy::kModelParallel) {
     o.pp = static_cast<int64_t>(t.parallel.devices.size());
     o.world_size = o.pp;
+  } else if (o.strategy == Strategy::kPipeline) {
+    o.pp = t.parallel.pp;
   }
   o.bf16 = t.model.dtype == "bf16";
   o.grad_ckpt = t.model.grad_checkpointing;

@@ -90,7 +90,7 @@ StepTime step_time(const model::LlamaConfig& c, const EstimateOptions& o, const 
 const std::vector<Strategy>& fit_strategies() {
   static const std::vector<Strategy> s = {Strategy::kSingle, Strategy::kDdp,  Strategy::kZero1,
                                           Strategy::kZero2,  Strategy::kFsdp,
-                                          Strategy::kModelParallel};
+                                          Strategy::kPipeline, Strategy::kModelParallel};
   return s;
 }
 
@@ -100,7 +100,9 @@ FitResult fit(const model::LlamaConfig& c, const FitOptions& f) {
   for (Method m : f.methods) {
     for (Strategy s : f.strategies) {
       if ((s == Strategy::kSingle) != (f.gpus == 1)) continue;
-      if (s == Strategy::kModelParallel && f.gpus > c.num_hidden_layers) continue;
+      // A stage per GPU (pipeline: pp = gpus, no data parallelism), at least one layer each.
+      const bool staged = s == Strategy::kModelParallel || s == Strategy::kPipeline;
+      if (staged && f.gpus > c.num_hidden_layers) continue;
       for (int64_t mb : f.micro_batches) {
         for (bool ckpt : {false, true}) {
           for (bool offload : {false, true}) {
@@ -108,7 +110,7 @@ FitResult fit(const model::LlamaConfig& c, const FitOptions& f) {
             EstimateOptions o = f.base;
             o.strategy = s;
             o.world_size = f.gpus;
-            o.pp = s == Strategy::kModelParallel ? f.gpus : 1;
+            o.pp = staged ? f.gpus : 1;
             o.lora_r = m == Method::kFull ? 0 : std::max<int64_t>(o.lora_r, 1);
             o.qlora = m == Method::kQlora;
             o.micro_batch = mb;
@@ -152,6 +154,14 @@ std::vector<std::string> train_overrides(const EstimateOptions& o, const std::st
     std::string devices;
     for (int64_t i = 0; i < o.pp; ++i) devices += (i ? ",cuda:" : "cuda:") + std::to_string(i);
     v.push_back("parallel.devices=[" + devices + "]");
+  } else if (o.strategy == Strategy::kPipeline) {
+    // 1F1B over M = pipeline_micro_batches_per_stage x P micro-batches, one round per step (what
+    // step_time assumes).
+    const int64_t m = SpeedModel{}.pipeline_micro_batches_per_stage * o.pp;
+    v.push_back("parallel.pp=" + std::to_string(o.pp));
+    v.push_back("parallel.schedule=1f1b");
+    v.push_back("training.grad_accum=" + std::to_string(m));
+    v.push_back("parallel.micro_batches=" + std::to_string(m));
   }
   if (o.offload_optimizer) v.push_back("parallel.offload=optimizer");
   if (o.lora()) {

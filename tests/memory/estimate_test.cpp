@@ -229,8 +229,9 @@ TEST(Fit, BestFitsAndIsFastest) {
     EXPECT_GE(r.fitting[i - 1].time.tokens_per_s(), r.fitting[i].time.tokens_per_s());
   }
   // The search covers every method and (with 2 GPUs) every multi-GPU strategy ftune runs.
-  // methods x micro-batches x checkpointing x (ddp, zero1/zero2/fsdp with and without offload, mp)
-  EXPECT_EQ(r.searched, 3 * 7 * 2 * (1 + 2 + 2 + 2 + 1));
+  // methods x micro-batches x checkpointing x (ddp, zero1/zero2/fsdp with and without offload,
+  // pipeline, mp)
+  EXPECT_EQ(r.searched, 3 * 7 * 2 * (1 + 2 + 2 + 2 + 1 + 1));
 }
 
 TEST(Fit, NothingFitsGivesTheClosest) {
@@ -249,12 +250,12 @@ TEST(Fit, NothingFitsGivesTheClosest) {
 // The printed overrides are ftune train config keys that give back the recommended setup.
 TEST(Fit, TrainOverridesParseBackIntoTheSameSetup) {
   const std::string yaml = "model: {path: x}\ndata: {train: t.jsonl}\ntraining: {steps: 1}\n";
-  for (const char* s : {"single", "ddp", "zero1", "zero2", "fsdp", "model_parallel"}) {
+  for (const char* s : {"single", "ddp", "zero1", "zero2", "fsdp", "pipeline", "model_parallel"}) {
     for (Method m : {Method::kFull, Method::kLora, Method::kQlora}) {
       EstimateOptions o;
       o.strategy = parse_strategy(s, "x");
       o.world_size = o.strategy == Strategy::kSingle ? 1 : 4;
-      o.pp = o.strategy == Strategy::kModelParallel ? 4 : 1;
+      o.pp = o.strategy == Strategy::kModelParallel || o.strategy == Strategy::kPipeline ? 4 : 1;
       o.lora_r = m == Method::kFull ? 0 : 16;
       o.lora_targets = {"q_proj", "down_proj"};
       o.qlora = m == Method::kQlora;
