@@ -26,14 +26,17 @@ class GroupStrategy : public Strategy {
     trained_ = Strategy::prepare(m);
     return trained_;
   }
+  // Over the ranks that read different rows (sum_group_).
   int64_t global_sum(int64_t local) override {
+    if (!sum_group_) return local;
     at::Tensor t = at::full({1}, local, at::TensorOptions(at::kLong).device(device_));
-    group_.all_reduce(t, "all-reduce of the batch's target count");
+    sum_group_->all_reduce(t, "all-reduce of the batch's target count");
     return t.item<int64_t>();
   }
   double global_sum(double local) override {
+    if (!sum_group_) return local;
     at::Tensor t = at::full({1}, local, at::TensorOptions(at::kDouble).device(device_));
-    group_.all_reduce(t, "all-reduce of the loss sum");
+    sum_group_->all_reduce(t, "all-reduce of the loss sum");
     return t.item<double>();
   }
   bool any_rank(bool local) override {  // over the whole world, whatever the strategy's groups
@@ -60,6 +63,9 @@ class GroupStrategy : public Strategy {
 
  protected:
   parallel::ProcessGroup& group_;
+  // Where global_sum sums: every rank (data parallelism), or a pipeline stage's replicas (null
+  // when it has none: the stages of one pipeline read the same rows).
+  parallel::ProcessGroup* sum_group_ = &group_;
   at::Device device_;
   std::string name_;
   optim::NamedTensors trained_;  // the model's trainable parameters

@@ -60,6 +60,8 @@ class PipelineStrategy : public GroupStrategy, public MicroBatchRunner {
     } else {
       pp_ = &world;
     }
+    // Every rank reads the rows of its replica: the sums go over the replicas only.
+    sum_group_ = dp_group_.get();
   }
   ~PipelineStrategy() override {
     ddp_.reset();  // its hooks and its group go before the groups
@@ -121,21 +123,6 @@ class PipelineStrategy : public GroupStrategy, public MicroBatchRunner {
                    static_cast<long long>(pp_size_ - 1));
     }
     return trained;
-  }
-
-  // Every rank reads the rows of its replica; the sums go over the replicas only (the stages of
-  // one pipeline saw the same rows).
-  int64_t global_sum(int64_t local) override {
-    if (!dp_group_) return local;
-    at::Tensor t = at::full({1}, local, at::TensorOptions(at::kLong).device(device_));
-    dp_group_->all_reduce(t, "all-reduce of the batch's target count");
-    return t.item<int64_t>();
-  }
-  double global_sum(double local) override {
-    if (!dp_group_) return local;
-    at::Tensor t = at::full({1}, local, at::TensorOptions(at::kDouble).device(device_));
-    dp_group_->all_reduce(t, "all-reduce of the loss sum");
-    return t.item<double>();
   }
 
   void after_backward(const optim::NamedTensors& /*params*/) override {
