@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
-#include <cstdio>
 #include <string_view>
 #include <system_error>
 #include <utility>
@@ -403,15 +402,7 @@ class Lexer {
             size_t at = k - 1;
             const char32_t cp = utf8_next(body, at);
             k = at;
-            char buf[16];
-            if (cp < 0x100) {
-              std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(cp));
-            } else if (cp < 0x10000) {
-              std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(cp));
-            } else {
-              std::snprintf(buf, sizeof buf, "\\U%08x", static_cast<unsigned>(cp));
-            }
-            out += buf;
+            out += py_escape_cp(cp);
           } else {
             out += '\\';
             out += c;

@@ -192,6 +192,18 @@ bool py_printable(char32_t c) {
 
 }  // namespace
 
+std::string py_escape_cp(char32_t c) {
+  char buf[16];
+  if (c < 0x100) {
+    std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
+  } else if (c < 0x10000) {
+    std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+  } else {
+    std::snprintf(buf, sizeof buf, "\\U%08x", static_cast<unsigned>(c));
+  }
+  return buf;
+}
+
 // Python's repr(str).
 std::string py_str_repr(std::string_view s) {
   const bool has_single = s.find('\'') != std::string_view::npos;
@@ -214,14 +226,7 @@ std::string py_str_repr(std::string_view s) {
       std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned>(c & 0xFF));
       out += buf;
     } else if (!py_printable(c)) {
-      if (c < 0x100) {
-        std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(c));
-      } else if (c < 0x10000) {
-        std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
-      } else {
-        std::snprintf(buf, sizeof buf, "\\U%08x", static_cast<unsigned>(c));
-      }
-      out += buf;
+      out += py_escape_cp(c);
     } else {
       utf8_append(out, c);
     }

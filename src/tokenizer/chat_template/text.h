@@ -41,6 +41,8 @@ std::string py_title_str(std::string_view s);    // str.title()
 
 std::string py_float_repr(double d);         // repr(float)
 std::string py_str_repr(std::string_view s);  // repr(str)
+// Python's backslash escape of one code point: \xNN, \uNNNN or \UNNNNNNNN.
+std::string py_escape_cp(char32_t c);
 
 // str.strip / lstrip / rstrip; `chars` null means whitespace.
 std::string py_strip(const std::string& s, const std::u32string* chars, bool left, bool right);
