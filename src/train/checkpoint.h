@@ -48,7 +48,12 @@ struct TrainState {
   // The run stopped early because a rank was signalled (preempt.h): this process's signal, or
   // SIGTERM when only another rank got one; 0 = not stopped by a signal. Not checkpointed.
   int stop_signal = 0;
-
+  // The most live tensor bytes any step of this process's part of the run held (LoopOptions::
+  // measure_memory); not checkpointed.
+  int64_t step_peak_bytes = 0;
+  // The largest share of loss targets among the micro-batches this process ran (the estimator's
+  // target_fraction for the comparison); not checkpointed.
+  double max_target_fraction = 0.0;
 
   nlohmann::json to_json() const;
   // Rejects negative or absurd counts and non-finite numbers: "<origin>: state.step: ...".
