@@ -54,7 +54,13 @@ touch "$RES"
 [ -x "$FT" ] || { echo "bench/gpu.sh: $FT not found: build ftune first" >&2; exit 1; }
 
 log() { echo "[gpu.sh $(date +%T)] $*"; }
-done_case() { [ "${BENCH_FORCE:-0}" = 1 ] && return 1; grep -q "\"case\": \"$1\"" "$RES"; }
+# A case is done once its last run is recorded (the "_done" marker); an interrupted case's
+# records are dropped before it runs again.
+done_case() {
+  [ "${BENCH_FORCE:-0}" = 1 ] && return 1
+  grep "\"case\": \"$1\"" "$RES" | grep -q '"impl": "_done"'
+}
+drop_case() { grep -v "\"case\": \"$1\"" "$RES" >"$RES.tmp"; mv "$RES.tmp" "$RES"; }
 # Seconds each case takes on an H200 (a guess until measured: model writing and loading
 # included); a case starts only when that much is left before BENCH_DEADLINE.
 declare -A EST=([gemm]=15 [lora_1b]=75 [lora_1b_ckpt]=75 [full_1b]=60 [qlora_7b]=100
@@ -136,7 +142,7 @@ model() {
 LORA=(--set lora.r=16 --set lora.alpha=32 --set lora.dropout=0 --set lora.targets=all-linear)
 QUANT=(--set quant.type=nf4 --set quant.double_quant=true --set quant.blocksize=64
        --set quant.compute_dtype=bf16)
-PEAK=$(grep -h '"case": "gemm"' "$RES" 2>/dev/null | tail -1 |
+PEAK=$(grep -h '"flops_per_s"' "$RES" 2>/dev/null | tail -1 |
        $PY -c 'import json,sys; print(json.loads(sys.stdin.read() or "{}").get("flops_per_s", 0))')
 
 run_case() {
@@ -168,7 +174,7 @@ PYEOF
     lora_1b | lora_1b_ckpt)
       local ck=false pk=() mk=()
       [ "$c" = lora_1b_ckpt ] && { ck=true; pk=(--grad-ckpt); mk=(--grad-ckpt); }
-      d=$(model "$P1B" bf16) || return 0
+      d=$(model "$P1B" bf16) || { record "$c" gpu_model "writing the model failed"; return 0; }
       ftune_run "$c" ftune bench/configs/lora_packed.yaml "$d" \
         "--lora-r 16 --lora-targets all-linear --micro-batch $MB_1B --seq-len $SEQ ${mk[*]}" \
         "${LORA[@]}" --set training.micro_batch="$MB_1B" --set model.grad_checkpointing=$ck
@@ -176,13 +182,13 @@ PYEOF
       peer_run "$c" peft_causal peft_train.py --model "$d" --micro-batch "$MB_1B" --dtype bf16 \
         --mask causal "${pk[@]}" ;;
     full_1b)
-      d=$(model "$P1B" bf16) || return 0
+      d=$(model "$P1B" bf16) || { record "$c" gpu_model "writing the model failed"; return 0; }
       ftune_run full_1b ftune bench/configs/train_packed.yaml "$d" \
         "--micro-batch $MB_1B --seq-len $SEQ" --set training.micro_batch="$MB_1B"
       peer_run full_1b torch_loop torch_train.py --model "$d" --micro-batch "$MB_1B" --bf16 \
         --fused --block-mask ;;
     qlora_7b)
-      d=$(model "$P7B" nf4) || return 0
+      d=$(model "$P7B" nf4) || { record "$c" gpu_model "writing the model failed"; return 0; }
       ftune_run qlora_7b ftune bench/configs/lora_packed.yaml "$d" \
         "--qlora --lora-r 16 --lora-targets all-linear --micro-batch $MB_7B --seq-len $SEQ --grad-ckpt" \
         "${LORA[@]}" "${QUANT[@]}" --set training.micro_batch="$MB_7B" \
@@ -190,7 +196,7 @@ PYEOF
       peer_run qlora_7b peft_bnb peft_train.py --model "$d" --micro-batch "$MB_7B" --dtype bf16 \
         --qlora --compute-dtype bf16 --grad-ckpt ;;
     qlora_70b)
-      d=$(model "$P70B" nf4 "$L70") || return 0
+      d=$(model "$P70B" nf4 "$L70") || { record "$c" gpu_model "writing the model failed"; return 0; }
       STEPS=$((WARM + 2)) ftune_run qlora_70b ftune bench/configs/lora_packed.yaml "$d" \
         "--qlora --lora-r 16 --lora-targets all-linear --micro-batch $MB_70B --seq-len $SEQ --grad-ckpt" \
         "${LORA[@]}" "${QUANT[@]}" --set training.micro_batch="$MB_70B" \
@@ -207,8 +213,9 @@ log "$(nproc) CPUs; torch $($PY -c 'import torch;print(torch.__version__)'); ftu
 for c in $CASES; do
   if done_case "$c"; then log "$c: already in $RES (BENCH_FORCE=1 reruns)"; continue; fi
   if out_of_time "$c"; then log "$c: skipped, out of time (a rerun runs it)"; continue; fi
-  if [ "$c" != gemm ] && [ "${PEAK:-0}" = 0 ]; then run_case gemm; fi
-  run_case "$c"
+  if [ "$c" != gemm ] && [ "${PEAK:-0}" = 0 ]; then drop_case gemm; run_case gemm; fi
+  drop_case "$c"
+  run_case "$c" && record "$c" _done "{}"
 done
 
 $PY bench/gpu_report.py "$RES" "$WARM" | tee "$W/table.md"

@@ -72,12 +72,13 @@ do_env() {
     echo "date: $(date -u +%FT%TZ); host: $(uname -srm); cpus: $(nproc)"
     echo "memory: $(free -g 2>/dev/null | awk '/Mem:/{print $2 " GiB total, " $7 " GiB available"}')"
     echo "disk: $(df -h . | awk 'NR==2{print $4 " free of " $2}')"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
+    timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+      --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
     for t in nvcc g++ c++ gcc cmake ninja pkg-config ccache dpkg; do
       printf '%s: %s\n' "$t" "$(command -v $t >/dev/null && { $t --version 2>&1 | grep -m1 -iE 'release|[0-9]+\.[0-9]+' ; } || echo MISSING)"
     done
     echo "python: $(command -v "$PY") $($PY --version 2>&1)"
-    $PY - <<'PYEOF' 2>&1
+    timeout 60 $PY - <<'PYEOF' 2>&1
 import importlib, importlib.metadata as md
 for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors",
              "tokenizers", "pytest", "numpy"):
@@ -92,7 +93,7 @@ print("torch root:", torch.__path__[0])
 PYEOF
   } | tee "$L/env.txt"
   NOTE[env]="$(grep -m1 '^gpu:' "$L/env.txt" | cut -c6-)"
-  $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+  timeout 60 $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' ||
     { NOTE[env]="torch sees no GPU"; ((DRY)) && return 0; return 1; }
 }
 
@@ -138,7 +139,7 @@ do_deps() {
       NOTE[deps]+="; no bitsandbytes (QLoRA peers and checks will skip)"
     fi
   fi
-  $PY - <<'PYEOF' || NOTE[deps]+="; bitsandbytes does not run on the GPU"
+  timeout 60 $PY - <<'PYEOF' || NOTE[deps]+="; bitsandbytes does not run on the GPU"
 import torch, bitsandbytes.functional as F
 q, s = F.quantize_4bit(torch.randn(128, 64, device="cuda"), quant_type="nf4")
 print("bitsandbytes on the GPU: ok,", F.dequantize_4bit(q, s).shape)
@@ -187,7 +188,7 @@ do_test() {
   local rc=$?
   grep -E "^ *[0-9]+/[0-9]+ Test|tests passed|Skipped|Failed|Not Run" "$L/ctest.log" | tail -20
   # the measured parity numbers each test printed
-  grep -E "cuda fp32|cuda bf16|vs PEFT|NCCL|peak_mem_bytes|eval nll|differing from" \
+  grep -E "cuda fp32|cuda bf16|vs PEFT|\(NCCL|peak_mem_bytes|eval nll|differing from" \
     "$L/ctest.log" | sed 's/^[0-9]*: //' | sort -u | tee /tmp/ftune-parity.txt
   NOTE[test]="$(grep -m1 'tests passed' "$L/ctest.log")"
   return $rc
