@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-QUANT_CONFIG = {  # what `ftune quantize` writes (and transformers' save_pretrained of a 4-bit model)
+# What `ftune quantize` writes (and transformers' save_pretrained of a 4-bit model).
+QUANT_CONFIG = {
     "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
     "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4",
     "bnb_4bit_use_double_quant": True, "llm_int8_enable_fp32_cpu_offload": False,

@@ -9,7 +9,8 @@ import statistics as st
 import sys
 
 TITLES = {
-    "lora_1b": "LoRA r16 all linears, TinyLlama-1.1B shape, bf16, seq 2048 packed, no checkpointing",
+    "lora_1b": "LoRA r16 all linears, TinyLlama-1.1B shape, bf16, seq 2048 packed, "
+               "no checkpointing",
     "lora_1b_ckpt": "the same with gradient checkpointing",
     "full_1b": "full fine-tuning, TinyLlama-1.1B shape, bf16 autocast over fp32 master weights",
     "qlora_7b": "QLoRA r16 all linears, Llama-2-7B shape (NF4), compute bf16, checkpointing",
@@ -43,7 +44,8 @@ def main():
         for r in rows:
             impl = r["impl"]
             if "error" in r:
-                print(f"| {impl} | failed: {r['error'][:150]} | | {gb(r.get('predicted_bytes'))} | | |")
+                print(f"| {impl} | failed: {r['error'][:150]} | |"
+                      f" {gb(r.get('predicted_bytes'))} | | |")
                 continue
             if "step_s" not in r:  # a prediction only
                 print(f"| {impl} | | | {gb(r.get('predicted_bytes'))} | | |")

@@ -75,7 +75,11 @@ do_env() {
     timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
       --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
     for t in nvcc g++ c++ gcc cmake ninja pkg-config ccache dpkg; do
-      printf '%s: %s\n' "$t" "$(command -v $t >/dev/null && { $t --version 2>&1 | grep -m1 -iE 'release|[0-9]+\.[0-9]+' ; } || echo MISSING)"
+      if command -v "$t" >/dev/null; then
+        echo "$t: $("$t" --version 2>&1 | grep -m1 -iE 'release|[0-9]+\.[0-9]+')"
+      else
+        echo "$t: MISSING"
+      fi
     done
     echo "python: $(command -v "$PY") $($PY --version 2>&1)"
     timeout 60 $PY - <<'PYEOF' 2>&1
@@ -114,7 +118,8 @@ do_deps() {
   if ((${#missing[@]})); then
     say "missing here: ${missing[*]}"
     if ! ls .gpu-deps/debs/*.deb >/dev/null 2>&1; then
-      NOTE[deps]="missing ${missing[*]}; .gpu-deps/debs not carried (run scripts/gpu_deps.sh on the CPU machine, then carry .gpu-deps)"
+      NOTE[deps]="missing ${missing[*]}; .gpu-deps/debs not carried (run scripts/gpu_deps.sh"
+      NOTE[deps]+=" on the CPU machine, then carry .gpu-deps)"
       return 1
     fi
     rm -rf "$DEPS_PREFIX" && mkdir -p "$DEPS_PREFIX"

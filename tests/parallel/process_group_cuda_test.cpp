@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 
 namespace ftune::parallel {
@@ -33,30 +34,27 @@ TEST(ProcessGroupNccl, CollectivesAtWorldSizeOne) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, 0);
   const at::Tensor ref = at::arange(1000, f32).mul_(0.37);
 
-  at::Tensor a = ref.clone();
-  pg->all_reduce(a, "all-reduce test");
-  EXPECT_TRUE(at::equal(a, ref));
-  at::Tensor a2 = ref.clone();
-  pg->all_reduce_async(a2, "async all-reduce test").wait();
-  EXPECT_TRUE(at::equal(a2, ref));
-
-  at::Tensor b = ref.clone();
-  pg->broadcast(b, 0, "broadcast test");
-  EXPECT_TRUE(at::equal(b, ref));
-
-  at::Tensor g = at::empty_like(ref);
-  pg->all_gather_into(g, ref, "all-gather test");
-  EXPECT_TRUE(at::equal(g, ref));
-  at::Tensor g2 = at::zeros_like(ref);
-  pg->all_gather_into_async(g2, ref, "async all-gather test").wait();
-  EXPECT_TRUE(at::equal(g2, ref));
-
-  at::Tensor rs = at::empty_like(ref);
-  pg->reduce_scatter(rs, ref, "reduce-scatter test");
-  EXPECT_TRUE(at::equal(rs, ref));
-  at::Tensor rs2 = at::zeros_like(ref);
-  pg->reduce_scatter_async(rs2, ref, "async reduce-scatter test").wait();
-  EXPECT_TRUE(at::equal(rs2, ref));
+  // Each collective, blocking and async: with one rank its output equals the input.
+  auto copies = [&](const char* what, const std::function<void(at::Tensor&)>& op) {
+    at::Tensor out = at::zeros_like(ref);
+    op(out);
+    EXPECT_TRUE(at::equal(out, ref)) << what;
+  };
+  copies("all-reduce", [&](at::Tensor& o) { o.copy_(ref); pg->all_reduce(o, "all-reduce test"); });
+  copies("async all-reduce", [&](at::Tensor& o) {
+    o.copy_(ref);
+    pg->all_reduce_async(o, "async all-reduce test").wait();
+  });
+  copies("broadcast", [&](at::Tensor& o) { o.copy_(ref); pg->broadcast(o, 0, "broadcast test"); });
+  copies("all-gather", [&](at::Tensor& o) { pg->all_gather_into(o, ref, "all-gather test"); });
+  copies("async all-gather", [&](at::Tensor& o) {
+    pg->all_gather_into_async(o, ref, "async all-gather test").wait();
+  });
+  copies("reduce-scatter",
+         [&](at::Tensor& o) { pg->reduce_scatter(o, ref, "reduce-scatter test"); });
+  copies("async reduce-scatter", [&](at::Tensor& o) {
+    pg->reduce_scatter_async(o, ref, "async reduce-scatter test").wait();
+  });
 
   // bf16 and int64 travel too (FSDP gathers bf16 compute copies, ZeRO counts in int64)
   at::Tensor h = ref.to(at::kBFloat16);

@@ -39,7 +39,8 @@ if DEV == "cuda" and not torch.cuda.is_available():
 
 from ddp_util import (ADAPTER, clean_env, max_rel, single_train, tensors_max_rel,  # noqa: E402
                       tiny_models, train_args, weight_file)
-from ftune_testing import ftune, rel_err, run, tiny_llama, tool, write_json  # noqa: E402
+from ftune_testing import ftune, rel_err, run, tiny_llama, tool  # noqa: E402
+from test_model_parity import _ftune_forward, _ids  # noqa: E402
 from train_testing import metrics, rel, train  # noqa: E402
 
 torch.set_float32_matmul_precision("highest")  # no TF32 on the oracle side
@@ -51,16 +52,8 @@ NCCL_WORLD1 = 1e-5  # issue 9's sharded-strategy parity bound
 BACKEND = "NCCL" if DEV == "cuda" else "Gloo"
 
 
-def _ids(vocab, batch=2, seq=37, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, seq), generator=g)
-
-
 def _model_tool(model_dir, ids, tmp, *extra):
-    out = tmp / "out.safetensors"
-    run([tool("model_tool"), "--model", model_dir, "--ids", write_json(tmp / "ids.json", ids.tolist()),
-         "--out", out, "--device", DEV, *extra])
-    return load_file(out)
+    return _ftune_forward(model_dir, ids, tmp, "--device", DEV, *extra)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -127,7 +120,8 @@ def test_fp32_training_matches_the_plain_loop_on_cuda(tmp_path):
     final = load_file(out / "final" / "model.safetensors")
     ref = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights = max(rel_err(v, ref[k]) for k, v in final.items())
-    print(f"{DEV} fp32 training: loss {loss:.2e}, grad norm {norm:.2e}, final weights {weights:.2e}")
+    print(f"{DEV} fp32 training: loss {loss:.2e}, grad norm {norm:.2e}, "
+          f"final weights {weights:.2e}")
     assert loss < FP32 and norm < FP32 and weights < FP32
     assert got[-1]["loss"] < got[0]["loss"] - 0.5, "the model should learn"
 

@@ -52,7 +52,9 @@ int quantize_file(const std::string& in, const std::string& out, int64_t blocksi
       tensors.emplace_back(name + ".dequant_dev",
                            quant::dequantize_nf4(t.to(device), w.scalar_type()).cpu());
       quant::Nf4Tensor on_dev = quant::quantize_nf4(w.to(device), o);
-      for (auto& kv : quant::to_bnb_tensors(on_dev.to(at::kCPU), "dev." + name)) tensors.push_back(kv);
+      for (auto& kv : quant::to_bnb_tensors(on_dev.to(at::kCPU), "dev." + name)) {
+        tensors.push_back(kv);
+      }
     }
   }
   io::save_safetensors(out, tensors);
