@@ -118,10 +118,10 @@ void check_inputs(const config::TrainConfig& cfg) {
   check_input_file(cfg, "data.train", cfg.data.train);
   if (!cfg.data.valid.empty()) check_input_file(cfg, "data.valid", cfg.data.valid);
   if (t.resume != "none" && t.resume != "auto" && t.resume != "force") {
-    FTUNE_CHECK(fs::exists(fs::path(t.resume) / "trainer_state.json"), cfg.where("training.resume"),
-                ": training.resume: ", t.resume,
-                ": not a complete checkpoint (expected auto, force, none or a checkpoints/step-N "
-                "dir)");
+    // A dir whose files are damaged passes here: verify_checkpoint names the file later.
+    FTUNE_CHECK(fs::is_directory(t.resume), cfg.where("training.resume"), ": training.resume: ",
+                t.resume, ": not a complete checkpoint (expected auto, force, none or a "
+                "checkpoints/step-N dir)");
   }
   prepare_output_dir(cfg);
 }
@@ -205,19 +205,53 @@ int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows, int world) 
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(t.epochs * rows / per_step)));
 }
 
+// The checkpoint training.resume names, verified (verify_checkpoint): auto and force take the
+// newest that verifies, reporting each newer one that does not on one line, and fail when there
+// are checkpoints but none verifies (rather than start fresh over them); a path must verify.
+// Rank 0 verifies (reading each file once) while the others wait; any_rank carries its verdict,
+// so every rank loads the same checkpoint.
+std::optional<fs::path> choose_checkpoint(const config::TrainConfig& cfg, Strategy& strategy) {
+  const auto& t = cfg.training;
+  const bool main = strategy.is_main(), named = t.resume != "auto" && t.resume != "force";
+  std::vector<fs::path> dirs;
+  if (named && t.resume != "none") dirs = {t.resume};
+  if (!named) dirs = checkpoint_dirs(t.output_dir);
+  for (const fs::path& dir : dirs) {
+    std::string problem;
+    if (main) {
+      try {
+        if (!verify_checkpoint(dir).has_checksums) {
+          std::fprintf(stderr, "resume: warning: %s has no checksums.json (written by an older "
+                       "ftune): loading it unverified\n", dir.c_str());
+        }
+      } catch (const std::exception& e) {  // ftune::Error, or a filesystem error reading it
+        problem = e.what();
+      }
+    }
+    strategy.barrier("barrier while rank 0 verifies checkpoint " + dir.string(), 3600);
+    if (!strategy.any_rank(!problem.empty())) return dir;
+    FTUNE_CHECK(!named, cfg.where("training.resume"), ": training.resume: ",
+                main ? problem : dir.string() + ": rank 0 found it damaged");
+    if (main) {
+      std::fprintf(stderr, "resume: warning: skipping the damaged %s\n", problem.c_str());
+    }
+  }
+  FTUNE_CHECK(dirs.empty(), cfg.where("training.resume"), ": training.resume: ", t.resume,
+              ": none of the ", dirs.size(), " checkpoints in ", (fs::path(t.output_dir) /
+              "checkpoints").string(), " is complete (each is named above); fix or remove them, "
+              "or start fresh with training.resume: none or a new training.output_dir");
+  return std::nullopt;
+}
+
 // The checkpoint to resume from, if any, after checking that it continues this same run: the
 // config stored in it may differ only in keys that keep the run the same (else an error that
 // names the keys; training.resume: force skips this), and its step must not exceed the run's.
 std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_t total_steps,
-                                          int64_t rows, int world, bool main) {
+                                          int64_t rows, Strategy& strategy) {
   const auto& t = cfg.training;
-  const fs::path out = t.output_dir;
-  std::optional<fs::path> dir;
-  if (t.resume == "auto" || t.resume == "force") {
-    dir = latest_checkpoint(out);
-  } else if (t.resume != "none") {
-    dir = t.resume;
-  }
+  const bool main = strategy.is_main();
+  const int world = static_cast<int>(strategy.data_shard().count);
+  const std::optional<fs::path> dir = choose_checkpoint(cfg, strategy);
   if (!dir) return std::nullopt;
   CheckpointInfo info = read_checkpoint_info(*dir);
   const std::string origin = info.state_file.string();
@@ -433,11 +467,16 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
     const fs::path tmp = out / (".tmp-final-" + std::to_string(::getpid()));
     std::error_code ec;
     if (main) fs::remove_all(tmp, ec);
-    save_trained_streamed(tmp, m, src.dir.string(), strategy);  // a model dir, or an adapter dir
-    if (main) {
-      model::copy_tokenizer_files(src.dir, tmp);
-      replace_dir_atomic(tmp, out / "final");
-      s.final_dir = out / "final";
+    try {
+      save_trained_streamed(tmp, m, src.dir.string(), strategy);  // a model dir, or an adapter dir
+      if (main) {
+        model::copy_tokenizer_files(src.dir, tmp);
+        replace_dir_atomic(tmp, out / "final");
+        s.final_dir = out / "final";
+      }
+    } catch (...) {
+      if (main) fs::remove_all(tmp, ec);  // a full disk gets back what the failed write took
+      throw;
     }
   }
   if (!main) return s;
@@ -515,7 +554,7 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   const int64_t total_steps = total_steps_of(cfg, rows, world);
   if (main) clean_up_interrupted_writes(out);
   strategy.barrier("barrier after rank 0 cleaned up interrupted writes");
-  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, world, main);
+  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, strategy);
 
   // 3. Inputs are good: the resolved config goes next to the outputs, and to stdout.
   const std::string yaml = cfg.to_yaml();

@@ -40,6 +40,30 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected 0x82F63B78), bytewise: the oracle for checksums.json."""
+    table = []
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    c = 0xFFFFFFFF
+    for b in data:
+        c = (c >> 8) ^ table[(c ^ b) & 0xFF]
+    return c ^ 0xFFFFFFFF
+
+
+def edit_checkpoint_file(ck: Path, name: str, text: str):
+    """Writes checkpoint file ck/name and updates its checksums.json entry to match: a deliberate
+    edit (which the content checks must still catch), not damage."""
+    (ck / name).write_text(text)
+    sums = json.loads((ck / "checksums.json").read_text())
+    data = (ck / name).read_bytes()
+    sums["files"][name] = {"size": len(data), "crc32c": f"{crc32c(data):08x}"}
+    (ck / "checksums.json").write_text(json.dumps(sums))
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
