@@ -79,7 +79,10 @@ std::string describe(const CLI::ParseError& e, int argc, const char* const* argv
     if (!first.empty() && first[0] == '-') {
       return prefix + first.substr(0, first.find('=')) + ": unknown option (" + help + ")";
     }
-    if (sub.empty() || no_subcommand) {
+    // A command with subcommands of its own (bench) names the word as an unknown subcommand.
+    const bool has_subcommands =
+        !app.get_subcommands([](const CLI::App*) { return true; }).empty();
+    if (sub.empty() || no_subcommand || has_subcommands) {
       return prefix + first + ": unknown subcommand (expected one of " + subcommand_list(app) + ")";
     }
     return prefix + first + ": unexpected argument (" + sub + " takes only --options; " + help +
