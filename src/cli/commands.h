@@ -25,6 +25,7 @@ void register_merge(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_launch(CLI::App& app);
 void register_memory(CLI::App& app);
+void register_plan(CLI::App& app);
 
 // Runs `command` in workers (parallel::launch) and, when one failed or a signal stopped them,
 // ends this process with the launcher's exit code. Shared by `launch` and `train --nproc`.
