@@ -1,8 +1,10 @@
 """Measures this machine's collective latency (alpha) and bandwidth (beta) for `ftune plan`: a ring
 all-reduce over Gloo on loopback between `--nproc` CPU processes (torch.distributed, the transport
 ftune's CPU runs use), timed over sizes from 4 KB to 32 MB, and fitted to the alpha-beta model
-t = 2(n-1) alpha + 2(n-1)/n * bytes / bw (docs/plan.md). Prints one JSON object:
-{"alpha_s": ..., "bw_bytes_per_s": ..., "points": [[bytes, seconds], ...]}.
+t = 2(n-1) alpha + 2(n-1)/n * bytes / bw (docs/plan.md); then the all-gather and reduce-scatter
+of the larger sizes, which Gloo runs at a rate of their own: gather_bw = (n-1)/n * bytes / (t -
+(n-1) alpha), the median. Prints one JSON object: {"alpha_s": ..., "bw_bytes_per_s": ...,
+"gather_bw_bytes_per_s": ..., "points": [[bytes, seconds], ...], "gather_points": [...]}.
 
     .venv/bin/python scripts/gloo_alpha_beta.py --nproc 2
 """
@@ -19,24 +21,34 @@ import torch.multiprocessing as mp
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20]
 
 
+def median_time(reps, op):
+    op()  # warm-up: Gloo sets up the pairs' buffers on first use
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - t0)
+    # The median: the machine is shared, and a preempted rank inflates single samples.
+    return sorted(times)[len(times) // 2]
+
+
 def worker(rank, n, port, reps, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=n)
-    points = []
+    points, gather_points = [], []
     for size in SIZES:
         x = torch.ones(size // 4)
-        dist.all_reduce(x)  # warm-up: Gloo sets up the pairs' buffers on first use
-        times = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            times.append(time.perf_counter() - t0)
-        # The median: the machine is shared, and a preempted rank inflates single samples.
-        points.append([size, sorted(times)[len(times) // 2]])
+        points.append([size, median_time(reps, lambda: dist.all_reduce(x))])
+        if size >= 4 << 20:  # size = the gathered tensor, as docs/plan.md counts it
+            shard, full = torch.ones(size // 4 // n), torch.empty(size // 4 // n * n)
+            gather_points.append(
+                [size, median_time(reps, lambda: dist.all_gather_into_tensor(full, shard))])
+            gather_points.append(
+                [size, median_time(reps, lambda: dist.reduce_scatter_tensor(shard, full))])
     if rank == 0:
-        out.put(points)
+        out.put((points, gather_points))
     dist.destroy_process_group()
 
 
@@ -67,9 +79,13 @@ def main():
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.spawn(worker, args=(a.nproc, port, a.reps, q), nprocs=a.nproc, join=True)
-    points = q.get()
+    points, gather_points = q.get()
     alpha, bw = fit(points, a.nproc)
-    print(json.dumps({"nproc": a.nproc, "alpha_s": alpha, "bw_bytes_per_s": bw, "points": points}))
+    n = a.nproc
+    rates = sorted((n - 1) / n * s / max(t - (n - 1) * alpha, 1e-9) for s, t in gather_points)
+    print(json.dumps({"nproc": n, "alpha_s": alpha, "bw_bytes_per_s": bw,
+                      "gather_bw_bytes_per_s": rates[len(rates) // 2], "points": points,
+                      "gather_points": gather_points}))
 
 
 if __name__ == "__main__":

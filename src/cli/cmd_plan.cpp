@@ -28,6 +28,7 @@ struct PlanArgs {
   int64_t pp = 0, gpus_per_node = 8;
   bool qlora = false, grad_ckpt = false, json = false, given_lora_r = false;
   double efficiency = memory::kDefaultEfficiency, flops = 0, link_bw = 0, latency = -1, mem_bw = 0;
+  double gather_bw = 0, overlap = 1;
   double layer_overhead = -1;
 };
 
@@ -36,7 +37,8 @@ std::string method(const memory::EstimateOptions& o) {
 }
 
 nlohmann::json link_json(const memory::Link& l) {
-  return {{"bytes_per_s", l.bytes_per_s}, {"alpha_s", l.alpha_s}};
+  return {{"bytes_per_s", l.bytes_per_s}, {"alpha_s", l.alpha_s},
+          {"gather_bytes_per_s", l.gather_bw()}};
 }
 
 nlohmann::json plan_json(const model::LlamaConfig& c, const memory::ModelRef& ref,
@@ -52,7 +54,7 @@ nlohmann::json plan_json(const model::LlamaConfig& c, const memory::ModelRef& re
        {{"flops_per_s", m.flops}, {"peak_flops_per_s", m.peak_flops},
         {"memory_bytes", m.memory_bytes}, {"hbm_bytes_per_s", m.hbm_bytes_per_s},
         {"gpus_per_node", m.gpus_per_node}, {"intra_node", link_json(m.intra)},
-        {"inter_node", link_json(m.inter)}}},
+        {"inter_node", link_json(m.inter)}, {"overlap", p.overlap}}},
       {"options",
        {{"method", method(p.base)}, {"dtype", p.base.bf16 ? "bf16" : "fp32"},
         {"micro_batch", p.base.micro_batch}, {"seq_len", p.base.seq_len},
@@ -105,7 +107,7 @@ std::string plan_table(const model::LlamaConfig& c, const memory::ModelRef& ref,
       std::snprintf(line, sizeof line, "%6lld  %-9s  (%s)\n", static_cast<long long>(r.gpus),
                     memory::strategy_name(r.strategy), r.skip.c_str());
     } else {
-      std::snprintf(line, sizeof line, "%6lld  %-9s %10.4g %10.4g %10.4g %12.4g %5.1f%% %9s  %s\n",
+      std::snprintf(line, sizeof line, "%6lld  %-9s %10.4f %10.4f %10.4f %12.0f %5.1f%% %9s  %s\n",
                     static_cast<long long>(r.gpus), memory::strategy_name(r.strategy), r.step_s,
                     r.comm_s, r.comm_exposed_s, r.tokens_per_s, 100 * r.mfu,
                     memory::format_gb(r.memory_bytes).c_str(), r.fits ? "yes" : "no");
@@ -156,6 +158,10 @@ void run_plan(const PlanArgs& a) {
   // One measured link for the machine at hand (e.g. Gloo over loopback): inside and between nodes.
   if (a.link_bw > 0) p.machine.intra.bytes_per_s = p.machine.inter.bytes_per_s = a.link_bw;
   if (a.latency >= 0) p.machine.intra.alpha_s = p.machine.inter.alpha_s = a.latency;
+  if (a.gather_bw > 0) {
+    p.machine.intra.gather_bytes_per_s = p.machine.inter.gather_bytes_per_s = a.gather_bw;
+  }
+  p.overlap = a.overlap;
   if (a.layer_overhead >= 0) p.launch_s_per_layer = a.layer_overhead;
 
   const auto rows = memory::plan(cfg, p, memory::gpu_counts(a.gpus));
@@ -233,6 +239,16 @@ void register_plan(CLI::App& app) {
                   "over loopback)")
       ->type_name("BYTES_PER_S")
       ->check(finite_above_zero());
+  cmd->add_option("--gather-bw", a->gather_bw,
+                  "Measured all-gather / reduce-scatter bandwidth in bytes/s, when it differs "
+                  "from the all-reduce's (Gloo on CPU)")
+      ->type_name("BYTES_PER_S")
+      ->check(finite_above_zero());
+  cmd->add_option("--overlap", a->overlap,
+                  "Share of the hideable communication compute hides, in [0, 1] (default 1; 0 "
+                  "where the cores that compute also move the bytes, e.g. Gloo on CPU)")
+      ->type_name("F")
+      ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--latency", a->latency, "Measured per-message latency in seconds, every link")
       ->type_name("S")
       ->check(CLI::Range(0.0, 1.0));

@@ -51,7 +51,7 @@ double ring_all_reduce_s(double bytes, int64_t n, const Link& l, int64_t calls) 
 double ring_gather_s(double bytes, int64_t n, const Link& l, int64_t calls) {
   if (n <= 1) return 0;
   const double steps = static_cast<double>(n - 1);
-  return steps / static_cast<double>(n) * bytes / l.bytes_per_s +
+  return steps / static_cast<double>(n) * bytes / l.gather_bw() +
          steps * l.alpha_s * static_cast<double>(calls);
 }
 
@@ -170,6 +170,7 @@ PlanRow plan_row(const model::LlamaConfig& c, const PlanOptions& p, int64_t gpus
     }
     default: r.comm_exposed_s = r.comm_s; break;  // zero1, zero2: after the backward
   }
+  r.comm_exposed_s += (1 - p.overlap) * (r.comm_s - r.comm_exposed_s);
   r.step_s = r.compute_s + r.comm_exposed_s;
   r.tokens_per_step = r.dp * r.micro_batches * o.micro_batch * o.seq_len;
   r.tokens_per_s = static_cast<double>(r.tokens_per_step) / r.step_s;

@@ -45,6 +45,9 @@ constexpr double kNvlinkAlphaS = 3e-6;  // per-message latency of an NVLink hop 
 struct Link {
   double bytes_per_s = 0;
   double alpha_s = 0;
+  double gather_bytes_per_s = 0;  // all-gather / reduce-scatter, when the library runs them at
+                                  // another rate than its all-reduce (Gloo on CPU); 0 = the same
+  double gather_bw() const { return gather_bytes_per_s > 0 ? gather_bytes_per_s : bytes_per_s; }
 };
 
 // The time of ring collectives over n ranks on `l` (REFERENCE.md §5 plus the latency term):
@@ -88,6 +91,9 @@ struct PlanOptions {
   std::vector<Strategy> strategies = {Strategy::kDdp, Strategy::kZero1, Strategy::kZero2,
                                       Strategy::kFsdp, Strategy::kPipeline};
   Machine machine;
+  double overlap = 1;     // share of the hideable communication that compute hides: 1 where
+                          // copy engines move the bytes (GPUs), 0 where the cores that compute
+                          // also move them (Gloo on CPU)
   double launch_s_per_layer = SpeedModel{}.launch_s_per_layer;
   double qlora_slowdown = SpeedModel{}.qlora_slowdown;
 };

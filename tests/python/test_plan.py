@@ -154,11 +154,21 @@ def test_global_batch_fixes_the_tokens_and_skips_what_cannot_split():
 
 def test_measured_figures_replace_the_datasheet():
     j = plan_json("--model", "tiny", "--gpus", "2", "--dtype", "fp32", "--measured-flops", "2e10",
-                  "--interconnect-bw", "1e9", "--latency", "1e-4", "--gpu-mem", "24GB")
+                  "--interconnect-bw", "1e9", "--latency", "1e-4", "--gpu-mem", "24GB",
+                  "--gather-bw", "2.5e8", "--overlap", "0")
     m = j["machine"]
-    assert m["flops_per_s"] == 2e10 and m["memory_bytes"] == 24e9
-    assert m["intra_node"] == m["inter_node"] == {"bytes_per_s": 1e9, "alpha_s": 1e-4}
+    assert m["flops_per_s"] == 2e10 and m["memory_bytes"] == 24e9 and m["overlap"] == 0
+    assert m["intra_node"] == m["inter_node"] == {"bytes_per_s": 1e9, "alpha_s": 1e-4,
+                                                  "gather_bytes_per_s": 2.5e8}
     assert [r["gpus"] for r in j["rows"]] == [2] * 5
+    # Nothing hides with --overlap 0; zero2's gathers run at --gather-bw: its reduce-scatter and
+    # all-gather of the 4-byte gradients and parameters, 1/2 of 4 Psi each, plus three latency
+    # terms (two gathers of one step, the norm's all-reduce of two).
+    by = {r["strategy"]: r for r in j["rows"]}
+    for r in j["rows"]:
+        assert r["comm_exposed_s"] == pytest.approx(r["comm_s"])
+    psi = j["model"]["parameters"]
+    assert by["zero2"]["comm_s"] == pytest.approx(2 * 0.5 * 4 * psi / 2.5e8 + 2 * 1e-4 + 2 * 1e-4)
 
 
 # --- validation on this machine (slow) ---------------------------------------------------------
@@ -248,12 +258,14 @@ def validate(tmp: Path, shapes=None):
                 "--micro-batch", str(mb), "--seq-len", str(seq), "--strategies", s,
                 "--measured-flops", repr(flops), "--interconnect-bw", repr(link["bw_bytes_per_s"]),
                 "--latency", repr(link["alpha_s"]), "--mem-bw", repr(mem_bw),
+                "--gather-bw", repr(link["gather_bw_bytes_per_s"]), "--overlap", "0",
                 "--layer-overhead", "0", "--json").stdout)["rows"][0]
             rows.append({"shape": name, "strategy": s, "measured_step_s": measured,
                          "measured_exposed_s": exposed, "projected_step_s": pj["step_s"],
                          "projected_exposed_s": pj["comm_exposed_s"],
                          "error": pj["step_s"] / measured - 1, "single_step_s": t1,
-                         "flops": flops, "link": {k: link[k] for k in ("alpha_s", "bw_bytes_per_s")},
+                         "flops": flops, "link": {k: link[k] for k in ("alpha_s", "bw_bytes_per_s",
+                                                          "gather_bw_bytes_per_s")},
                          "mem_bw": mem_bw})
     return rows
 
@@ -266,8 +278,10 @@ def print_table(rows):
               f"{r['projected_step_s']:12.4f} {100 * r['error']:6.1f}% "
               f"{r['measured_exposed_s']:10.4f} {r['projected_exposed_s']:10.4f}")
     r = rows[0]
-    print(f"link: alpha {r['link']['alpha_s'] * 1e6:.1f} us, {r['link']['bw_bytes_per_s'] / 1e9:.2f}"
-          f" GB/s; memory {r['mem_bw'] / 1e9:.2f} GB/s")
+    print(f"link: alpha {r['link']['alpha_s'] * 1e6:.1f} us, all-reduce "
+          f"{r['link']['bw_bytes_per_s'] / 1e9:.2f} GB/s, gathers "
+          f"{r['link']['gather_bw_bytes_per_s'] / 1e9:.2f} GB/s; memory {r['mem_bw'] / 1e9:.2f} GB/s;"
+          f" compute (GFLOP/s): " + ", ".join(f"{x['shape']} {x['flops'] / 1e9:.1f}" for x in rows[::3]))
 
 
 def test_measured_two_rank_step_times_within_25_percent(tmp_path):
