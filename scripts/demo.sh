@@ -81,4 +81,32 @@ evals = [json.loads(l) for l in open(sys.argv[1]) if "eval_loss" in l]
 b, a = evals[0]["eval_loss"], evals[-1]["eval_loss"]
 print(f"held-out loss: before {b:.4f} -> after {a:.4f} ({(b - a) / b * 100:.1f}% lower)")
 PY
-echo "== run written to $OUT/ (config.yaml, metrics.jsonl, loss_curve.svg, final/)"
+# The estimate-vs-measured line for this very run, and results/demo*/report.md.
+python3 - "$OUT" "$CONFIG" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+out, config = Path(sys.argv[1]), sys.argv[2]
+mem = json.loads((out / "memory.json").read_text())
+rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+train = [r for r in rows if "tokens_per_s" in r]
+m, p = mem["measured"]["step_peak_tensor_bytes"], mem["predicted"]["total"]
+line = (f"memory: measured peak {m / 1e6:.1f} MB of tensors per step (rank 0), ftune memory "
+        f"predicted {p / 1e6:.1f} MB: measured/predicted {m / p:.3f}")
+print(line)
+evals = [r for r in rows if "eval_loss" in r]
+report = [f"# ftune demo: {config}", "",
+          f"- held-out loss: {evals[0]['eval_loss']:.4f} before -> {evals[-1]['eval_loss']:.4f} after"
+          if len(evals) > 1 else "- held-out loss: (no evaluation)",
+          f"- final training loss {train[-1]['loss']:.4f} after {train[-1]['step']} steps, "
+          f"{train[-1]['tokens_per_s']:.0f} tokens/s",
+          f"- {line}", "", "Predicted breakdown (bytes, rank 0):", "",
+          "| component | bytes |", "|---|---|"]
+report += [f"| {k} | {v} |" for k, v in mem["predicted"]["rank"].items() if v]
+for name in ("answers_before.txt", "answers_after.txt"):
+    if (out / name).exists():
+        report += ["", f"## {name[:-4].replace('_', ' ')}", "", "```",
+                   (out / name).read_text().rstrip(), "```"]
+report += ["", "Loss curve: loss_curve.svg; metrics: metrics.jsonl; memory: memory.json."]
+(out / "report.md").write_text("\n".join(report) + "\n")
+PY
+echo "== run written to $OUT/ (config.yaml, metrics.jsonl, loss_curve.svg, memory.json, report.md, final/)"

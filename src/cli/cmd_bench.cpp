@@ -2,6 +2,7 @@
 //   ftune bench forward --preset NAME|--config FILE --batch B --seq-len T [--steps N] [--dtype]
 //       forward+backward of the mean causal-LM loss on random ids; prints tokens/s and FLOP/s.
 //   ftune bench gemm [--size N]: the machine's fp32/bf16 GEMM rate (the MFU denominator).
+//   ftune bench --config FILE --strategies ...: the strategy benchmark (cmd_bench_strategies.cpp).
 // Timings exclude a warm-up step. Results print as one JSON line for scripts.
 #include <nlohmann/json.hpp>
 
@@ -93,8 +94,11 @@ void run_gemm(const BenchArgs& a) {
 
 void register_bench(CLI::App& app) {
   auto a = std::make_shared<BenchArgs>();
-  auto* cmd = app.add_subcommand("bench", "Micro-benchmarks (see bench/ for the peer comparisons)");
-  cmd->require_subcommand(1);
+  auto* cmd = app.add_subcommand(
+      "bench", "Micro-benchmarks (forward, gemm; see bench/ for the peer comparisons), or the "
+               "strategy benchmark: --config FILE --strategies LIST --nproc N --out DIR");
+  cmd->require_subcommand(0, 1);
+  register_bench_strategies(cmd);
   auto* fwd = cmd->add_subcommand("forward", "Forward+backward tokens/s of a random model");
   auto* shape = fwd->add_option_group("shape", "The model's shape (exactly one)");
   shape->add_option("--preset", a->preset, "Model preset (see init-model --help)")

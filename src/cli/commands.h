@@ -26,6 +26,8 @@ void register_quantize(CLI::App& app);
 void register_launch(CLI::App& app);
 void register_memory(CLI::App& app);
 void register_plan(CLI::App& app);
+// The strategy benchmark's options and callback on `ftune bench` (cmd_bench_strategies.cpp).
+void register_bench_strategies(CLI::App* bench);
 
 // Runs `command` in workers (parallel::launch) and, when one failed or a signal stopped them,
 // ends this process with the launcher's exit code. Shared by `launch` and `train --nproc`.

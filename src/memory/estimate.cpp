@@ -365,9 +365,12 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     b.activations = o.grad_ckpt ? layers * e.act_per_layer_ckpt * in_flight + e.act_per_layer
                                 : layers * e.act_per_layer * in_flight;
     b.activations += mask_bool * in_flight;
-    // The backward of a layer's MLP makes the gradients of silu's output and of up_proj's output
-    // ([T, f] each, compute dtype) while that layer's saved activations are still held.
-    if (layers > 0) b.backward_temps = 2 * cb * T * c.intermediate_size;
+    // The backward of a layer's MLP holds down_proj's input gradient and makes those of silu's
+    // output and of up_proj's output ([T, f] each, compute dtype) while the layer's saved
+    // activations are still held; when down_proj keeps its input (it trains or is adapted), that
+    // saved [T, f] is freed first, so one fewer counts.
+    const bool down_saves_input = full || has(targets_of(o), "down_proj");
+    if (layers > 0) b.backward_temps = (down_saves_input ? 2 : 3) * cb * T * c.intermediate_size;
     if (last) {
       b.activations += final_norm_act;
       b.logits = o.chunked_loss ? e.logits_chunked : e.logits_full;

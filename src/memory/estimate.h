@@ -114,8 +114,9 @@ struct Breakdown {
   int64_t gathered_params = 0;   // fsdp: gathered units; QLoRA: one dequantized linear
   int64_t comm_buffers = 0;      // during forward/backward: DDP buckets, FSDP unit gradients,
                                  // pipeline hand-offs
-  int64_t backward_temps = 0;    // a layer's backward working set: SwiGLU's two [T, f] input
-                                 // gradients beside the layer's own activations
+  int64_t backward_temps = 0;    // a layer's backward working set: SwiGLU's [T, f] gradients
+                                 // (3, or 2 when down_proj keeps its input) beside the layer's
+                                 // own activations
   int64_t step_buffers = 0;      // during the optimizer step only: ZeRO's flat sum/gather buffers
   int64_t overhead = 0;
   int64_t grad_timed = 0;          // gradients (and ftune's gradient-sized extras) held only from

@@ -242,7 +242,7 @@ std::string estimate_table(const model::LlamaConfig& c, const ModelRef& m,
     if (o.pp > 1) what += (what.empty() ? "" : " + ") + std::string("stage hand-offs");
     row("communication buffers", b.comm_buffers, what);
   }
-  if (b.backward_temps) row("backward working set", b.backward_temps, "2 [T, f] SwiGLU gradients");
+  if (b.backward_temps) row("backward working set", b.backward_temps, "SwiGLU's [T, f] gradients (2-3)");
   if (b.step_buffers) row("optimizer-step buffers", b.step_buffers, "flat gradient sum / gather (after backward)");
   row("framework overhead", b.overhead, "CUDA context, workspaces, fragmentation");
   if (b.grad_timed) {

@@ -152,7 +152,7 @@ def test_global_batch_fixes_the_tokens_and_skips_what_cannot_split():
     assert rows[128]["skip"].startswith("global batch 64 is not a multiple")
 
 
-def test_measured_figures_replace_the_datasheet():
+def test_overrides_replace_the_datasheet():
     j = plan_json("--model", "tiny", "--gpus", "2", "--dtype", "fp32", "--measured-flops", "2e10",
                   "--interconnect-bw", "1e9", "--latency", "1e-4", "--gpu-mem", "24GB",
                   "--gather-bw", "2.5e8", "--overlap", "0")

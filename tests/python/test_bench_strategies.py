@@ -1,0 +1,87 @@
+"""`ftune bench --strategies` (issue 11 item 3): the full matrix on the tiny preset, read back from
+its own output files. single, ddp, zero1, zero2, fsdp and pipeline x full, LoRA and QLoRA x with and
+without activation checkpointing, 2 ranks: every cell runs, its measured step peak (rank 0's live
+tensor bytes) is within 10% of `ftune memory`'s prediction for it, cells of one method train the
+same global batch (equal final losses across strategies), summary.csv agrees with summary.json,
+report.md shows every run, and scripts/plot_bench.py draws its four charts."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ftune_testing import SOURCE_DIR, ftune
+
+STRATEGIES = ["single", "ddp", "zero1", "zero2", "fsdp", "pipeline"]
+METHODS = ["full", "lora", "qlora"]
+SETS = ["training.steps=3", "logging.log_every=1", "data.valid=", "training.threads=1",
+        "logging.peak_flops=1e10", "data.seq_len=256", "training.micro_batch=4"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--config", SOURCE_DIR / "configs" / "tiny_full.yaml", "--strategies",
+            ",".join(STRATEGIES), "--nproc", "2", "--methods", ",".join(METHODS), "--grad-ckpt",
+            "both", "--out", out]
+    for s in SETS:
+        args += ["--set", s]
+    ftune(*args, cwd=SOURCE_DIR, timeout=900)
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_every_cell_runs_and_memory_is_within_10_percent(bench):
+    _, summary = bench
+    runs = summary["runs"]
+    assert len(runs) == len(STRATEGIES) * len(METHODS) * 2
+    assert all(r["ok"] for r in runs), [r.get("error") for r in runs if not r["ok"]]
+    bad = [(r["name"], round(r["memory_ratio"], 3)) for r in runs
+           if not 0.9 <= r["memory_ratio"] <= 1.1]
+    assert not bad, f"measured/predicted outside [0.9, 1.1]: {bad}"
+    for r in runs:
+        assert r["tokens_per_s"] > 0 and r["steps"] == 3
+
+
+def test_equal_work_gives_equal_losses(bench):
+    _, summary = bench
+    by_cell = {}
+    for r in summary["runs"]:
+        by_cell.setdefault((r["method"], r["grad_ckpt"]), []).append(r["final_loss"])
+    for cell, losses in by_cell.items():
+        assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), (cell, losses)
+
+
+def test_csv_report_and_charts(bench):
+    out, summary = bench
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["name"] for r in rows] == [r["name"] for r in summary["runs"]]
+    for row, r in zip(rows, summary["runs"]):
+        assert float(row["tokens_per_s"]) == pytest.approx(r["tokens_per_s"])
+        assert int(row["measured_peak_bytes"]) == r["measured_peak_bytes"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {r['name']} |" in report for r in summary["runs"])
+    subprocess.run([sys.executable, SOURCE_DIR / "scripts" / "plot_bench.py", out], check=True)
+    for png in ["tokens_per_s.png", "memory.png", "loss.png", "comm_exposed.png"]:
+        assert (out / png).stat().st_size > 10_000, png
+        assert f"({png})" in report
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--strategies", "ddp,warp"], "--strategies: unknown strategy \"warp\""),
+    (["--strategies", "ddp", "--methods", "full,dora"], "--methods: unknown method \"dora\""),
+    (["--strategies", "ddp", "--grad-ckpt", "maybe"], "--grad-ckpt: expected off, on or both"),
+    (["--strategies", "ddp", "--nproc", "1"], "--nproc: the distributed strategies need at least 2"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    p = ftune("bench", "--config", SOURCE_DIR / "configs" / "tiny_full.yaml", "--out", tmp_path,
+              *args, check=False, cwd=SOURCE_DIR)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_config_with_lora_is_refused(tmp_path):
+    p = ftune("bench", "--config", SOURCE_DIR / "configs" / "tiny_full.yaml", "--strategies", "ddp",
+              "--out", tmp_path, "--set", "lora.r=4", check=False, cwd=SOURCE_DIR)
+    assert p.returncode == 1 and "has a lora or quant section" in p.stderr
