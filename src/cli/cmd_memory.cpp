@@ -3,7 +3,6 @@
 // the `ftune train --set` lines that run it. Parses and checks flags only; the arithmetic and the
 // rendering live in src/memory. See docs/memory.md.
 #include <algorithm>
-#include <filesystem>
 #include <iostream>
 
 #include "cli/commands.h"
@@ -30,36 +29,9 @@ struct MemoryArgs {
   bool given_lora_r = false, given_ckpt = false, given_offload = false, given_qlora = false;
 };
 
-std::string preset_list() {
-  std::string names;
-  for (const auto& n : model::preset_names()) names += (names.empty() ? "" : ", ") + n;
-  return names;
-}
-
-// A preset name, an HF model dir or a config.json.
-model::LlamaConfig resolve_model(const std::string& ref, memory::ModelRef* out) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  out->name = ref;
-  if (fs::exists(ref, ec)) {
-    if (fs::is_directory(ref, ec)) {
-      require_model_dir(ref, "--model");
-      return read_config_file((fs::path(ref) / "config.json").string(), "--model");
-    }
-    return read_config_file(ref, "--model");
-  }
-  try {
-    out->preset = true;
-    return model::preset_config(ref);
-  } catch (const Error&) {
-    fail("memory: --model: \"", ref, "\" is neither a preset (", preset_list(),
-         ") nor an existing model dir or config.json");
-  }
-}
-
 void run_memory(const MemoryArgs& a) {
   memory::ModelRef ref;
-  const model::LlamaConfig cfg = resolve_model(a.model, &ref);
+  const model::LlamaConfig cfg = resolve_model(a.model, "memory", &ref);
   memory::EstimateOptions o;
   o.strategy = memory::parse_strategy(a.strategy, "memory: --strategy");
   o.bf16 = model::dtype_from_name(a.dtype, "memory: --dtype") == at::kBFloat16;

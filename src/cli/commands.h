@@ -25,6 +25,7 @@ void register_merge(CLI::App& app);
 void register_quantize(CLI::App& app);
 void register_launch(CLI::App& app);
 void register_memory(CLI::App& app);
+void register_plan(CLI::App& app);
 // The strategy benchmark's options and callback on `ftune bench` (cmd_bench_strategies.cpp).
 void register_bench_strategies(CLI::App* bench);
 

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "lora/adapter.h"
+#include "memory/report.h"
 #include "model/device.h"
 #include "tokenizer/unicode.h"
 #include "train/checkpoint_sharded.h"
@@ -233,6 +234,32 @@ void add_adapter_option(CLI::App* cmd, std::string& adapter) {
                   "PEFT LoRA adapter dir (adapter_config.json, adapter_model.safetensors) to "
                   "apply, unmerged, on top of --model")
       ->type_name("DIR");
+}
+
+std::string preset_list() {
+  std::string names;
+  for (const auto& n : model::preset_names()) names += (names.empty() ? "" : ", ") + n;
+  return names;
+}
+
+model::LlamaConfig resolve_model(const std::string& ref, const std::string& cmd,
+                                 memory::ModelRef* out) {
+  std::error_code ec;
+  out->name = ref;
+  if (fs::exists(ref, ec)) {
+    if (fs::is_directory(ref, ec)) {
+      require_model_dir(ref, "--model");
+      return read_config_file((fs::path(ref) / "config.json").string(), "--model");
+    }
+    return read_config_file(ref, "--model");
+  }
+  try {
+    out->preset = true;
+    return model::preset_config(ref);
+  } catch (const Error&) {
+    fail(cmd, ": --model: \"", ref, "\" is neither a preset (", preset_list(),
+         ") nor an existing model dir or config.json");
+  }
 }
 
 }  // namespace ftune::cli

@@ -15,6 +15,10 @@
 #include "model/hf_io.h"
 #include "tokenizer/tokenizer.h"
 
+namespace ftune::memory {
+struct ModelRef;
+}
+
 namespace ftune::cli {
 
 // CLI11 validators. They parse the text themselves, so "abc", "1.5" and "0" for an integer flag
@@ -61,6 +65,13 @@ struct InferenceModel {
 InferenceModel load_inference_model(const std::string& cmd, const std::string& dir,
                                     const std::string& dtype, const std::string& device,
                                     const std::string& adapter = "");
+
+// The model presets' names, comma-separated (for --model's help and errors).
+std::string preset_list();
+// `ftune memory` / `ftune plan`'s --model: a preset name, an HF model dir or a config.json; `out`
+// records which. Throws "<cmd>: --model: ..." for anything else.
+model::LlamaConfig resolve_model(const std::string& ref, const std::string& cmd,
+                                 memory::ModelRef* out);
 
 // Adds the --adapter DIR option (a PEFT LoRA adapter dir, applied unmerged) to `cmd`.
 void add_adapter_option(CLI::App* cmd, std::string& adapter);

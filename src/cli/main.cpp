@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   ftune::cli::register_quantize(app);
   ftune::cli::register_launch(app);
   ftune::cli::register_memory(app);
+  ftune::cli::register_plan(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {

@@ -35,53 +35,85 @@ double flops_per_token(const model::LlamaConfig& c, const EstimateOptions& o) {
   return f;
 }
 
+double micro_batch_s(const model::LlamaConfig& c, const EstimateOptions& o, const SpeedModel& s) {
+  const int64_t T = o.micro_batch * o.seq_len;
+  const double rate = (o.bf16 ? s.bf16_flops : s.fp32_flops) / (o.qlora ? s.qlora_slowdown : 1.0);
+  return flops_per_token(c, o) * static_cast<double>(T) / rate +
+         s.launch_s_per_layer * static_cast<double>(c.num_hidden_layers);
+}
+
+double optimizer_step_s(const EstimateOptions& o, const Estimate& e, const SpeedModel& s) {
+  if (o.offload_optimizer) return 0;  // the host steps it (StepTime::offload_s)
+  const double psi = static_cast<double>(e.trainable_on_rank);
+  const double stepped = zero_stage(o.strategy) > 0 ? psi / static_cast<double>(e.dp) : psi;
+  return stepped * s.optimizer_bytes_per_param / s.hbm_bytes_per_s;
+}
+
+CommVolume comm_volume(const model::LlamaConfig& c, const EstimateOptions& o, const Estimate& e,
+                       int64_t micro_batches) {
+  CommVolume v;
+  if (e.dp > 1) {
+    const double psi = static_cast<double>(e.trainable_on_rank), n = static_cast<double>(e.dp);
+    const int64_t grad_bytes = 4 * e.trainable_on_rank;
+    const int64_t L = c.num_hidden_layers;
+    switch (o.strategy) {
+      case Strategy::kDdp:
+      case Strategy::kPipeline:  // each stage's replicas all-reduce their gradients like DDP
+        v.all_reduce_bytes = 4 * psi;
+        v.all_reduce_calls = (grad_bytes + kDdpBucketBytes - 1) / kDdpBucketBytes + 1;
+        break;
+      case Strategy::kZero1:  // all-reduce the gradients, all-gather the stepped shards
+        v.all_reduce_bytes = 4 * psi;
+        v.gather_bytes = 4 * psi;
+        v.all_reduce_calls = 2;  // and the clipping norm's scalar
+        v.gather_calls = 1;
+        break;
+      case Strategy::kZero2:  // reduce-scatter the gradients, all-gather the stepped shards
+        v.gather_bytes = 2 * 4 * psi;
+        v.all_reduce_calls = 1;
+        v.gather_calls = 2;
+        break;
+      case Strategy::kFsdp: {
+        // Every unit gathered for the forward and again for the backward, gradients
+        // reduce-scattered, each micro-batch.
+        const double gathered = o.lora() ? static_cast<double>(e.rank.frozen_base) * n + 4 * psi
+                                         : (o.bf16 ? 2.0 : 4.0) * static_cast<double>(e.params.total);
+        v.gather_bytes = (2 * gathered + 4 * psi) * static_cast<double>(micro_batches);
+        v.gather_calls = ((L + 2) + L + (L + 2)) * micro_batches;
+        v.all_reduce_calls = 1;
+        break;
+      }
+      default: break;
+    }
+  }
+  if (o.strategy == Strategy::kPipeline && o.pp > 1) {
+    const double T = static_cast<double>(o.micro_batch * o.seq_len);
+    v.p2p_bytes = 2.0 * static_cast<double>(micro_batches) * 4 * c.hidden_size * T;
+    v.p2p_calls = 2 * micro_batches;
+  }
+  return v;
+}
+
 StepTime step_time(const model::LlamaConfig& c, const EstimateOptions& o, const Estimate& e,
                    const SpeedModel& s) {
   StepTime t;
   const int64_t T = o.micro_batch * o.seq_len;
-  const double rate = (o.bf16 ? s.bf16_flops : s.fp32_flops) / (o.qlora ? s.qlora_slowdown : 1.0);
-  const double micro_batch_s = flops_per_token(c, o) * static_cast<double>(T) / rate +
-                               s.launch_s_per_layer * static_cast<double>(c.num_hidden_layers);
+  const double mb_s = micro_batch_s(c, o, s);
   const int64_t P = o.pp;
+  const int64_t M = o.strategy == Strategy::kPipeline ? s.pipeline_micro_batches_per_stage * P : 1;
   if (o.strategy == Strategy::kPipeline) {
-    const int64_t M = s.pipeline_micro_batches_per_stage * P;
-    t.compute_s = static_cast<double>(M + P - 1) * micro_batch_s / static_cast<double>(P);
+    t.compute_s = static_cast<double>(M + P - 1) * mb_s / static_cast<double>(P);
     t.tokens = e.dp * M * T;
   } else {
-    t.compute_s = micro_batch_s;  // model_parallel: one device computes at a time
+    t.compute_s = mb_s;  // model_parallel: one device computes at a time
     t.tokens = e.dp * T;
   }
-  const double psi = static_cast<double>(e.trainable_on_rank), n = static_cast<double>(e.dp);
-  // The optimizer step streams its (shard of the) state through device memory once.
-  if (!o.offload_optimizer) {
-    const double stepped = zero_stage(o.strategy) > 0 ? psi / n : psi;
-    t.compute_s += stepped * s.optimizer_bytes_per_param / s.hbm_bytes_per_s;
-  }
-  // Communication per step, in the bytes ftune moves (fp32 gradients and master pieces).
-  double wire = 0;
-  switch (o.strategy) {
-    case Strategy::kDdp: wire = all_reduce_wire(4 * psi, e.dp); break;
-    case Strategy::kZero1: wire = all_reduce_wire(4 * psi, e.dp) + gather_wire(4 * psi, e.dp); break;
-    case Strategy::kZero2: wire = 2 * gather_wire(4 * psi, e.dp); break;
-    case Strategy::kFsdp: {
-      // Every unit gathered for the forward and again for the backward, gradients reduce-scattered.
-      const ParamCounts& p = e.params;
-      const double gathered = o.lora() ? static_cast<double>(e.rank.frozen_base) * n + 4 * psi
-                                       : (o.bf16 ? 2.0 : 4.0) * static_cast<double>(p.total);
-      wire = gather_wire(2 * gathered + 4 * psi, e.dp);
-      break;
-    }
-    case Strategy::kPipeline: {
-      const int64_t M = s.pipeline_micro_batches_per_stage * P;
-      wire = all_reduce_wire(4 * psi, e.dp) +
-             2.0 * static_cast<double>(M) * 4 * c.hidden_size * static_cast<double>(T);
-      break;
-    }
-    default: break;
-  }
-  t.comm_s = wire / s.link_bytes_per_s;
+  t.compute_s += optimizer_step_s(o, e, s);
+  const CommVolume v = comm_volume(c, o, e, M);
+  t.comm_s = (all_reduce_wire(v.all_reduce_bytes, e.dp) + gather_wire(v.gather_bytes, e.dp) +
+              v.p2p_bytes) / s.link_bytes_per_s;
   if (o.offload_optimizer) {
-    const double shard = psi / n;
+    const double shard = static_cast<double>(e.trainable_on_rank) / static_cast<double>(e.dp);
     t.offload_s = 2 * 4 * shard / s.host_bytes_per_s + shard / s.cpu_adam_params_per_s;
   }
   return t;

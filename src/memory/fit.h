@@ -48,6 +48,26 @@ double flops_per_token(const model::LlamaConfig& c, const EstimateOptions& o);
 StepTime step_time(const model::LlamaConfig& c, const EstimateOptions& o, const Estimate& e,
                    const SpeedModel& s);
 
+// The pieces step_time adds up, shared with `ftune plan` (memory/plan.h):
+// one micro-batch's forward + backward on one GPU (FLOPs at the dtype's rate, QLoRA's slowdown,
+// the fixed per-layer cost), and the optimizer step streaming its (shard of the) state.
+double micro_batch_s(const model::LlamaConfig& c, const EstimateOptions& o, const SpeedModel& s);
+double optimizer_step_s(const EstimateOptions& o, const Estimate& e, const SpeedModel& s);
+
+// One step's collectives, in the bytes ftune hands them (fp32 gradients and master pieces; FSDP's
+// gathered units in the compute dtype), with `micro_batches` forward/backward passes per rank in
+// the step (pipeline: M, the stage's micro-batches). all_reduce: payload of ring all-reduces over
+// the data-parallel group; gather: all-gathers plus reduce-scatters; p2p: bytes a pipeline stage
+// sends (activations forward, their gradients back). The calls count the collectives (for the
+// latency term): DDP one per bucket of `bucket_bytes`, FSDP one per unit and pass.
+struct CommVolume {
+  double all_reduce_bytes = 0, gather_bytes = 0, p2p_bytes = 0;
+  int64_t all_reduce_calls = 0, gather_calls = 0, p2p_calls = 0;
+};
+constexpr int64_t kDdpBucketBytes = int64_t{25} << 20;  // parallel.bucket_mb's default
+CommVolume comm_volume(const model::LlamaConfig& c, const EstimateOptions& o, const Estimate& e,
+                       int64_t micro_batches);
+
 // The strategies ftune train can run today, which --fit chooses from (pipeline joins with issue
 // #10's runtime): single (one GPU), ddp, zero1, zero2, fsdp, model_parallel.
 const std::vector<Strategy>& fit_strategies();
