@@ -32,7 +32,7 @@ test-slow: build
 ASAN_BUILD ?= build-asan
 test-asan: setup
 	@cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DFTUNE_SANITIZE=ON >/dev/null
-	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target unit_tests ftune
+	@cmake --build $(ASAN_BUILD) -j$(JOBS) --target unit_tests ftune adamw_tool
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -L 'unit|asan' -LE slow -j$(JOBS) $(CTEST_ARGS)
 
 demo: build
