@@ -24,9 +24,9 @@ endfunction()
 
 # ftune_add_pytest(NAME FILE tests/python/test_x.py [TIMEOUT s] [LABELS l] [ARGS pytest args...])
 # Runs one pytest file with the venv's python against the built ftune binary (FTUNE_BIN); ARGS
-# (e.g. -k "expr") select part of the file, so one file can feed a fast and a slow test. LABELS asan:
-# `make test-asan` also runs it against the instrumented binary (it may need only ftune and
-# adamw_tool, the drivers that target builds).
+# (e.g. -k "expr") select part of the file, so one file can feed a fast and a slow test.
+# LABELS asan: `make test-asan` also runs it against the instrumented binary (it may need only
+# ftune and adamw_tool, the drivers that target builds).
 set(FTUNE_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH "Python with the test oracles")
 function(ftune_add_pytest name)
   cmake_parse_arguments(A "" "FILE;TIMEOUT" "LABELS;ARGS" ${ARGN})

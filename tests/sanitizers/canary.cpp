@@ -1,7 +1,7 @@
 // Sanitizer canary for `make test-asan`: each mode commits one bug the build must catch (a use
 // after free for ASan, a signed overflow for UBSan, a leak for LSan), so a build that silently lost
 // its -fsanitize flags, or an environment that turned leak checking off, fails the test instead
-// of passing every unit test vacuously. The expected reports are matched in tests/sanitizers/CMakeLists.txt.
+// of passing every unit test vacuously. tests/sanitizers/CMakeLists.txt matches the reports.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
