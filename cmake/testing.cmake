@@ -14,14 +14,19 @@ function(ftune_add_gtest name)
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES TIMEOUT ${A_TIMEOUT}
     ENVIRONMENT "FTUNE_BIN=$<TARGET_FILE:ftune>;FTUNE_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
-  if(A_LABELS)
-    set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
-  endif()
+  # Every gtest also carries the label "unit" and joins the target unit_tests, so `make test-asan`
+  # can build and run exactly the C++ unit tests (cmake --build --target unit_tests; ctest -L unit).
+  list(PREPEND A_LABELS unit)
+  set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
+  set_property(TEST ${name} APPEND PROPERTY ENVIRONMENT ${FTUNE_SANITIZER_ENV})
+  set_property(GLOBAL APPEND PROPERTY FTUNE_GTESTS ${name})
 endfunction()
 
 # ftune_add_pytest(NAME FILE tests/python/test_x.py [TIMEOUT s] [LABELS l] [ARGS pytest args...])
 # Runs one pytest file with the venv's python against the built ftune binary (FTUNE_BIN); ARGS
 # (e.g. -k "expr") select part of the file, so one file can feed a fast and a slow test.
+# LABELS asan: `make test-asan` also runs it against the instrumented binary (it may need only
+# ftune and adamw_tool, the drivers that target builds).
 set(FTUNE_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python" CACHE FILEPATH "Python with the test oracles")
 function(ftune_add_pytest name)
   cmake_parse_arguments(A "" "FILE;TIMEOUT" "LABELS;ARGS" ${ARGN})
@@ -33,6 +38,7 @@ function(ftune_add_pytest name)
     WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
   set_tests_properties(${name} PROPERTIES TIMEOUT ${A_TIMEOUT}
     ENVIRONMENT "FTUNE_BIN=$<TARGET_FILE:ftune>;FTUNE_TOOLS_DIR=${PROJECT_BINARY_DIR}/bin;FTUNE_SOURCE_DIR=${PROJECT_SOURCE_DIR};PYTHONPATH=${PROJECT_SOURCE_DIR}/tests/python;OMP_NUM_THREADS=2;TOKENIZERS_PARALLELISM=false;HF_HUB_OFFLINE=1;TRANSFORMERS_OFFLINE=1")
+  set_property(TEST ${name} APPEND PROPERTY ENVIRONMENT ${FTUNE_SANITIZER_ENV})
   if(A_LABELS)
     set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}")
   endif()
