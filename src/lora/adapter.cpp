@@ -114,8 +114,9 @@ AdapterConfig read_adapter_config(const fs::path& dir) {
   }
   FTUNE_CHECK(j.is_object(), origin, ": expected a JSON object");
   AdapterConfig c;
-  const std::string type = j.value("peft_type", std::string());
-  FTUNE_CHECK(type == "LORA", origin, ": peft_type: expected \"LORA\", got ",
+  // Compared as JSON: j.value<std::string>() would throw nlohmann's error for a non-string.
+  FTUNE_CHECK(j.contains("peft_type") && j.at("peft_type") == "LORA", origin,
+              ": peft_type: expected \"LORA\", got ",
               j.contains("peft_type") ? j.at("peft_type").dump() : "nothing");
   FTUNE_CHECK(j.contains("r"), origin, ": r: missing");
   FTUNE_CHECK(j.at("r").is_number_integer(), origin, ": r: expected a positive integer, got ",

@@ -36,6 +36,23 @@ namespace {
   fail("chat template: line ", line, ": ", what);
 }
 
+// Bounds that keep every template fast and small whatever its source (chat_template_fuzz found
+// templates that ran for hours or exhausted memory: nested range() loops, a string doubled by
+// {% set %} in a loop, a long string printed in a loop). transformers' sandbox bounds only range();
+// these sit far above anything a chat template needs.
+constexpr size_t kMaxStringBytes = size_t{1} << 26;  // 64 MiB: any string value, the output too
+constexpr int64_t kMaxSteps = 1'000'000;              // statements run plus loop iterations
+
+[[noreturn]] void fail_too_large() {
+  fail("chat template: string result too large (over 64 MiB)");
+}
+
+// out += piece, failing instead when the result would exceed kMaxStringBytes.
+void append_bounded(std::string& out, std::string_view piece) {
+  if (out.size() + piece.size() > kMaxStringBytes) fail_too_large();
+  out += piece;
+}
+
 // ---------------------------------------------------------------------------------- UTF-8
 // The template and every context string are checked to be valid UTF-8 on entry (render()), so
 // the shared decoder of unicode.h applies. Escapes such as '\udc80' can still produce a lone
@@ -202,6 +219,7 @@ struct Value {
     return v;
   }
   static Value str(std::string x) {
+    if (x.size() > kMaxStringBytes) fail_too_large();
     Value v;
     v.type = Type::kString;
     v.s = std::move(x);
@@ -2059,7 +2077,7 @@ std::string py_replace(const std::string& s, const std::string& old_s, const std
     int64_t done = 0;
     for (char32_t c : u) {
       if (count < 0 || done < count) {
-        out += new_s;
+        append_bounded(out, new_s);
         ++done;
       }
       utf8_append(out, c);
@@ -2074,7 +2092,7 @@ std::string py_replace(const std::string& s, const std::string& old_s, const std
     const size_t j = s.find(old_s, i);
     if (j == std::string::npos) break;
     out.append(s, i, j - i);
-    out += new_s;
+    append_bounded(out, new_s);
     i = j + old_s.size();
     ++done;
   }
@@ -2174,6 +2192,7 @@ int64_t to_index_arg(const Value& v, int line, const char* what) {
 std::string pad_str(const std::string& s, int64_t width, char32_t fill, int align /* -1 left, 0 center, 1 right */) {
   const int64_t len = static_cast<int64_t>(to_u32(s).size());
   if (width <= len) return s;
+  if (width > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
   const int64_t marg = width - len;
   int64_t left = 0;
   if (align == 1) left = marg;
@@ -2242,6 +2261,8 @@ std::string py_percent_format(const std::string& fmt, const Value& args, int lin
     }
     while (k < fmt.size() && (fmt[k] == 'l' || fmt[k] == 'h' || fmt[k] == 'L')) ++k;
     if (k >= fmt.size()) fail_line(line, "incomplete format");
+    // Wider than kMaxStringBytes is refused anyway; this also keeps stoll/stoul below in range.
+    if (width.size() > 9 || prec.size() > 10) fail_line(line, "format width or precision too large");
     const char conv = fmt[k];
     if (conv == '%') {
       out += '%';
@@ -2443,9 +2464,9 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
     bool first = true;
     for (const auto& x : iterate(*it, line)) {
       if (!x.is_string()) fail_line(line, "sequence item: expected str instance, " + py_type_name(x) + " found");
-      if (!first) out += s;
+      if (!first) append_bounded(out, s);
       first = false;
-      out += x.s;
+      append_bounded(out, x.s);
     }
     return Value::str(out);
   }
@@ -2474,6 +2495,7 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
   }
   if (name == "zfill") {
     const int64_t w = to_index_arg(a.get_or(0, "width", Value::integer(0)), line, "width");
+    if (w > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
     std::string body = s;
     std::string sign;
     if (!body.empty() && (body[0] == '+' || body[0] == '-')) {
@@ -2746,13 +2768,21 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, int line)
     const Value* seq = a.is_int_like() ? &b : &a;
     const Value* times = a.is_int_like() ? &a : &b;
     if (times->is_int_like() && (seq->is_string() || (seq->is_list() && !seq->generator))) {
-      const int64_t unit = seq->is_string() ? static_cast<int64_t>(seq->s.size()) : static_cast<int64_t>(seq->list->size());
+      // Bytes per repetition: list items are copied, strings among them deeply.
+      int64_t unit = seq->is_string() ? static_cast<int64_t>(seq->s.size()) : 0;
+      if (seq->is_list()) {
+        for (const auto& x : *seq->list) unit += static_cast<int64_t>(sizeof(Value) + (x.is_string() ? x.s.size() : 0));
+      }
       if (times->i > 0 && unit > 0 && times->i > (int64_t{1} << 26) / unit) {
         fail_line(line, "repetition result too large");
       }
       if (seq->is_string()) {
+        // By doubling: a byte-at-a-time loop took seconds for 64 MiB under the sanitizers.
         std::string out;
-        for (int64_t k = 0; k < times->i; ++k) out += seq->s;
+        const size_t total = times->i > 0 ? seq->s.size() * static_cast<size_t>(times->i) : 0;
+        out.reserve(total);
+        if (total > 0) out = seq->s;
+        while (out.size() < total) out.append(out, 0, std::min(out.size(), total - out.size()));
         return seq->markup ? Value::markup_str(out) : Value::str(out);
       }
       ValueList out;
@@ -3124,8 +3154,20 @@ class Interp {
     Interp& in_;
   };
 
+  // Counts one step of the render's kMaxSteps (a statement run or a loop iteration).
+  void step(int line) {
+    if (++steps_ > kMaxSteps) fail_line(line, "template too expensive (over 1,000,000 steps)");
+  }
+
   Flow exec_stmt(const Stmt& s, const ScopePtr& scope, std::string& out) {
     RecursionGuard guard(*this, s.line);
+    step(s.line);
+    const Flow f = exec_stmt_unbounded(s, scope, out);
+    if (out.size() > kMaxStringBytes) fail_line(s.line, "output too large (over 64 MiB)");
+    return f;
+  }
+
+  Flow exec_stmt_unbounded(const Stmt& s, const ScopePtr& scope, std::string& out) {
     switch (s.kind) {
       case SK::kText: out += s.text; return Flow::kNormal;
       case SK::kPrint: exec_print(s, scope, out); return Flow::kNormal;
@@ -3202,6 +3244,7 @@ class Interp {
     if (s.cond) {
       ValueList kept;
       for (auto& item : items) {
+        step(s.line);
         auto inner = child_scope(scope);
         bind_targets(s, item, *inner);
         if (truthy(eval(*s.cond, inner))) kept.push_back(std::move(item));
@@ -3214,6 +3257,7 @@ class Interp {
     }
     const auto n = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < n; ++k) {
+      step(s.line);
       auto inner = frame_scope(scope, s.undef);
       bind_targets(s, items[k], *inner);
       inner->vars["loop"] = make_loop(items, k);
@@ -3555,9 +3599,9 @@ class Interp {
       std::string out;
       bool first = true;
       for (const auto& x : iterate(v, line)) {
-        if (!first) out += sep;
+        if (!first) append_bounded(out, sep);
         first = false;
-        out += py_str(attribute.is_none() ? x : attr_path(x, attribute, nullptr, line));
+        append_bounded(out, py_str(attribute.is_none() ? x : attr_path(x, attribute, nullptr, line)));
       }
       return Value::str(out);
     }
@@ -3754,7 +3798,9 @@ class Interp {
       const Value width = a.get_or(0, "width", Value::integer(4));
       const bool first = truthy(a.get_or(1, "first", Value::boolean(false)));
       const bool blank = truthy(a.get_or(2, "blank", Value::boolean(false)));
-      const std::string ind = width.is_string() ? width.s : std::string(static_cast<size_t>(std::max<int64_t>(0, to_index_arg(width, line, "width"))), ' ');
+      const int64_t n_ind = width.is_string() ? 0 : std::max<int64_t>(0, to_index_arg(width, line, "width"));
+      if (n_ind > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
+      const std::string ind = width.is_string() ? width.s : std::string(static_cast<size_t>(n_ind), ' ');
       const std::vector<std::string> lines = py_splitlines(py_str(v) + "\n", false);
       std::string out;
       for (size_t k = 0; k < lines.size(); ++k) {
@@ -3762,7 +3808,8 @@ class Interp {
         if (k == 0 || (!blank && lines[k].empty())) {
           out += lines[k];
         } else {
-          out += ind + lines[k];
+          append_bounded(out, ind);
+          out += lines[k];
         }
       }
       if (first) out = ind + out;
@@ -3794,6 +3841,7 @@ class Interp {
   const Value* block_input_ = nullptr;
   std::vector<ScopePtr> macro_scopes_;
   int call_depth_ = 0;
+  int64_t steps_ = 0;  // see step()
 };
 
 // ---------------------------------------------------------------------------------- entry

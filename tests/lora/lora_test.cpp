@@ -113,6 +113,11 @@ TEST(AdapterConfig, RefusesWhatFtuneDoesNotCompute) {
   EXPECT_NE(error_of([] { read_adapter_config(write_config(R"({"peft_type":"IA3","r":4})")); })
                 .find("peft_type: expected \"LORA\""),
             std::string::npos);
+  // Found by adapter_fuzz (seeds/adapter/crash-peft-type-not-a-string.adapter): nlohmann's
+  // type_error escaped instead of this line.
+  EXPECT_NE(error_of([] { read_adapter_config(write_config(R"({"peft_type":["q_proj"],"r":4})")); })
+                .find("adapter_config.json: peft_type: expected \"LORA\", got [\"q_proj\"]"),
+            std::string::npos);
   EXPECT_NE(error_of([] {
               read_adapter_config(write_config(R"({"peft_type":"LORA","r":0,"target_modules":[]})"));
             }).find("r: expected a positive integer"),
