@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <functional>
 #include <locale>
@@ -886,7 +887,10 @@ class Lexer {
         }
       }
       if (!digits.empty()) {
-        out_.push_back({Tok::kInt, src_.substr(pos_, e - pos_), line_, std::stoll(digits, nullptr, base)});
+        int64_t value = 0;
+        const auto r = std::from_chars(digits.data(), digits.data() + digits.size(), value, base);
+        if (r.ec != std::errc()) fail_line(line_, "integer literal too large: " + src_.substr(pos_, e - pos_));
+        out_.push_back({Tok::kInt, src_.substr(pos_, e - pos_), line_, value});
         pos_ = e;
         return;
       }
@@ -911,7 +915,8 @@ class Lexer {
       }
       if (is_float) {
         const std::string text = src_.substr(pos_, e - pos_);
-        out_.push_back({Tok::kFloat, text, line_, 0, std::stod(strip_us(text))});
+        // strtod, as Python's float(): inf beyond the range, 0 below it (std::stod threw).
+        out_.push_back({Tok::kFloat, text, line_, 0, std::strtod(strip_us(text).c_str(), nullptr)});
         pos_ = e;
         return;
       }
@@ -2348,8 +2353,9 @@ std::string py_str_format(const std::string& fmt, const CallArgs& a) {
         if (auto_idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
         v = &a.pos[auto_idx++];
       } else if (std::isdigit(static_cast<unsigned char>(field[0]))) {
-        const size_t idx = std::stoul(field);
-        if (idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
+        size_t idx = 0;
+        const auto r = std::from_chars(field.data(), field.data() + field.size(), idx);
+        if (r.ec != std::errc() || idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
         v = &a.pos[idx];
       } else {
         for (const auto& kv : a.kw) {
@@ -2878,7 +2884,10 @@ Value attr_path(const Value& item, const Value& attribute, const Value* def, int
       const size_t dot = attribute.s.find('.', start);
       std::string part = attribute.s.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
       const bool digits = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
-      parts.push_back(digits ? Value::integer(std::stoll(part)) : Value::str(part));
+      int64_t index = 0;
+      const bool in_range = digits && std::from_chars(part.data(), part.data() + part.size(), index).ec == std::errc();
+      if (digits && !in_range) fail_line(line, "integer too large: " + part);
+      parts.push_back(digits ? Value::integer(index) : Value::str(part));
       if (dot == std::string::npos) break;
       start = dot + 1;
     }

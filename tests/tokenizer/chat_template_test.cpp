@@ -193,6 +193,21 @@ TEST(ChatTemplate, WorkAndSizesAreBounded) {
             "ababab||||xyzxyz");
 }
 
+// Found by chat_template_fuzz (seeds/chat_template/crash-float-literal-overflow.jinja): number
+// texts out of range threw std::out_of_range from std::stod/stoll/stoul instead of rendering as
+// jinja2 does (float literals: inf and 0.0, as Python's float()) or failing with one line.
+TEST(ChatTemplate, NumbersOutOfRange) {
+  EXPECT_EQ(render("{{ 1e27230 }}|{{ -1e400 }}|{{ 1e-400 }}|{{ 1_0.5e1_0 }}"),
+            "inf|-inf|0.0|105000000000.0");  // jinja2 3.1.6
+  EXPECT_NE(error_of("{{ 0x10000000000000000 }}").find("integer literal too large: 0x10000000000000000"),
+            std::string::npos);
+  EXPECT_NE(error_of("{{ '{99999999999999999999}'.format(1) }}").find("Replacement index out of range"),
+            std::string::npos);
+  EXPECT_NE(error_of("{{ [[1]] | map(attribute='99999999999999999999') | list }}")
+                .find("integer too large: 99999999999999999999"),
+            std::string::npos);
+}
+
 TEST(ChatTemplate, ContextMustBeAnObject) {
   EXPECT_THROW(render("x", "[]"), ftune::Error);
 }
