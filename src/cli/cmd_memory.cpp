@@ -23,6 +23,8 @@ struct MemoryArgs {
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
   int64_t world_size = 1, pp = 0, lora_r = 0, micro_batch = 1, seq_len = 2048, gpus = 1;
   bool qlora = false, grad_ckpt = false, json = false, fit = false, full_logits = false;
+  bool packing = false;
+  double target_fraction = 1.0;
   // Which flags were given (for --fit's search dimensions and --pp's default).
   bool given_strategy = false, given_world_size = false, given_micro_batch = false;
   bool given_lora_r = false, given_ckpt = false, given_offload = false, given_qlora = false;
@@ -80,6 +82,8 @@ void run_memory(const MemoryArgs& a) {
   o.seq_len = a.seq_len;
   o.grad_ckpt = a.grad_ckpt;
   o.chunked_loss = !a.full_logits;
+  o.packed_mask = a.packing;
+  o.target_fraction = a.target_fraction;
   const int64_t gpu_mem = a.gpu_mem.empty() ? 0 : memory::parse_size(a.gpu_mem, "memory: --gpu-mem");
 
   if (!a.fit) {
@@ -173,6 +177,13 @@ void register_memory(CLI::App& app) {
                                   "optimizer: master weights and optimizer state in CPU memory "
                                   "(zero1, zero2, fsdp)")
                       ->type_name("optimizer");
+  cmd->add_option("--target-fraction", a->target_fraction,
+                  "Share of the positions that are loss targets, in (0, 1] (default 1: all; "
+                  "response-only data has fewer): the chunked loss holds the targets only")
+      ->type_name("F");
+  cmd->add_flag("--packing", a->packing,
+                "Packed rows with a per-document attention mask (ftune train's data.packing): "
+                "SDPA keeps a [B, 1, S, S] copy of the mask per layer");
   cmd->add_flag("--full-logits", a->full_logits,
                 "Count full [B, S, V] logits and their gradient instead of ftune's chunked loss");
   cmd->add_option("--gpu-mem", a->gpu_mem, "Memory of one GPU, e.g. 80GB, 24GiB (GB = 10^9 bytes)")

@@ -2,6 +2,7 @@
 #include "memory/estimate.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "config/train_config.h"
 #include "core/error.h"
@@ -99,6 +100,8 @@ void EstimateOptions::validate(const model::LlamaConfig& c) const {
   FTUNE_CHECK(micro_batch >= 1, "memory: --micro-batch: expected an integer >= 1, got ",
               micro_batch);
   FTUNE_CHECK(seq_len >= 1, "memory: --seq-len: expected an integer >= 1, got ", seq_len);
+  FTUNE_CHECK(target_fraction > 0 && target_fraction <= 1,
+              "memory: --target-fraction: expected a number in (0, 1], got ", target_fraction);
   FTUNE_CHECK(strategy != Strategy::kSingle || world_size == 1,
               "memory: --world-size: --strategy single runs one rank, got ", world_size,
               " (ddp, zero1, zero2, fsdp and pipeline use several)");
@@ -229,7 +232,9 @@ int64_t Breakdown::persistent() const {
 }
 
 int64_t Breakdown::total() const {
-  return persistent() + std::max(forward_backward(), step_buffers);
+  const int64_t forward_end = persistent() - grad_timed + forward_backward() + head_grad;
+  const int64_t backward_end = persistent() + backward_end_extra + gathered_params + comm_buffers;
+  return std::max({forward_end, backward_end, persistent() + step_buffers});
 }
 
 Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
@@ -253,7 +258,10 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     e.stage_split = parallel::balanced_split(std::vector<int64_t>(L, cost), P);
   }
 
-  e.act_per_layer = layer_activation_bytes_per_token(c, o) * T;
+  // Packed rows: each layer's SDPA saves the mask converted to the compute dtype (quadratic in S,
+  // so not a per-token term); the bool mask itself is held once for all layers.
+  const int64_t mask_bool = o.packed_mask ? o.micro_batch * o.seq_len * o.seq_len : 0;
+  e.act_per_layer = layer_activation_bytes_per_token(c, o) * T + cb * mask_bool;
   e.act_per_layer_ckpt = a * h * T;  // a checkpointed layer keeps only its input
   // The loss's working set (src/model/loss.cpp), every position counted as a target: the gathered
   // target rows (and their cast), the head cast to the compute dtype, the rows' gradient kept for
@@ -261,8 +269,10 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
   // under autocast the bf16 product for the head's gradient.
   const int64_t head_bytes = full ? 4 : a;
   const int64_t head_casts = (head_bytes != cb ? cb * V * h : 0) + (full && cb != 4 ? cb * V * h : 0);
-  const int64_t chunk = std::min(T, std::max<int64_t>(1, kLossChunkLogits / V)) * V;
-  e.logits_chunked = a * T * h + (a != cb ? cb * T * h : 0) + cb * T * h +
+  // It gathers the target positions only: Tt of the T.
+  const int64_t Tt = std::max<int64_t>(1, std::llround(static_cast<double>(T) * o.target_fraction));
+  const int64_t chunk = std::min(Tt, std::max<int64_t>(1, kLossChunkLogits / V)) * V;
+  e.logits_chunked = a * Tt * h + (a != cb ? cb * Tt * h : 0) + cb * Tt * h +
                      (cb == 4 ? 4 : 4 + cb) * chunk + head_casts;
   // The plain path: [T, V] logits in the compute dtype, their fp32 upcast kept by log_softmax and
   // its fp32 gradient, and the same head casts.
@@ -296,6 +306,11 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     const int64_t dense_ends = (first ? p.embedding : 0) + (last ? head_unit : 0);
     Breakdown b;
     std::vector<std::pair<std::string, int64_t>> extra;
+    int64_t grad_extra = 0;  // the gradient-sized items, held only from the backward on
+    auto gradient_item = [&](const char* what, int64_t bytes) {
+      extra.emplace_back(what, bytes);
+      grad_extra += bytes;
+    };
     int64_t host = 0;
 
     const int64_t psi = full ? layers * p.per_layer + dense_ends : layers * p.lora_per_layer;
@@ -311,8 +326,8 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     // Where ftune holds more than the paper's layout.
     const int64_t shard = ceil_div(psi, e.dp);
     if (stage_kind == 0 && mixed) {
-      extra.emplace_back("fp32 gradients (ftune accumulates .grad in fp32; the paper's are bf16)",
-                         2 * psi);
+      gradient_item("fp32 gradients (ftune accumulates .grad in fp32; the paper's are bf16)",
+                    2 * psi);
     }
     if (stage_kind == 1 || stage_kind == 2) {
       if (mixed) {
@@ -323,13 +338,20 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
         extra.emplace_back("the sharded optimizer's fp32 copy of its pieces", 4 * shard);
       }
       if (stage_kind == 1 && mixed) {
-        extra.emplace_back("fp32 gradients (ftune accumulates .grad in fp32; the paper's are bf16)",
-                           2 * psi);
+        gradient_item("fp32 gradients (ftune accumulates .grad in fp32; the paper's are bf16)",
+                      2 * psi);
       }
       if (stage_kind == 2) {
-        extra.emplace_back("full fp32 gradients until the reduce-scatter after the backward",
-                           4 * psi - b.states.gradients);
+        gradient_item("full fp32 gradients until the reduce-scatter after the backward",
+                      4 * psi - b.states.gradients);
       }
+    }
+    // Gradients exist from the backward through the step (ZeRO-3 keeps its gradient shards).
+    if (stage_kind < 3) {
+      b.grad_timed = b.states.gradients + grad_extra;
+      if (full && last) b.head_grad = 4 * (c.tie_word_embeddings ? p.embedding : p.lm_head);
+      // The embedding's backward makes a fresh [V, h] gradient and adds it to the head's.
+      if (full && first && c.tie_word_embeddings) b.backward_end_extra = 4 * p.embedding;
     }
     if (o.offload_optimizer) {
       host += b.states.master_weights + b.states.optimizer_states + 4 * shard;  // + pinned grads
@@ -342,6 +364,10 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     const int64_t in_flight = o.strategy == Strategy::kPipeline ? P - k : 1;
     b.activations = o.grad_ckpt ? layers * e.act_per_layer_ckpt * in_flight + e.act_per_layer
                                 : layers * e.act_per_layer * in_flight;
+    b.activations += mask_bool * in_flight;
+    // The backward of a layer's MLP makes the gradients of silu's output and of up_proj's output
+    // ([T, f] each, compute dtype) while that layer's saved activations are still held.
+    if (layers > 0) b.backward_temps = 2 * cb * T * c.intermediate_size;
     if (last) {
       b.activations += final_norm_act;
       b.logits = o.chunked_loss ? e.logits_chunked : e.logits_full;
@@ -400,6 +426,7 @@ EstimateOptions options_from_train_config(const config::TrainConfig& t, int64_t 
   o.grad_ckpt = t.model.grad_checkpointing;
   o.micro_batch = t.training.micro_batch;
   o.seq_len = t.data.seq_len;
+  o.packed_mask = t.data.packing;
   o.offload_optimizer = t.parallel.offload == "optimizer";
   if (t.lora) {
     o.lora_r = t.lora->r;

@@ -53,6 +53,11 @@ struct EstimateOptions {
   int64_t seq_len = 2048;
   bool grad_ckpt = false;   // recompute each decoder layer in backward
   bool chunked_loss = true; // ftune's target-only chunked loss (false: full [B, S, V] logits)
+  double target_fraction = 1.0;  // share of the positions that are loss targets (response-only
+                                 // data has fewer); the chunked loss works on the targets only
+  bool packed_mask = false;  // packed rows with a block-diagonal [B, 1, S, S] bool mask
+                             // (data.packing): SDPA's memory-efficient and CPU flash kernels keep
+                             // their own copy in the compute dtype per layer for the backward
   bool offload_optimizer = false;  // zero1/zero2/fsdp: master weights + optimizer state on host
   int64_t overhead_bytes = kFrameworkOverheadBytes;
 
@@ -93,8 +98,13 @@ struct ModelStates {
 };
 ModelStates zero_model_states(int64_t psi, int64_t dp, int stage, bool mixed, Optimizer opt);
 
-// One rank's bytes. total = persistent + max(forward/backward transients, optimizer-step
-// transients): the step's flat buffers exist only after the backward has freed the activations.
+// One rank's bytes. The step has three moments, and total is the largest:
+//   forward end / backward start: persistent - grad_timed + forward_backward + head_grad
+//   backward end: persistent + backward_end_extra + gathered_params + comm_buffers
+//   optimizer step: persistent + step_buffers
+// grad_timed is the part of the states and ftune_extra that exists only from the backward through
+// the step (ftune's zero_grad frees the gradients; ZeRO-3 keeps its shards, so 0 there): the
+// activations are freed layer by layer as the gradients appear, so the two never peak together.
 struct Breakdown {
   ModelStates states;            // the ZeRO terms (offloaded terms moved to host_bytes)
   int64_t frozen_base = 0;       // LoRA / QLoRA: the base model (bf16, fp32 or NF4 + dense)
@@ -104,10 +114,18 @@ struct Breakdown {
   int64_t gathered_params = 0;   // fsdp: gathered units; QLoRA: one dequantized linear
   int64_t comm_buffers = 0;      // during forward/backward: DDP buckets, FSDP unit gradients,
                                  // pipeline hand-offs
+  int64_t backward_temps = 0;    // a layer's backward working set: SwiGLU's two [T, f] input
+                                 // gradients beside the layer's own activations
   int64_t step_buffers = 0;      // during the optimizer step only: ZeRO's flat sum/gather buffers
   int64_t overhead = 0;
+  int64_t grad_timed = 0;          // gradients (and ftune's gradient-sized extras) held only from
+                                   // the backward through the step; included in the terms above
+  int64_t head_grad = 0;           // the head's gradient, the first one the backward makes
+  int64_t backward_end_extra = 0;  // a tied embedding: its fresh gradient beside the head's
   int64_t persistent() const;
-  int64_t forward_backward() const { return activations + logits + gathered_params + comm_buffers; }
+  int64_t forward_backward() const {
+    return activations + logits + gathered_params + comm_buffers + backward_temps;
+  }
   int64_t total() const;
 };
 

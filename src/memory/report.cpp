@@ -52,6 +52,7 @@ std::string setup_text(const EstimateOptions& o, const Estimate& e) {
     << method_text(o) << "\nmicro-batch " << o.micro_batch << " x " << o.seq_len << " tokens, "
     << (o.grad_ckpt ? "activation checkpointing" : "no activation checkpointing") << ", "
     << (o.chunked_loss ? "chunked loss" : "full logits")
+    << (o.packed_mask ? ", packed rows (a [B, 1, S, S] mask per layer)" : "")
     << (o.offload_optimizer ? ", optimizer offloaded to the CPU" : "");
   return s.str();
 }
@@ -60,23 +61,6 @@ std::string model_text(const ModelRef& m, const Estimate& e) {
   std::ostringstream s;
   s << m.name << " (" << e.params.total << " parameters, " << e.params.trainable << " trainable)";
   return s.str();
-}
-
-json breakdown_json(const Breakdown& b) {
-  return {{"weights", b.states.weights},
-          {"gradients", b.states.gradients},
-          {"master_weights", b.states.master_weights},
-          {"optimizer_states", b.states.optimizer_states},
-          {"model_states", b.states.total()},
-          {"frozen_base", b.frozen_base},
-          {"ftune_extra", b.ftune_extra},
-          {"activations", b.activations},
-          {"logits", b.logits},
-          {"gathered_params", b.gathered_params},
-          {"comm_buffers", b.comm_buffers},
-          {"step_buffers", b.step_buffers},
-          {"overhead", b.overhead},
-          {"total", b.total()}};
 }
 
 json options_json(const EstimateOptions& o, const Estimate& e) {
@@ -94,10 +78,33 @@ json options_json(const EstimateOptions& o, const Estimate& e) {
           {"seq_len", o.seq_len},
           {"grad_ckpt", o.grad_ckpt},
           {"offload", o.offload_optimizer ? "optimizer" : "none"},
-          {"chunked_loss", o.chunked_loss}};
+          {"chunked_loss", o.chunked_loss},
+          {"packed_mask", o.packed_mask},
+          {"target_fraction", o.target_fraction}};
 }
 
 }  // namespace
+
+json breakdown_json(const Breakdown& b) {
+  return {{"weights", b.states.weights},
+          {"gradients", b.states.gradients},
+          {"master_weights", b.states.master_weights},
+          {"optimizer_states", b.states.optimizer_states},
+          {"model_states", b.states.total()},
+          {"frozen_base", b.frozen_base},
+          {"ftune_extra", b.ftune_extra},
+          {"activations", b.activations},
+          {"logits", b.logits},
+          {"gathered_params", b.gathered_params},
+          {"comm_buffers", b.comm_buffers},
+          {"backward_temps", b.backward_temps},
+          {"step_buffers", b.step_buffers},
+          {"overhead", b.overhead},
+          {"grad_timed", b.grad_timed},
+          {"head_grad", b.head_grad},
+          {"backward_end_extra", b.backward_end_extra},
+          {"total", b.total()}};
+}
 
 int64_t parse_size(const std::string& text, const std::string& where) {
   auto bad = [&]() -> int64_t {
@@ -235,9 +242,17 @@ std::string estimate_table(const model::LlamaConfig& c, const ModelRef& m,
     if (o.pp > 1) what += (what.empty() ? "" : " + ") + std::string("stage hand-offs");
     row("communication buffers", b.comm_buffers, what);
   }
+  if (b.backward_temps) row("backward working set", b.backward_temps, "2 [T, f] SwiGLU gradients");
   if (b.step_buffers) row("optimizer-step buffers", b.step_buffers, "flat gradient sum / gather (after backward)");
   row("framework overhead", b.overhead, "CUDA context, workspaces, fragmentation");
-  row("total", b.total(), "persistent + max(forward/backward, optimizer step)");
+  if (b.grad_timed) {
+    row("  of which gradients", b.grad_timed, "held from the backward through the step only");
+  }
+  if (b.head_grad) row("head gradient", b.head_grad, "the backward's first gradient");
+  if (b.backward_end_extra) {
+    row("tied embedding gradient", b.backward_end_extra, "made fresh, then added to the head's");
+  }
+  row("total", b.total(), "the largest of forward end, backward end, optimizer step");
   if (e.host_bytes) s << "  host (CPU) memory: " << gb(e.host_bytes) << " GB\n";
   if (!e.stage_split.empty()) {
     s << "  stages:";

@@ -1,7 +1,7 @@
 // What `ftune memory` prints: the estimate as a readable table (with the formula of each ZeRO term)
 // or as JSON for scripts, the --fit recommendation with the `ftune train` line that runs it, and
 // the byte-size parsing of --gpu-mem. Sizes print in GB = 10^9 bytes, as --gpu-mem reads them.
-// Defines ModelRef, parse_size(), format_gb(), estimate_json(), estimate_table(), fit_json(),
+// Defines ModelRef, parse_size(), format_gb(), breakdown_json(), estimate_json(), estimate_table(), fit_json(),
 // fit_text().
 #pragma once
 
@@ -25,6 +25,9 @@ struct ModelRef {
 // number is bytes). Throws "<where>: expected a size such as 80GB, 24GiB or 81920MiB, got ...".
 int64_t parse_size(const std::string& text, const std::string& where);
 std::string format_gb(int64_t bytes);  // "12.34"
+
+// One rank's breakdown by component (the keys of `ftune memory --json`'s "rank" object).
+nlohmann::json breakdown_json(const Breakdown& b);
 
 // `gpu_mem` 0 = no fit verdict.
 nlohmann::json estimate_json(const model::LlamaConfig& c, const ModelRef& m,

@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <mutex>
 
+#include "core/crc32c.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/safetensors.h"
@@ -22,8 +24,10 @@ using nlohmann::json;
 
 namespace {
 
-constexpr int kFormatVersion = 1;
+// 2: the dir holds checksums.json. 1 (before checksums) still loads, unverified.
+constexpr int kFormatVersion = 2;
 const char kStateFile[] = "trainer_state.json";
+const char kChecksumsFile[] = "checksums.json";
 
 // step-<digits> -> N, anything else -> -1.
 int64_t step_of(const std::string& name) {
@@ -36,18 +40,77 @@ int64_t step_of(const std::string& name) {
   return n;
 }
 
-// Complete checkpoints in output_dir, sorted by step.
-std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const fs::path& output_dir) {
+// The step-<N> dirs in output_dir (only those with trainer_state.json when `complete_only`),
+// sorted by step.
+std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const fs::path& output_dir,
+                                                           bool complete_only = true) {
   std::vector<std::pair<int64_t, fs::path>> out;
   const fs::path root = output_dir / "checkpoints";
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return out;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     const int64_t n = step_of(e.path().filename().string());
-    if (n >= 0 && fs::exists(e.path() / kStateFile)) out.emplace_back(n, e.path());
+    if (n >= 0 && fs::is_directory(e.path(), ec) &&
+        (!complete_only || fs::exists(e.path() / kStateFile, ec))) {
+      out.emplace_back(n, e.path());
+    }
   }
   std::sort(out.begin(), out.end());
   return out;
+}
+
+std::string hex8(uint32_t v) {
+  char buf[9];
+  std::snprintf(buf, sizeof(buf), "%08x", v);
+  return buf;
+}
+
+// checksums.json: every other file under `dir` (relative path) -> {size, crc32c}.
+void write_checksums(const fs::path& dir) {
+  json files = json::object();
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    const std::string rel = fs::relative(e.path(), dir).generic_string();
+    if (!e.is_regular_file() || rel == kChecksumsFile) continue;
+    const FileChecksum c = checksum_file(e.path());
+    files[rel] = {{"size", c.size}, {"crc32c", hex8(c.crc32c)}};
+  }
+  std::string text = "{\"algorithm\": \"crc32c\", \"files\": {";  // one line per file
+  for (const auto& [rel, e] : files.items()) {
+    text += (text.back() == '{' ? "\n " : ",\n ") + json(rel).dump() + ": " + e.dump();
+  }
+  write_file_atomic(dir / kChecksumsFile, text + "\n}}\n");
+}
+
+// Checks each file checksums.json lists: present, its size, then its CRC-32C.
+void verify_checksums(const fs::path& dir) {
+  const std::string where = "checkpoint " + dir.string() + ": ";
+  json j;
+  try {
+    j = json::parse(read_file(dir / kChecksumsFile));
+  } catch (const json::parse_error& e) {
+    fail(where, kChecksumsFile, ": not valid JSON: ", e.what());
+  }
+  FTUNE_CHECK(j.is_object() && j.value("algorithm", json()) == "crc32c" && j.contains("files") &&
+                  j.at("files").is_object(),
+              where, kChecksumsFile, ": expected {\"algorithm\": \"crc32c\", \"files\": {...}}");
+  for (const auto& [rel, e] : j.at("files").items()) {
+    FTUNE_CHECK(e.is_object() && e.contains("size") && e.at("size").is_number_unsigned() &&
+                    e.contains("crc32c") && e.at("crc32c").is_string() &&
+                    fs::path(rel).is_relative() && rel.find("..") == std::string::npos,
+                where, kChecksumsFile, ": ", rel, ": expected {\"size\", \"crc32c\"}, got ", e.dump());
+    const fs::path p = dir / rel;
+    std::error_code ec;
+    FTUNE_CHECK(fs::is_regular_file(p, ec), where, rel, ": missing (", kChecksumsFile,
+                " lists it)");
+    const int64_t want = e.at("size").get<int64_t>();
+    const int64_t size = static_cast<int64_t>(fs::file_size(p, ec));
+    FTUNE_CHECK(!ec && size == want, where, rel, ": expected ", want, " bytes (", kChecksumsFile,
+                "), found ", ec ? ec.message() : std::to_string(size) + ": truncated or overwritten");
+    const std::string crc = hex8(checksum_file(p).crc32c);
+    FTUNE_CHECK(crc == e.at("crc32c").get<std::string>(), where, rel, ": expected CRC-32C ",
+                e.at("crc32c").get<std::string>(), " (", kChecksumsFile, "), found ", crc,
+                ": the file is corrupted");
+  }
 }
 
 at::Device param_device(model::LlamaForCausalLM& m) {
@@ -130,16 +193,20 @@ fs::path save_checkpoint(const fs::path& output_dir, model::LlamaForCausalLM& m,
   std::error_code ec;
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
+  try {
+    save_trained(tmp, m, base_model);
+    io::save_safetensors(tmp / "optimizer.safetensors",
+                         optimizer_state != nullptr ? *optimizer_state : opt.state());
 
-  save_trained(tmp, m, base_model);
-  io::save_safetensors(tmp / "optimizer.safetensors",
-                       optimizer_state != nullptr ? *optimizer_state : opt.state());
+    if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
+    crash_point("checkpoint:after_weights");  // test seam: a kill in the middle of the write
 
-  if (!tokenizer_dir.empty()) model::copy_tokenizer_files(tokenizer_dir, tmp);
-  crash_point("checkpoint:after_weights");  // test seam: a kill in the middle of the write
-
-  write_rng_state(tmp / kRngFile, param_device(m));
-  return finish_checkpoint(tmp, output_dir, state, keep_last, meta);
+    write_rng_state(tmp / kRngFile, param_device(m));
+    return finish_checkpoint(tmp, output_dir, state, keep_last, meta);
+  } catch (...) {
+    fs::remove_all(tmp, ec);  // a full disk gets back what the failed write took
+    throw;
+  }
 }
 
 void write_rng_state(const fs::path& file, at::Device device) {
@@ -164,7 +231,8 @@ fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, cons
   json j = meta;
   j["format_version"] = kFormatVersion;
   j["state"] = state.to_json();
-  write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");  // last: marks the dir complete
+  write_file_atomic(tmp / kStateFile, j.dump(2) + "\n");
+  write_checksums(tmp);  // last: covers every other file
 
   replace_dir_atomic(tmp, final_dir);
 
@@ -181,6 +249,14 @@ fs::path finish_checkpoint(const fs::path& tmp, const fs::path& output_dir, cons
     fs::remove_all(ec ? old : doomed, ec);
   }
   return final_dir;
+}
+
+std::vector<fs::path> checkpoint_dirs(const fs::path& output_dir) {
+  std::vector<fs::path> out;
+  for (auto& [step, dir] : list_checkpoints(output_dir, /*complete_only=*/false)) {
+    out.insert(out.begin(), dir);
+  }
+  return out;
 }
 
 std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
@@ -213,9 +289,10 @@ CheckpointInfo read_checkpoint_info(const fs::path& dir) {
     fail(origin, ": not valid JSON: ", e.what());
   }
   FTUNE_CHECK(j.is_object() && j.contains("state"), origin, ": state: missing");
-  FTUNE_CHECK(j.contains("format_version") && j.at("format_version").is_number_integer() &&
-                  j.at("format_version").get<int64_t>() == kFormatVersion,
-              origin, ": format_version: expected ", kFormatVersion);
+  const json version = j.value("format_version", json());
+  FTUNE_CHECK(version == 1 || version == kFormatVersion, origin, ": format_version: expected 1 or ",
+              kFormatVersion, ", got ", version.dump());
+  info.has_checksums = version == kFormatVersion;
   info.state = TrainState::from_json(j.at("state"), origin);
   j.erase("state");
   j.erase("format_version");
@@ -228,6 +305,17 @@ CheckpointInfo read_checkpoint_info(const fs::path& dir) {
   FTUNE_CHECK(!j.contains("config") || j.at("config").is_string(), origin,
               ": config: expected the resolved config as a YAML string");
   info.meta = std::move(j);
+  return info;
+}
+
+CheckpointInfo verify_checkpoint(const fs::path& dir) {
+  std::error_code ec;
+  const bool listed = fs::exists(dir / kChecksumsFile, ec);
+  if (listed) verify_checksums(dir);
+  CheckpointInfo info = read_checkpoint_info(dir);
+  FTUNE_CHECK(listed || !info.has_checksums, "checkpoint ", dir.string(), ": ", kChecksumsFile,
+              ": missing (", kStateFile, " says format_version ", kFormatVersion,
+              ", which has one)");
   return info;
 }
 

@@ -9,7 +9,9 @@
 //                                       piece's elements) and "<name>.step" (int64 scalar)
 //   shards/index.json                   world size, strategy; per name its full shape, dtype and,
 //                                       per rank file, the [offset, length) of the flat parameter
-//   rng.safetensors, trainer_state.json (written last), tokenizer files — as checkpoint.h.
+//   rng.safetensors, trainer_state.json, tokenizer files, checksums.json (written last, by rank
+//                                       0: every file, each rank's shard included) — as
+//                                       checkpoint.h.
 // Not an HF model or PEFT adapter dir: eval/generate take <output_dir>/final.
 // Defines SavedRange, RangeCopy, plan_range_reads, save_sharded_checkpoint,
 // is_sharded_checkpoint, load_checkpoint_pieces.
@@ -54,7 +56,8 @@ bool is_sharded_checkpoint(const std::filesystem::path& dir);
 // strategy.piece_layout() (opt.params() order). Each rank writes its shard file into
 // checkpoints/.tmp-step-<N> (a filesystem all ranks share), then waits at a barrier (at most
 // wait_s; 0 = the group's timeout); rank 0 then writes shards/index.json, the tokenizer files of
-// `tokenizer_dir`, the RNG state of `device`, trainer_state.json (meta + state) and renames the
+// `tokenizer_dir`, the RNG state of `device`, trainer_state.json (meta + state), checksums.json
+// (reading every rank's file back: one pass, at page-cache speed on one node) and renames the
 // dir into place, pruning to keep_last. A rank killed anywhere before that leaves only the temp
 // dir (removed at the next start). Test seam: crash_point("checkpoint:shard_written") after a
 // rank's file is complete. Returns the checkpoint's dir (complete on rank 0 only).

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "memory/tracker.h"
 #include "model/autocast.h"
 #include "model/loss.h"
 #include "train/checkpoint_sharded.h"
@@ -181,6 +182,9 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     const bool do_eval = !valid.empty() && ((o.eval_every > 0 && step % o.eval_every == 0) || last);
     const bool do_log = step % o.log_every == 0 || do_eval || last || step == end;
     strategy.mark_step(step);
+    // The measured peak is the step's own (data, forward, backward, optimizer), not an eval's or a
+    // checkpoint gather's, which the estimator does not predict.
+    if (o.measure_memory) memory::reset_tensor_peak(o.device);
 
     std::vector<data::Batch> micro;
     int64_t local_targets = 0, local_tokens = 0;
@@ -190,6 +194,12 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
       local_tokens += micro.back().input_ids.numel();
     }
     if (o.dump_batches) dump_batches(batch_dir, step, micro, lr);
+    double target_fraction = 0;  // the loss's working set follows the micro-batch's targets
+    for (const auto& b : micro) {
+      target_fraction = std::max(target_fraction, static_cast<double>(b.target_tokens) /
+                                                      static_cast<double>(b.input_ids.numel()));
+    }
+    state.max_target_fraction = std::max(state.max_target_fraction, target_fraction);
     const int64_t targets = strategy.global_sum(local_targets);
     const int64_t tokens = distributed ? strategy.global_sum(local_tokens) : local_tokens;
     // A batch of prompts only (no targets) contributes zero loss rather than 0/0.
@@ -221,6 +231,8 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     // leaves parameters and state as they were).
     if (!std::isfinite(loss_sum)) opt.skip_next_step();
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
+    const int64_t step_peak = o.measure_memory ? memory::tensor_bytes(o.device).peak : 0;
+    state.step_peak_bytes = std::max(state.step_peak_bytes, step_peak);
     const double loss = loss_sum / denom;
     // A NaN on the first step is always a setup fault.
     FTUNE_CHECK(step != first_step || std::isfinite(loss), "step ", step, ": loss is ", loss,
@@ -288,6 +300,11 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
              {"target_tokens", targets},
              {"epoch", state.epoch}};
       if (skipped) rec["skipped"] = true;
+      if (o.measure_memory) rec["step_peak_tensor_bytes"] = step_peak;
+      if (o.predict_peak_bytes) {
+        const int64_t predicted = o.predict_peak_bytes(std::max(target_fraction, 1e-6));
+        if (predicted > 0) rec["predicted_peak_bytes"] = predicted;
+      }
       {
         // What this rank holds (its own tensors, counted): parameters, gradients at their peak
         // in the step, optimizer state, communication buffers.

@@ -40,6 +40,12 @@ struct LoopOptions {
   double peak_flops = 0;          // MFU denominator, FLOP/s
   double flops_per_token = 0;     // see train_flops_per_token
   at::Device device = at::kCPU;
+  // Measure each step's peak of live tensor bytes (memory/tracker.h: the CUDA allocator, or the
+  // CPU tracker when it is installed) and log it next to predict_peak_bytes (the estimator's
+  // figure for this rank, tensors only, given the share of the step's positions that are loss
+  // targets; unset or 0 = no prediction).
+  bool measure_memory = false;
+  std::function<int64_t(double target_fraction)> predict_peak_bytes;
   std::filesystem::path output_dir;
   nlohmann::json checkpoint_meta = nlohmann::json::object();  // stored in each checkpoint
   std::filesystem::path tokenizer_dir;  // its tokenizer files go into each checkpoint

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <csignal>
@@ -21,6 +22,9 @@
 #include "data/dataset.h"
 #include "lora/adapter.h"
 #include "lora/lora.h"
+#include "memory/estimate.h"
+#include "memory/report.h"
+#include "memory/tracker.h"
 #include "model/device.h"
 #include "model/hf_io.h"
 #include "optim/cpu_adam.h"
@@ -118,10 +122,10 @@ void check_inputs(const config::TrainConfig& cfg) {
   check_input_file(cfg, "data.train", cfg.data.train);
   if (!cfg.data.valid.empty()) check_input_file(cfg, "data.valid", cfg.data.valid);
   if (t.resume != "none" && t.resume != "auto" && t.resume != "force") {
-    FTUNE_CHECK(fs::exists(fs::path(t.resume) / "trainer_state.json"), cfg.where("training.resume"),
-                ": training.resume: ", t.resume,
-                ": not a complete checkpoint (expected auto, force, none or a checkpoints/step-N "
-                "dir)");
+    // A dir whose files are damaged passes here: verify_checkpoint names the file later.
+    FTUNE_CHECK(fs::is_directory(t.resume), cfg.where("training.resume"), ": training.resume: ",
+                t.resume, ": not a complete checkpoint (expected auto, force, none or a "
+                "checkpoints/step-N dir)");
   }
   prepare_output_dir(cfg);
 }
@@ -205,19 +209,53 @@ int64_t total_steps_of(const config::TrainConfig& cfg, int64_t rows, int world) 
   return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(t.epochs * rows / per_step)));
 }
 
+// The checkpoint training.resume names, verified (verify_checkpoint): auto and force take the
+// newest that verifies, reporting each newer one that does not on one line, and fail when there
+// are checkpoints but none verifies (rather than start fresh over them); a path must verify.
+// Rank 0 verifies (reading each file once) while the others wait; any_rank carries its verdict,
+// so every rank loads the same checkpoint.
+std::optional<fs::path> choose_checkpoint(const config::TrainConfig& cfg, Strategy& strategy) {
+  const auto& t = cfg.training;
+  const bool main = strategy.is_main(), named = t.resume != "auto" && t.resume != "force";
+  std::vector<fs::path> dirs;
+  if (named && t.resume != "none") dirs = {t.resume};
+  if (!named) dirs = checkpoint_dirs(t.output_dir);
+  for (const fs::path& dir : dirs) {
+    std::string problem;
+    if (main) {
+      try {
+        if (!verify_checkpoint(dir).has_checksums) {
+          std::fprintf(stderr, "resume: warning: %s has no checksums.json (written by an older "
+                       "ftune): loading it unverified\n", dir.c_str());
+        }
+      } catch (const std::exception& e) {  // ftune::Error, or a filesystem error reading it
+        problem = e.what();
+      }
+    }
+    strategy.barrier("barrier while rank 0 verifies checkpoint " + dir.string(), 3600);
+    if (!strategy.any_rank(!problem.empty())) return dir;
+    FTUNE_CHECK(!named, cfg.where("training.resume"), ": training.resume: ",
+                main ? problem : dir.string() + ": rank 0 found it damaged");
+    if (main) {
+      std::fprintf(stderr, "resume: warning: skipping the damaged %s\n", problem.c_str());
+    }
+  }
+  FTUNE_CHECK(dirs.empty(), cfg.where("training.resume"), ": training.resume: ", t.resume,
+              ": none of the ", dirs.size(), " checkpoints in ", (fs::path(t.output_dir) /
+              "checkpoints").string(), " is complete (each is named above); fix or remove them, "
+              "or start fresh with training.resume: none or a new training.output_dir");
+  return std::nullopt;
+}
+
 // The checkpoint to resume from, if any, after checking that it continues this same run: the
 // config stored in it may differ only in keys that keep the run the same (else an error that
 // names the keys; training.resume: force skips this), and its step must not exceed the run's.
 std::optional<CheckpointInfo> find_resume(const config::TrainConfig& cfg, int64_t total_steps,
-                                          int64_t rows, int world, bool main) {
+                                          int64_t rows, Strategy& strategy) {
   const auto& t = cfg.training;
-  const fs::path out = t.output_dir;
-  std::optional<fs::path> dir;
-  if (t.resume == "auto" || t.resume == "force") {
-    dir = latest_checkpoint(out);
-  } else if (t.resume != "none") {
-    dir = t.resume;
-  }
+  const bool main = strategy.is_main();
+  const int world = static_cast<int>(strategy.data_shard().count);
+  const std::optional<fs::path> dir = choose_checkpoint(cfg, strategy);
   if (!dir) return std::nullopt;
   CheckpointInfo info = read_checkpoint_info(*dir);
   const std::string origin = info.state_file.string();
@@ -405,12 +443,52 @@ LoopOptions loop_options(const config::TrainConfig& cfg, const ModelSource& src,
   return lo;
 }
 
+// The estimator's prediction for this rank (`ftune memory` on the run's own config), tensors only:
+// the framework allowance (CUDA context, workspaces, fragmentation) is no tensor the measurement
+// counts. Empty when the estimator does not model the setup (it says why in `reason`).
+struct MemoryPrediction {
+  int64_t bytes = 0;
+  nlohmann::json breakdown;  // memory::breakdown_json of the rank (pipeline: the worst stage)
+  std::string reason;
+  at::Device device = at::kCPU;  // where the measurement was taken
+};
+
+MemoryPrediction predict_memory(const config::TrainConfig& cfg, const model::LlamaConfig& c,
+                                const Strategy& strategy, at::Device device,
+                                double target_fraction) {
+  MemoryPrediction p;
+  p.device = device;
+  try {
+    memory::EstimateOptions eo = memory::options_from_train_config(cfg, strategy.world_size());
+    eo.overhead_bytes = 0;
+    eo.target_fraction = std::clamp(target_fraction, 1e-6, 1.0);
+    const memory::Estimate e = memory::estimate(c, eo);
+    p.breakdown = memory::breakdown_json(e.rank);
+    p.bytes = e.rank.total();
+    if (eo.strategy == memory::Strategy::kPipeline && !e.stage_totals.empty()) {
+      // rank = stage x dp + replica (pipeline_strategy.h)
+      p.bytes = e.stage_totals.at(static_cast<size_t>(strategy.rank() / e.dp));
+    } else if (eo.strategy == memory::Strategy::kModelParallel) {
+      // All stages live in this process; on CPU they share one allocator.
+      p.bytes = 0;
+      for (int64_t b : e.stage_totals) p.bytes += b;
+      if (!device.is_cpu()) p = {0, {}, "model_parallel spreads over devices", device};
+    }
+  } catch (const std::exception& ex) {
+    p = {0, {}, ex.what(), device};
+  }
+  return p;
+}
+
 // Saves final/ (when the run finished) and the loss plot, prints the summary.
 RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaForCausalLM& m,
                     const optim::AdamW& opt, const ModelSource& src, const fs::path& out,
-                    const fs::path& metrics_path, Strategy& strategy) {
+                    const fs::path& metrics_path, Strategy& strategy,
+                    const MemoryPrediction& predicted) {
   const bool main = strategy.is_main();
   RunSummary s;
+  s.measured_peak_bytes = state.step_peak_bytes;
+  s.predicted_peak_bytes = predicted.bytes;
   s.replicas = strategy.check_replicas();
   s.strategy = strategy.name();
   s.world_size = strategy.world_size();
@@ -433,11 +511,16 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
     const fs::path tmp = out / (".tmp-final-" + std::to_string(::getpid()));
     std::error_code ec;
     if (main) fs::remove_all(tmp, ec);
-    save_trained_streamed(tmp, m, src.dir.string(), strategy);  // a model dir, or an adapter dir
-    if (main) {
-      model::copy_tokenizer_files(src.dir, tmp);
-      replace_dir_atomic(tmp, out / "final");
-      s.final_dir = out / "final";
+    try {
+      save_trained_streamed(tmp, m, src.dir.string(), strategy);  // a model dir, or an adapter dir
+      if (main) {
+        model::copy_tokenizer_files(src.dir, tmp);
+        replace_dir_atomic(tmp, out / "final");
+        s.final_dir = out / "final";
+      }
+    } catch (...) {
+      if (main) fs::remove_all(tmp, ec);  // a full disk gets back what the failed write took
+      throw;
     }
   }
   if (!main) return s;
@@ -468,6 +551,28 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
     os << (lora::has_lora(m) ? "adapter: " : "model: ") << s.final_dir.string() << "\n";
   }
   if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
+  if (s.measured_peak_bytes > 0) {
+    // Rank 0's figures; <output_dir>/memory.json has the predicted breakdown beside them.
+    os << "memory: peak " << fmt("%.1f", s.measured_peak_bytes / 1e6) << " MB of tensors in a step ("
+       << (predicted.device.is_cuda() ? "CUDA allocator" : "CPU tracker")
+       << ")";
+    if (s.predicted_peak_bytes > 0) {
+      os << ", predicted " << fmt("%.1f", s.predicted_peak_bytes / 1e6) << " MB (ftune memory, "
+         << "without the framework allowance): measured/predicted "
+         << fmt("%.3f", static_cast<double>(s.measured_peak_bytes) / s.predicted_peak_bytes);
+    } else if (!predicted.reason.empty()) {
+      os << "; no prediction: " << predicted.reason;
+    }
+    os << "\n";
+    const nlohmann::json mem = {
+        {"device", predicted.device.str()},
+        {"measured", {{"step_peak_tensor_bytes", s.measured_peak_bytes},
+                      {"trainable_bytes", s.params.trainable_bytes},
+                      {"frozen_base_bytes", s.params.base_bytes},
+                      {"optimizer_bytes", s.params.optimizer_bytes}}},
+        {"predicted", {{"total", s.predicted_peak_bytes}, {"rank", predicted.breakdown}}}};
+    write_file_atomic(out / "memory.json", mem.dump(2) + "\n");
+  }
   os << "metrics: " << metrics_path.string() << " (plot: " << (out / "loss_curve.svg").string()
      << ")\n";
   if (s.stop_signal != 0) {
@@ -515,7 +620,7 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   const int64_t total_steps = total_steps_of(cfg, rows, world);
   if (main) clean_up_interrupted_writes(out);
   strategy.barrier("barrier after rank 0 cleaned up interrupted writes");
-  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, world, main);
+  const std::optional<CheckpointInfo> resume = find_resume(cfg, total_steps, rows, strategy);
 
   // 3. Inputs are good: the resolved config goes next to the outputs, and to stdout.
   const std::string yaml = cfg.to_yaml();
@@ -561,8 +666,12 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   MetricsLog metrics(out / "metrics.jsonl", state.step, main);
 
   // 5. Loop.
-  const LoopOptions lo =
+  LoopOptions lo =
       loop_options(cfg, src, total_steps, device, yaml, world, strategy.world_size());
+  lo.measure_memory = device.is_cuda() || memory::cpu_tracker_installed();
+  lo.predict_peak_bytes = [&](double target_fraction) {
+    return predict_memory(cfg, src.config, strategy, device, target_fraction).bytes;
+  };
   if (main) {
     const int64_t global_rows = t.micro_batch * t.grad_accum * world;
     const int ranks_n = strategy.world_size();
@@ -591,7 +700,11 @@ RunSummary run(const config::TrainConfig& cfg, const ModelSource& src,
   }
 
   // 6. Final model and summary.
-  return finalize(state, total_steps, m, opt, src, out, metrics.path(), run_strategy);
+  // The prediction at the most targets a micro-batch had: the step the measured peak comes from.
+  const MemoryPrediction predicted =
+      predict_memory(cfg, src.config, strategy, device,
+                     state.max_target_fraction > 0 ? state.max_target_fraction : 1.0);
+  return finalize(state, total_steps, m, opt, src, out, metrics.path(), run_strategy, predicted);
 }
 
 }  // namespace
@@ -607,6 +720,8 @@ RunSummary run_training(const config::TrainConfig& cfg, Strategy* strategy_in) {
   const at::Device configured =
       model::parse_device(cfg.model.device, cfg.where("model.device") + ": model.device");
   if (t.threads > 0) at::set_num_threads(static_cast<int>(t.threads));
+  // Counts live CPU tensor bytes from here on (the measured side of `ftune memory`'s estimate).
+  if (configured.is_cpu()) memory::install_cpu_tracker();
   at::manual_seed(static_cast<uint64_t>(t.seed));
 
   // The strategy: the caller's, or the one the parallel section and the environment say

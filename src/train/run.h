@@ -30,6 +30,8 @@ struct RunSummary {
   int64_t comm_bytes = 0;     // ring bytes rank 0 sent over this process's part of the run
   double comm_exposed_s = 0;  // seconds it waited on communication compute did not hide
   std::string replicas;       // DDP: the bit-identity check of the replicas ("" otherwise)
+  int64_t measured_peak_bytes = 0;   // rank 0's most live tensor bytes in a step (0: unmeasured)
+  int64_t predicted_peak_bytes = 0;  // the estimator's figure for rank 0, tensors only (0: none)
   std::filesystem::path output_dir, final_dir, last_checkpoint;
 };
 

@@ -101,17 +101,28 @@ TEST(Activations, MatchWhatAutogradSaves) {
   EXPECT_EQ(per_layer(o), 394880);
 }
 
-TEST(Estimate, TotalIsPersistentPlusTheLargerPhase) {
+TEST(Estimate, TotalIsTheLargestOfThreeMoments) {
   const model::LlamaConfig c = model::preset_config("smollm2-135m");
   EstimateOptions o;
   o.strategy = Strategy::kZero1;
   o.world_size = 4;
   const Estimate e = estimate(c, o);
   const Breakdown& b = e.rank;
-  EXPECT_EQ(b.total(), b.states.total() + b.frozen_base + b.ftune_extra + b.overhead +
-                           std::max(b.activations + b.logits + b.gathered_params + b.comm_buffers,
-                                    b.step_buffers));
   const int64_t psi = c.num_parameters(), shard = (psi + 3) / 4;
+  const int64_t persistent = b.states.total() + b.frozen_base + b.ftune_extra + b.overhead;
+  // ZeRO-1 in bf16: the bf16 gradients and ftune's fp32 .grad are held from the backward on; the
+  // head's (tied: the embedding's) fp32 gradient is the backward's first; the embedding's own
+  // fresh gradient joins it at the end.
+  const int64_t emb = 4 * int64_t{c.vocab_size} * c.hidden_size;
+  EXPECT_EQ(b.grad_timed, 2 * psi + 2 * psi);
+  EXPECT_EQ(b.head_grad, emb);
+  EXPECT_EQ(b.backward_end_extra, emb);
+  // The MLP backward's two [T, f] bf16 gradients.
+  EXPECT_EQ(b.backward_temps, 2 * 2 * 2048 * int64_t{c.intermediate_size});
+  EXPECT_EQ(b.total(), std::max({persistent - b.grad_timed + b.activations + b.logits +
+                                     b.gathered_params + b.comm_buffers + b.backward_temps + emb,
+                                 persistent + emb + b.gathered_params + b.comm_buffers,
+                                 persistent + b.step_buffers}));
   EXPECT_EQ(b.states.total(), 4 * psi + 12 * shard);
   EXPECT_EQ(b.step_buffers, 4 * shard * 4 + 4 * shard);
   // Checkpointing keeps each layer's fp32 input plus one layer recomputed.

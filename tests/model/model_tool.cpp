@@ -3,7 +3,9 @@
 // a JSON file, and writes logits and every weight gradient to a safetensors file that the Python
 // side compares against transformers.
 //   model_tool --model DIR --ids ids.json --out out.safetensors [--dtype bf16] [--grad]
-//              [--checkpointing] [--save DIR]
+//              [--checkpointing] [--save DIR] [--device cuda]
+// --device runs the model there (tests/python/test_gpu.py) with TF32 off for fp32 matmuls; the
+// outputs are always written from CPU copies.
 // `load-memory` (tests/python/test_model_load.py) loads a model and prints one JSON line: RSS
 // before the load, peak RSS (VmHWM, reset before the load) after it, the weights' bytes, the load
 // time, and the sum of every parameter (fp64) for comparison with the file.
@@ -18,6 +20,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/safetensors.h"
+#include "model/device.h"
 #include "model/hf_io.h"
 #include "model/loss.h"
 #include "proc_status.h"
@@ -51,7 +54,7 @@ int load_memory(const std::string& model_dir, const std::string& dtype) {
 
 int main(int argc, char** argv) {
   CLI::App app{"ftune model test driver"};
-  std::string model_dir, ids_path, out, dtype, save_dir;
+  std::string model_dir, ids_path, out, dtype, save_dir, device = "cpu";
   bool grad = false, checkpointing = false;
   auto* mem = app.add_subcommand("load-memory", "load a model and print its peak memory");
   mem->add_option("--model", model_dir)->required();
@@ -63,6 +66,7 @@ int main(int argc, char** argv) {
   app.add_option("--save", save_dir, "re-save the loaded model here");
   app.add_flag("--grad", grad);
   app.add_flag("--checkpointing", checkpointing);
+  app.add_option("--device", device, "cpu (default), cuda or cuda:N");
   CLI11_PARSE(app, argc, argv);
   try {
     using namespace ftune;
@@ -70,6 +74,8 @@ int main(int argc, char** argv) {
     FTUNE_CHECK(!model_dir.empty(), "--model: required");
     model::LoadOptions lo;
     if (!dtype.empty()) lo.dtype = model::dtype_from_name(dtype, "--dtype");
+    lo.device = model::parse_device(device, "--device");
+    at::globalContext().setFloat32MatmulPrecision("highest");  // no TF32: fp32 parity on CUDA
     auto m = model::load_model(model_dir, lo);
     m->set_grad_checkpointing(checkpointing);
     if (!save_dir.empty()) model::save_model(save_dir, m, /*max_shard_bytes=*/200000);
@@ -78,17 +84,18 @@ int main(int argc, char** argv) {
     std::vector<std::vector<int64_t>> rows = j.get<std::vector<std::vector<int64_t>>>();
     at::Tensor ids = at::empty({static_cast<int64_t>(rows.size()), static_cast<int64_t>(rows[0].size())}, at::kLong);
     for (size_t i = 0; i < rows.size(); ++i) ids[i] = at::tensor(rows[i], at::kLong);
+    ids = ids.to(lo.device);
     io::TensorList tensors;
     torch::AutoGradMode mode(grad);
     at::Tensor logits = m->forward(ids);
-    tensors.emplace_back("logits", logits.detach().to(at::kFloat));
+    tensors.emplace_back("logits", logits.detach().to(at::kFloat).cpu());
     if (grad) {
       auto loss = model::causal_lm_loss_sum(logits, ids);
       at::Tensor mean = loss.sum / static_cast<double>(loss.count);
       mean.backward();
-      tensors.emplace_back("loss", mean.detach().reshape({1}));
+      tensors.emplace_back("loss", mean.detach().reshape({1}).cpu());
       for (const auto& p : m->named_parameters()) {
-        tensors.emplace_back("grad." + p.key(), p.value().grad().to(at::kFloat));
+        tensors.emplace_back("grad." + p.key(), p.value().grad().to(at::kFloat).cpu());
       }
     }
     io::save_safetensors(out, tensors);

@@ -267,6 +267,42 @@ def test_activations_match_autograd(tmp_path, dtype, lora):
     assert memory(*args)["activations"]["per_layer"] == want
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_mask_matches_sdpa_saved(tmp_path, dtype):
+    """Packed rows: what torch's SDPA saves for its backward beyond the causal call when given
+    ftune's block-diagonal [B, 1, S, S] bool mask (a copy in the compute dtype), per layer."""
+    B, S, hq, hkv, d = 2, 40, 4, 2, 24
+    bf16 = dtype == "bf16"
+
+    def saved(mask):
+        q = torch.randn(B, hq, S, d, requires_grad=True)
+        kv = [torch.randn(B, hkv, S, d, requires_grad=True) for _ in range(2)]
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, *kv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return sum(seen.values())
+    doc = torch.tensor([0] * 15 + [1] * 25)
+    mask = ((doc[:, None] == doc[None, :]) & torch.ones(S, S, dtype=torch.bool).tril())
+    want = saved(mask.expand(B, 1, S, S).contiguous()) - saved(None)
+    cfg = dict(vocab_size=50, hidden_size=hq * d, intermediate_size=160, num_attention_heads=hq,
+               num_key_value_heads=hkv, max_position_embeddings=128, rms_norm_eps=1e-5)
+    write_json(tmp_path / "config.json", {**cfg, "num_hidden_layers": 2, "model_type": "llama",
+                                          "architectures": ["LlamaForCausalLM"]})
+    args = ["--model", tmp_path / "config.json", "--dtype", dtype, "--micro-batch", B,
+            "--seq-len", S]
+    plain, packed = memory(*args), memory(*args, "--packing")
+    assert packed["activations"]["per_layer"] - plain["activations"]["per_layer"] == want
+    # The bool mask itself, once for the whole forward.
+    assert (packed["per_rank"]["activations"] - plain["per_rank"]["activations"]
+            == 2 * want + B * S * S)
+
+
 def error_of(*args):
     p = ftune("memory", *args, check=False)
     lines = p.stderr.strip().splitlines()

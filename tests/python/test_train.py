@@ -31,13 +31,14 @@ from train_testing import CONFIG, FAST, metrics, rel, replay_step, train
 # --- parity with a plain PyTorch/transformers loop --------------------------------------------
 
 def reference_run(base: Path, batch_dir: Path, steps: int, *, lr, schedule, warmup, wd,
-                  max_norm, betas=(0.9, 0.999), eps=1e-8):
-    """Replays ftune's dumped batches through transformers with a hand-written plain loop."""
+                  max_norm, betas=(0.9, 0.999), eps=1e-8, device="cpu", autocast=False):
+    """Replays ftune's dumped batches through transformers with a hand-written plain loop, on
+    `device` (fp32 weights; `autocast`: bf16 autocast forward, as ftune's model.dtype bf16)."""
     import transformers
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                             attn_implementation="sdpa")
+                                             attn_implementation="sdpa").to(device)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -53,7 +54,7 @@ def reference_run(base: Path, batch_dir: Path, steps: int, *, lr, schedule, warm
     out = []
     for step in range(1, steps + 1):
         lr_now = sched.get_last_lr()[0]
-        loss, total = replay_step(model, batch_dir, step)
+        loss, total = replay_step(model, batch_dir, step, device, autocast)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                               max_norm if max_norm > 0 else float("inf"))
         opt.step()

@@ -43,13 +43,16 @@ def base(tmp_path_factory) -> Path:
 
 
 def peft_reference(base: Path, adapter: Path, batch_dir: Path, steps: int, *, lr, warmup, wd,
-                   max_norm):
-    """Replays ftune's dumped batches through transformers + PEFT from ftune's initial adapter."""
+                   max_norm, device="cpu"):
+    """Replays ftune's dumped batches through transformers + PEFT from ftune's initial adapter,
+    on `device` (a bitsandbytes 4-bit base is placed there at load, as device_map does)."""
     import transformers
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
+    placed = {} if device == "cpu" else {"device_map": {"": device}}
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa",
+                                             **placed)
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,7 +61,7 @@ def peft_reference(base: Path, adapter: Path, batch_dir: Path, steps: int, *, lr
     sched = transformers.get_cosine_schedule_with_warmup(opt, warmup, steps)
     out = []
     for step in range(1, steps + 1):
-        loss, total = replay_step(model, batch_dir, step)
+        loss, total = replay_step(model, batch_dir, step, device)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         sched.step()

@@ -1,7 +1,11 @@
 // Test driver for tests/python/test_quant.py (bitsandbytes and transformers are the oracles):
 //   quant_tool quantize-file --in A.safetensors --out B.safetensors [--blocksize N] [--no-double-quant]
+//                            [--device cuda]
 //     quantizes every tensor of A; B holds each one's bitsandbytes keys (NAME, NAME.absmax, ...)
-//     and NAME.dequant (dequantize_nf4 into the tensor's own dtype).
+//     and NAME.dequant (dequantize_nf4 into the tensor's own dtype). With --device cuda also
+//     NAME.dequant_dev (the same NF4 tensor dequantized there: the CUDA kernel) and the keys of
+//     quantizing there, under dev.NAME (tests/python/test_gpu.py; --device cpu gives the same
+//     keys from the CPU, for a dry run of that test).
 //   quant_tool load --model DIR [--quant] [--dtype D] [--compute-dtype D] [--ids 1,2,3 --out F]
 //     loads DIR (4-bit with --quant, or as stored) and prints one JSON line: RSS before the load,
 //     peak RSS (VmHWM reset before the load), base_bytes(); with --ids writes the logits to F.
@@ -14,6 +18,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/device.h"
 #include "model/hf_io.h"
 #include "quant/nf4.h"
 
@@ -29,7 +34,10 @@ int64_t proc_status_bytes(const std::string& key) {
   return -1;
 }
 
-int quantize_file(const std::string& in, const std::string& out, int64_t blocksize, bool no_dq) {
+int quantize_file(const std::string& in, const std::string& out, int64_t blocksize, bool no_dq,
+                  const std::string& device_name) {
+  const bool on_device = !device_name.empty();
+  const at::Device device = model::parse_device(on_device ? device_name : "cpu", "--device");
   io::SafetensorsReader r(in);
   quant::QuantOptions o;
   o.blocksize = blocksize;
@@ -40,6 +48,14 @@ int quantize_file(const std::string& in, const std::string& out, int64_t blocksi
     quant::Nf4Tensor t = quant::quantize_nf4(w, o);
     for (auto& kv : quant::to_bnb_tensors(t, name)) tensors.push_back(kv);
     tensors.emplace_back(name + ".dequant", quant::dequantize_nf4(t, w.scalar_type()));
+    if (on_device) {
+      tensors.emplace_back(name + ".dequant_dev",
+                           quant::dequantize_nf4(t.to(device), w.scalar_type()).cpu());
+      quant::Nf4Tensor on_dev = quant::quantize_nf4(w.to(device), o);
+      for (auto& kv : quant::to_bnb_tensors(on_dev.to(at::kCPU), "dev." + name)) {
+        tensors.push_back(kv);
+      }
+    }
   }
   io::save_safetensors(out, tensors);
   return 0;
@@ -79,7 +95,7 @@ int load(const std::string& dir, bool quant, const std::string& dtype, const std
 
 int main(int argc, char** argv) {
   CLI::App app{"ftune NF4 test driver"};
-  std::string in, out, model_dir, dtype, compute, ids;
+  std::string in, out, model_dir, dtype, compute, ids, device;
   int64_t blocksize = 64;
   bool no_dq = false, quant = false;
   auto* qf = app.add_subcommand("quantize-file", "quantize every tensor of a safetensors file");
@@ -87,6 +103,7 @@ int main(int argc, char** argv) {
   qf->add_option("--out", out)->required();
   qf->add_option("--blocksize", blocksize);
   qf->add_flag("--no-double-quant", no_dq);
+  qf->add_option("--device", device, "also dequantize and quantize on this device (cuda)");
   auto* ld = app.add_subcommand("load", "load a model, print memory, optionally logits");
   ld->add_option("--model", model_dir)->required();
   ld->add_flag("--quant", quant);
@@ -97,7 +114,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   CLI11_PARSE(app, argc, argv);
   try {
-    if (qf->parsed()) return quantize_file(in, out, blocksize, no_dq);
+    if (qf->parsed()) return quantize_file(in, out, blocksize, no_dq, device);
     return load(model_dir, quant, dtype, compute, ids, out);
   } catch (const std::exception& e) {
     std::cerr << "quant_tool: error: " << e.what() << "\n";

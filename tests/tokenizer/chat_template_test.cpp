@@ -1,4 +1,4 @@
-// Unit tests for the chat-template interpreter (src/tokenizer/chat_template.cpp), runnable without
+// Unit tests for the chat-template interpreter (src/tokenizer/chat_template*), runnable without
 // Python. Expected strings were rendered by transformers 4.57.6's own environment
 // (_compile_jinja_template, jinja2 3.1.6) for the same template and context; the full byte-for-byte
 // comparison over hundreds of templates lives in tests/python/test_chat_template.py. The rest

@@ -1,7 +1,8 @@
 // Checkpoint mechanics without a training loop: a save/load round trip restores weights, optimizer
 // state and the RNG exactly; latest_checkpoint ignores temp and incomplete dirs; keep_last prunes
 // only older checkpoints; trainer_state.json values out of range are errors naming the field;
-// metrics.jsonl keeps the lines up to the resumed step. Crash safety: a forked child is killed
+// metrics.jsonl keeps the lines up to the resumed step; checksums.json lists every file and
+// verify_checkpoint names a flipped, truncated or missing one. Crash safety: a forked child is killed
 // (SIGKILL, through the crash_point seam of core/fs.h) at every step of replace_dir_atomic and in
 // the middle of a checkpoint write; the parent then checks that a loadable final/ (or the
 // previous checkpoint) remains.
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <functional>
 
+#include "core/crc32c.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "model/hf_io.h"
@@ -42,6 +44,17 @@ optim::NamedTensors named(model::LlamaForCausalLM& m) {
   optim::NamedTensors out;
   for (const auto& p : m->named_parameters()) out.emplace_back(p.key(), p.value());
   return out;
+}
+
+// A checkpoint of `m` at `step`, with the byte-level tokenizer (written into <dir>/tok), as a
+// run writes it.
+fs::path save_at(const fs::path& dir, model::LlamaForCausalLM& m, const optim::AdamW& opt,
+                 int64_t step, int64_t keep_last = 2) {
+  const fs::path tok = dir / "tok";
+  if (!fs::exists(tok)) model::write_byte_level_tokenizer(tok);
+  train::TrainState st;
+  st.step = step;
+  return train::save_checkpoint(dir, m, opt, st, keep_last, {}, tok);
 }
 
 // One AdamW step with a deterministic fake gradient.
@@ -116,6 +129,96 @@ TEST(Checkpoint, LatestIgnoresTempAndIncompleteAndPrunesOldest) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("step-10: not a complete checkpoint"), std::string::npos);
   }
+}
+
+namespace {
+
+// The message verify_checkpoint throws for `dir`, "" when it passes.
+std::string verify_error(const fs::path& dir) {
+  try {
+    train::verify_checkpoint(dir);
+    return "";
+  } catch (const Error& e) {
+    return e.what();
+  }
+}
+
+}  // namespace
+
+TEST(Checkpoint, ChecksumsListEveryFileAndNameTheDamagedOne) {
+  TempDir dir;
+  auto m = tiny(0);
+  optim::AdamW opt(named(m), {});
+  const fs::path ck = save_at(dir.path, m, opt, 3);
+  // checksums.json lists every other file with its size and CRC-32C (checked here by
+  // checksum_file, whose own oracle is tests/core).
+  const nlohmann::json j = nlohmann::json::parse(read_file(ck / "checksums.json"));
+  std::vector<std::string> files, listed;
+  for (const auto& e : fs::recursive_directory_iterator(ck)) {
+    if (e.is_regular_file() && e.path().filename() != "checksums.json") {
+      files.push_back(fs::relative(e.path(), ck).generic_string());
+    }
+  }
+  std::sort(files.begin(), files.end());
+  for (const auto& [rel, e] : j.at("files").items()) {
+    listed.push_back(rel);
+    const FileChecksum c = checksum_file(ck / rel);
+    EXPECT_EQ(e.at("size").get<int64_t>(), c.size) << rel;
+    char hex[9];
+    std::snprintf(hex, sizeof(hex), "%08x", c.crc32c);
+    EXPECT_EQ(e.at("crc32c").get<std::string>(), hex) << rel;
+  }
+  EXPECT_EQ(listed, files);
+  EXPECT_GE(files.size(), 5u);  // weights, config, optimizer, RNG, trainer state, tokenizer
+  EXPECT_TRUE(train::verify_checkpoint(ck).has_checksums);
+
+  const std::string where = "checkpoint " + ck.string() + ": ";
+  const std::string state = read_file(ck / "trainer_state.json");
+  const std::string opt_bytes = read_file(ck / "optimizer.safetensors");
+  const int64_t n = static_cast<int64_t>(opt_bytes.size());
+  {  // one flipped bit in the middle of a tensor
+    std::string bad = opt_bytes;
+    bad[bad.size() / 2] ^= 0x10;
+    std::ofstream(ck / "optimizer.safetensors", std::ios::binary) << bad;
+    const std::string e = verify_error(ck);
+    EXPECT_EQ(e.rfind(where + "optimizer.safetensors: expected CRC-32C " +
+                      j["files"]["optimizer.safetensors"]["crc32c"].get<std::string>() +
+                      " (checksums.json), found ", 0), 0u) << e;
+    EXPECT_NE(e.find(": the file is corrupted"), std::string::npos) << e;
+  }
+  std::ofstream(ck / "optimizer.safetensors", std::ios::binary)
+      << opt_bytes.substr(0, opt_bytes.size() - 100);
+  EXPECT_EQ(verify_error(ck), where + "optimizer.safetensors: expected " + std::to_string(n) +
+                                  " bytes (checksums.json), found " + std::to_string(n - 100) +
+                                  ": truncated or overwritten");
+  fs::remove(ck / "optimizer.safetensors");
+  EXPECT_EQ(verify_error(ck), where + "optimizer.safetensors: missing (checksums.json lists it)");
+  std::ofstream(ck / "optimizer.safetensors", std::ios::binary) << opt_bytes;
+  EXPECT_EQ(verify_error(ck), "");
+  // trainer_state.json is covered too (a changed digit still parses).
+  std::string edited = state;
+  edited[edited.find("\"step\": 3")+8] = '4';
+  std::ofstream(ck / "trainer_state.json", std::ios::binary) << edited;
+  EXPECT_NE(verify_error(ck).find(where + "trainer_state.json: expected CRC-32C"),
+            std::string::npos);
+  std::ofstream(ck / "trainer_state.json", std::ios::binary) << state;
+  // A checkpoint that says it has checksums but lost them is damaged; one written before
+  // checksums (format_version 1, no checksums.json) loads unverified.
+  fs::remove(ck / "checksums.json");
+  EXPECT_EQ(verify_error(ck), where + "checksums.json: missing (trainer_state.json says "
+                                      "format_version 2, which has one)");
+  nlohmann::json old = nlohmann::json::parse(state);
+  old["format_version"] = 1;
+  std::ofstream(ck / "trainer_state.json", std::ios::binary) << old.dump(2);
+  EXPECT_FALSE(train::verify_checkpoint(ck).has_checksums);
+  auto b = tiny(3);
+  optim::AdamW opt_b(named(b), {});
+  EXPECT_EQ(train::load_checkpoint(ck, b, opt_b).step, 3);
+  // resume: auto's candidates: every step-N dir, newest first, complete or not.
+  fs::create_directories(dir.path / "checkpoints" / "step-10");
+  fs::create_directories(dir.path / "checkpoints" / ".tmp-step-12-1");
+  EXPECT_EQ(train::checkpoint_dirs(dir.path),
+            (std::vector<fs::path>{dir.path / "checkpoints" / "step-10", ck}));
 }
 
 TEST(Metrics, ResumeKeepsLinesUpToTheCheckpointStep) {
@@ -223,18 +326,12 @@ TEST(Checkpoint, AKillMidWriteKeepsThePreviousCheckpoint) {
   TempDir dir;
   auto m = tiny(0);
   optim::AdamW opt(named(m), {});
-  const fs::path tok = dir.path / "tok";
-  model::write_byte_level_tokenizer(tok);
-  train::TrainState st;
-  st.step = 4;
-  const fs::path ck4 = train::save_checkpoint(dir.path, m, opt, st, 2, {}, tok);
+  const fs::path ck4 = save_at(dir.path, m, opt, 4);
   // Checkpoints are model dirs with the tokenizer, so eval/generate take them as they are.
   EXPECT_TRUE(fs::exists(ck4 / "tokenizer.json"));
   const std::string state4 = read_file(ck4 / "trainer_state.json");
   step(opt, 0.5);
-  st.step = 6;
-  EXPECT_TRUE(killed_at("checkpoint:after_weights",
-                        [&] { train::save_checkpoint(dir.path, m, opt, st, 1, {}, tok); }));
+  EXPECT_TRUE(killed_at("checkpoint:after_weights", [&] { save_at(dir.path, m, opt, 6, 1); }));
   const fs::path root = dir.path / "checkpoints";
   bool half_written = false;
   for (const auto& e : fs::directory_iterator(root)) {
