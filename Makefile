@@ -38,10 +38,11 @@ test-asan: setup
 demo: build
 	@bash scripts/demo.sh
 
-# libFuzzer on the GGUF and safetensors readers (clang, ASan + UBSan), FUZZ_SECONDS each.
+# libFuzzer on every reader of user files (clang, ASan + UBSan), FUZZ_SECONDS each, one at a time:
+# gguf safetensors train_config jsonl tokenizer_json sentencepiece chat_template adapter.
 fuzz: setup
 	@bash scripts/fuzz.sh build build-fuzz
-	@bash scripts/fuzz.sh run build-fuzz $(FUZZ_SECONDS) tests/fuzz/corpus gguf safetensors
+	@bash scripts/fuzz.sh run build-fuzz $(FUZZ_SECONDS) tests/fuzz/corpus all
 
 clean:
 	rm -rf $(BUILD)

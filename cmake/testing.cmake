@@ -49,9 +49,11 @@ endfunction()
 set(FTUNE_FUZZ_SECONDS 30 CACHE STRING "Seconds each fuzzer runs in ctest")
 set(_fuzz_sh ${PROJECT_SOURCE_DIR}/scripts/fuzz.sh)
 add_test(NAME fuzz_build COMMAND bash ${_fuzz_sh} build ${PROJECT_BINARY_DIR}/fuzz)
-set_tests_properties(fuzz_build PROPERTIES TIMEOUT 900 LABELS "slow;fuzz" FIXTURES_SETUP fuzz
+# A cold build instruments ~40 LibTorch-including files on one job: allow an hour (ccache: minutes).
+set_tests_properties(fuzz_build PROPERTIES TIMEOUT 3600 LABELS "slow;fuzz" FIXTURES_SETUP fuzz
   RESOURCE_LOCK fuzz_build_dir)
-foreach(_t gguf safetensors)
+# One per reader of user files (tests/fuzz/CMakeLists.txt has the list).
+foreach(_t gguf safetensors train_config jsonl tokenizer_json sentencepiece chat_template adapter)
   add_test(NAME fuzz_${_t} COMMAND bash ${_fuzz_sh} run ${PROJECT_BINARY_DIR}/fuzz
     ${FTUNE_FUZZ_SECONDS} ${PROJECT_BINARY_DIR}/fuzz/corpus ${_t})
   math(EXPR _timeout "${FTUNE_FUZZ_SECONDS} + 120")

@@ -1,9 +1,11 @@
 // YAML -> option struct reading with file/line/key errors; see yaml_reader.h.
 #include "config/yaml_reader.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <map>
+#include <string_view>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -22,6 +24,34 @@ std::string mark_of(const std::string& file, const YAML::Node& n) {
   const YAML::Mark m = n.Mark();
   if (m.is_null() || m.line < 0) return file;
   return file + ":" + std::to_string(m.line + 1);
+}
+
+// Offset of the first byte of `s` that starts no well-formed UTF-8 sequence (RFC 3629: no
+// overlong forms, surrogates or code points above U+10FFFF) or a noncharacter (U+FDD0-U+FDEF,
+// U+xFFFE, U+xFFFF), else npos. yaml-cpp reads such bytes as they are but writes U+FFFD for them,
+// so a path read from a config would come back changed in the resolved config.yaml that resume
+// compares against.
+size_t bad_utf8_offset(std::string_view s) {
+  static constexpr char32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};  // per sequence length
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    const size_t len = b < 0x80 ? 1 : (b & 0xE0) == 0xC0 ? 2 : (b & 0xF0) == 0xE0 ? 3
+                     : (b & 0xF8) == 0xF0 ? 4 : 0;
+    if (len == 0 || i + len > s.size()) return i;
+    char32_t cp = len == 1 ? b : b & (0x7F >> len);
+    for (size_t k = 1; k < len; ++k) {
+      const auto c = static_cast<unsigned char>(s[i + k]);
+      if ((c & 0xC0) != 0x80) return i;
+      cp = cp << 6 | (c & 0x3F);
+    }
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF) ||
+        (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE) {
+      return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
 }
 
 }  // namespace
@@ -43,6 +73,12 @@ void check_unique_keys(const YAML::Node& map, const std::string& origin, const s
 }
 
 YAML::Node parse_yaml_text(const std::string& text, const std::string& origin) {
+  if (const size_t bad = bad_utf8_offset(text); bad != std::string_view::npos) {
+    const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(bad),
+                                     '\n');
+    fail(origin, ":", line, ": invalid UTF-8 or a Unicode noncharacter (byte ", bad,
+         "); config files are UTF-8 text");
+  }
   YAML::Node root;
   try {
     root = YAML::Load(text);
@@ -70,6 +106,8 @@ void apply_override(YAML::Node& root, const std::string& assignment, Origins& or
                   path.find('.', dot + 1) == std::string::npos,
               origin, ": expected section.key=value (one dot in the key, e.g. training.lr=1e-4)");
   const std::string section = path.substr(0, dot), key = path.substr(dot + 1);
+  FTUNE_CHECK(bad_utf8_offset(value) == std::string_view::npos, origin, ": ", path,
+              ": invalid UTF-8 or a Unicode noncharacter in the value");
   YAML::Node parsed;
   try {
     parsed = YAML::Load(value);

@@ -114,8 +114,9 @@ AdapterConfig read_adapter_config(const fs::path& dir) {
   }
   FTUNE_CHECK(j.is_object(), origin, ": expected a JSON object");
   AdapterConfig c;
-  const std::string type = j.value("peft_type", std::string());
-  FTUNE_CHECK(type == "LORA", origin, ": peft_type: expected \"LORA\", got ",
+  // Compared as JSON: j.value<std::string>() would throw nlohmann's error for a non-string.
+  FTUNE_CHECK(j.contains("peft_type") && j.at("peft_type") == "LORA", origin,
+              ": peft_type: expected \"LORA\", got ",
               j.contains("peft_type") ? j.at("peft_type").dump() : "nothing");
   FTUNE_CHECK(j.contains("r"), origin, ": r: missing");
   FTUNE_CHECK(j.at("r").is_number_integer(), origin, ": r: expected a positive integer, got ",
@@ -279,21 +280,28 @@ void save_adapter(const fs::path& dir, model::LlamaForCausalLM& m, const std::st
 
 namespace {
 
-// Checks the adapter file against the adapters `m` carries (every key present with its shape, no
-// other key), then copies the weights in.
-void copy_adapter_weights(const fs::path& dir, model::LlamaForCausalLM& m) {
+// The adapter each adapted module must find in the file: its base linear's dims and the rank.
+struct AdaptedModule {
+  int64_t in = 0, out = 0, r = 0;
+};
+
+// <dir>/adapter_model.safetensors, which must exist.
+fs::path adapter_weights_path(const fs::path& dir) {
   const fs::path p = dir / kAdapterWeightsFile;
-  const std::string origin = p.string();
-  FTUNE_CHECK(fs::is_regular_file(p), origin, ": missing",
+  FTUNE_CHECK(fs::is_regular_file(p), p.string(), ": missing",
               fs::exists(dir / "adapter_model.bin") ? " (adapter_model.bin, a pickle, is not read; "
                                                       "save with safe_serialization=True)" : "");
-  io::SafetensorsReader reader(p);
+  return p;
+}
+
+// Checks the adapter file against `adapted` (every key present with its shape, no other key).
+// load_adapter runs it before any adapter is allocated, so a config's r cannot make ftune allocate
+// more than the file holds (r = 2e9 in adapter_config.json is refused instead of exhausting memory).
+void check_adapter_weights(const io::SafetensorsReader& reader, const std::string& origin,
+                           model::LlamaForCausalLM& m,
+                           const std::map<std::string, AdaptedModule>& adapted) {
   std::set<std::string> modules;  // every module path of the base model
   for (const auto& item : m->named_modules()) modules.insert(item.key());
-  std::map<std::string, model::Linear> adapted;
-  for (auto& [name, lin] : decoder_linears(m)) {
-    if (lin->lora_A) adapted.emplace(name, lin);
-  }
   const std::string prefix = kPeftKeyPrefix;
   for (const auto& key : reader.names()) {
     FTUNE_CHECK(key.rfind(prefix, 0) == 0, origin, ": ", key, ": unexpected tensor (expected ",
@@ -315,16 +323,14 @@ void copy_adapter_weights(const fs::path& dir, model::LlamaForCausalLM& m) {
     FTUNE_CHECK(adapted.count(module), origin, ": ", key, ": ", module, " is not selected by ",
                 kAdapterConfigFile, "'s target_modules");
   }
-  for (const auto& [module, lin] : adapted) {
-    const int64_t r = lin->lora_A->weight.size(0);
-    const int64_t in = lin->in_features(), out = lin->out_features();
+  for (const auto& [module, a] : adapted) {
     struct Want {
       const char* suffix;
       int64_t rank_dim, base_dim, base_size;
       const char* base_what;
     };
-    for (const Want& w : {Want{".lora_A.weight", 0, 1, in, "in_features"},
-                          Want{".lora_B.weight", 1, 0, out, "out_features"}}) {
+    for (const Want& w : {Want{".lora_A.weight", 0, 1, a.in, "in_features"},
+                          Want{".lora_B.weight", 1, 0, a.out, "out_features"}}) {
       const std::string key = prefix + module + w.suffix;
       FTUNE_CHECK(reader.contains(key), origin, ": ", key, ": missing (",
                   kAdapterConfigFile, "'s target_modules select ", module, ")");
@@ -335,11 +341,14 @@ void copy_adapter_weights(const fs::path& dir, model::LlamaForCausalLM& m) {
       FTUNE_CHECK(e.shape[w.base_dim] == w.base_size, origin, ": ", key, ": shape ",
                   at::IntArrayRef(e.shape), " does not fit ", module, " of this model (",
                   w.base_what, " ", w.base_size, "; an adapter for another base model?)");
-      FTUNE_CHECK(e.shape[w.rank_dim] == r, origin, ": ", key, ": shape ",
+      FTUNE_CHECK(e.shape[w.rank_dim] == a.r, origin, ": ", key, ": shape ",
                   at::IntArrayRef(e.shape), " has rank ", e.shape[w.rank_dim], ", but ",
-                  kAdapterConfigFile, " says r = ", r);
+                  kAdapterConfigFile, " says r = ", a.r);
     }
   }
+}
+
+void copy_adapter_weights(const io::SafetensorsReader& reader, model::LlamaForCausalLM& m) {
   torch::NoGradGuard no_grad;
   for (const auto& [name, t] : adapter_parameters(m)) reader.read_into(kPeftKeyPrefix + name, t);
 }
@@ -351,12 +360,28 @@ void load_adapter(const fs::path& dir, model::LlamaForCausalLM& m) {
   const std::string origin = (dir / kAdapterConfigFile).string();
   const auto modules = select_adapter_modules(c, m, origin);
   const std::set<std::string> chosen(modules.begin(), modules.end());
+  std::map<std::string, AdaptedModule> adapted;
+  for (auto& [name, lin] : decoder_linears(m)) {
+    if (chosen.count(name)) adapted[name] = {lin->in_features(), lin->out_features(), c.options.r};
+  }
+  const fs::path weights = adapter_weights_path(dir);
+  const io::SafetensorsReader reader(weights);
+  check_adapter_weights(reader, weights.string(), m, adapted);
   apply_lora_to(m, c.options, 0, [&](const std::string& name) { return chosen.count(name) > 0; });
-  copy_adapter_weights(dir, m);
+  copy_adapter_weights(reader, m);
 }
 
 void load_adapter_weights(const fs::path& dir, model::LlamaForCausalLM& m) {
-  copy_adapter_weights(dir, m);
+  std::map<std::string, AdaptedModule> adapted;
+  for (auto& [name, lin] : decoder_linears(m)) {
+    if (lin->lora_A) {
+      adapted[name] = {lin->in_features(), lin->out_features(), lin->lora_A->weight.size(0)};
+    }
+  }
+  const fs::path weights = adapter_weights_path(dir);
+  const io::SafetensorsReader reader(weights);
+  check_adapter_weights(reader, weights.string(), m, adapted);
+  copy_adapter_weights(reader, m);
 }
 
 }  // namespace ftune::lora

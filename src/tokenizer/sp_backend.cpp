@@ -7,6 +7,7 @@
 // Defines make_sentencepiece_backend().
 #include <sentencepiece_processor.h>
 
+#include <exception>
 #include <map>
 #include <unordered_map>
 #include <unordered_set>
@@ -45,7 +46,14 @@ std::string python_lstrip(std::string_view s) {
 class SpBackend final : public TokenizerBackend {
  public:
   explicit SpBackend(const std::filesystem::path& model) : origin_(model.string()) {
-    const auto status = sp_.Load(model.string());
+    sentencepiece::util::Status status;
+    try {
+      status = sp_.Load(model.string());
+    } catch (const std::exception& e) {
+      // libsentencepiece's trie builder (darts_clone) throws instead of returning a status, e.g.
+      // for an empty piece in a unigram model (found by sentencepiece_fuzz).
+      fail(origin_, ": cannot load SentencePiece model: ", e.what());
+    }
     FTUNE_CHECK(status.ok(), origin_, ": cannot load SentencePiece model: ", status.ToString());
     // Like LlamaTokenizer, unk/bos/eos are added tokens that split the text.
     for (int id : {sp_.unk_id(), sp_.bos_id(), sp_.eos_id()}) {

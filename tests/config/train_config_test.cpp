@@ -105,6 +105,30 @@ TEST(TrainConfig, ResolvedYamlRoundTrips) {
   EXPECT_EQ(b.data.valid, a.data.valid);
 }
 
+// Found by train_config_fuzz (tests/fuzz/seeds/train_config/crash-invalid-utf8.yaml): yaml-cpp
+// reads bytes that are not UTF-8 as they are but writes U+FFFD for them, so the resolved config
+// (what resume compares with) named another output_dir. Such files are now refused.
+TEST(TrainConfig, InvalidUtf8IsRefusedAndUnicodeRoundTrips) {
+  // Not UTF-8 (a stray byte, overlong, surrogate, above U+10FFFF, cut short) or a noncharacter.
+  for (const std::string bad : {"\xFF", "\xC0\xAF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xE2\x82",
+                                "\xEF\xB7\x90", "\xEF\xBF\xBF", "\xF4\x8F\xBF\xBE"}) {
+    const std::string e = error_of("model:\n  path: preset:tiny\ntraining:\n  steps: 1\n"
+                                   "  output_dir: runs/" + bad + "x\n");
+    EXPECT_NE(e.find("cfg.yaml:5: invalid UTF-8 or a Unicode noncharacter (byte 67)"),
+              std::string::npos) << e;
+    const std::string o = error_of(kGood, {"training.output_dir=runs/" + bad});
+    EXPECT_NE(o.find("--set training.output_dir=runs/"), std::string::npos) << o;
+    EXPECT_NE(o.find("training.output_dir: invalid UTF-8 or a Unicode noncharacter in the value"),
+              std::string::npos) << o;
+  }
+  // Two-, three- and four-byte sequences next to the refused ranges survive the round trip.
+  const std::string dir = "runs/caf\xC3\xA9/\xE6\x97\xA5\xED\x9F\xBF\xEF\xB7\xB0/"
+                          "\xF0\x9F\x98\x80\xF4\x8F\xBF\xBD\tx";
+  TrainConfig a = parse_train_config(kGood, "cfg.yaml", {"training.output_dir=" + dir});
+  EXPECT_EQ(a.training.output_dir, dir);
+  EXPECT_EQ(parse_train_config(a.to_yaml(), "resolved.yaml").training.output_dir, dir);
+}
+
 TEST(TrainConfig, ModelParallelDevicesAndSplit) {
   TrainConfig a = parse_train_config(kGood, "cfg.yaml",
                                      {"parallel.strategy=model_parallel",

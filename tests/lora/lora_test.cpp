@@ -1,9 +1,11 @@
 // Pure logic of src/lora: PEFT's target_modules matching, adapter_config.json refusals, module
-// selection on a tiny model, and merge_lora (same forward as unmerged, adapters gone).
+// selection on a tiny model, merge_lora (same forward as unmerged, adapters gone), and the
+// adapter-file checks that run before anything is allocated.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include <unistd.h>
 
@@ -111,6 +113,11 @@ TEST(AdapterConfig, RefusesWhatFtuneDoesNotCompute) {
   EXPECT_NE(error_of([] { read_adapter_config(write_config(R"({"peft_type":"IA3","r":4})")); })
                 .find("peft_type: expected \"LORA\""),
             std::string::npos);
+  // Found by adapter_fuzz (seeds/adapter/crash-peft-type-not-a-string.adapter): nlohmann's
+  // type_error escaped instead of this line.
+  EXPECT_NE(error_of([] { read_adapter_config(write_config(R"({"peft_type":["q_proj"],"r":4})")); })
+                .find("adapter_config.json: peft_type: expected \"LORA\", got [\"q_proj\"]"),
+            std::string::npos);
   EXPECT_NE(error_of([] {
               read_adapter_config(write_config(R"({"peft_type":"LORA","r":0,"target_modules":[]})"));
             }).find("r: expected a positive integer"),
@@ -153,6 +160,34 @@ TEST(SelectModules, PeftSemantics) {
   EXPECT_NE(error_of([&] { sel(cfg(R"(".*norm")")); }).find("cannot adapt"), std::string::npos);
   EXPECT_NE(error_of([&] { sel(cfg(R"("nothing\\.here")")); }).find("selects no module"),
             std::string::npos);
+}
+
+// Found by adapter_fuzz (tests/fuzz/seeds/adapter/crash-huge-rank.adapter): load_adapter
+// allocated adapters of adapter_config.json's r before looking at the weights file, so r =
+// 2000000000 exhausted memory. The file's shapes are now checked first.
+TEST(LoadAdapter, ConfigRankIsCheckedAgainstTheFileBeforeAllocating) {
+  auto m = tiny_model();
+  LoraOptions o;
+  o.r = 2;
+  o.targets = {"q_proj"};
+  apply_lora(m, o, 3);
+  const fs::path dir = write_config("{}");
+  save_adapter(dir, m, "tiny");
+  auto good = tiny_model();
+  load_adapter(dir, good);  // as saved: loads
+  EXPECT_TRUE(has_lora(good));
+  std::ifstream in(dir / kAdapterConfigFile);
+  std::string cfg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto at = cfg.find("\"r\": 2,");
+  ASSERT_NE(at, std::string::npos) << cfg;
+  std::ofstream(dir / kAdapterConfigFile) << cfg.replace(at, 7, "\"r\": 2000000000,");
+  auto fresh = tiny_model();
+  const std::string err = error_of([&] { load_adapter(dir, fresh); });
+  EXPECT_NE(err.find("adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj"
+                     ".lora_A.weight: shape [2, 16] has rank 2, but adapter_config.json says r = "
+                     "2000000000"),
+            std::string::npos) << err;
+  EXPECT_FALSE(has_lora(fresh));  // refused before any adapter was injected
 }
 
 TEST(Merge, SameLogitsAndNoAdaptersLeft) {

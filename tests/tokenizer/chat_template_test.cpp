@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/error.h"
 #include "tokenizer/chat_template.h"
@@ -156,6 +158,54 @@ TEST(ChatTemplate, PathologicalTemplatesFailInsteadOfCrashing) {
   EXPECT_NE(error_of("{{ 2 ** 64 }}").find("integer overflow"), std::string::npos);
   EXPECT_NE(error_of("{{ 'ab' * 1000000000 }}").find("too large"), std::string::npos);
   EXPECT_NE(error_of("{{ range(1000000) | length }}").find("Range too big"), std::string::npos);
+}
+
+// Found by chat_template_fuzz (seeds tests/fuzz/seeds/chat_template/crash-*): templates that
+// ran for hours or exhausted memory. Every render is now bounded in steps (statements plus loop
+// iterations) and every string, the output included, in size; each fails with one clear line.
+TEST(ChatTemplate, WorkAndSizesAreBounded) {
+  const std::string too_large = "string result too large (over 64 MiB)";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+       "chat template: line 1: template too expensive (over 1,000,000 steps)"},
+      {"{% for i in range(100000) %}{{ 'x' * 60000000 }}{% endfor %}",
+       "chat template: line 1: output too large (over 64 MiB)"},
+      {"{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+       "{% endfor %}{{ ns.s | length }}", too_large},
+      {"{{ ('x' * 60000000) | replace('x', 'yy') }}", too_large},
+      {"{% set s = 'x' * 40000000 %}{{ [s, s] | join('-') }}", too_large},
+      {"{% set s = 'x' * 40000000 %}{{ '-'.join([s, s]) }}", too_large},
+      {"{{ ['x' * 40000000] * 2 }}", "repetition result too large"},
+      {"{{ ['x' * 1000] * 100000 }}", "repetition result too large"},
+      {"{{ 'a'.zfill(1000000000000) }}", too_large},
+      {"{{ 'a' | center(1000000000000) }}", too_large},
+      {"{{ 'a\nb' | indent(1000000000000) }}", too_large},
+      {"{{ '%99999999999999999999s' % 'a' }}", "format width or precision too large"},
+  };
+  for (const auto& [tpl, want] : cases) {
+    const std::string e = error_of(tpl);
+    EXPECT_NE(e.find(want), std::string::npos) << tpl << " -> " << e;
+  }
+  // Below the bounds, large work still renders.
+  EXPECT_EQ(render("{% for i in range(100000) %}{{ 'x' if i % 2 else '' }}{% endfor %}").size(), 50000u);
+  EXPECT_EQ(render("{{ ('x' * 1000000) | replace('x', 'yy') | length }}"), "2000000");
+  EXPECT_EQ(render("{{ 'ab' * 3 }}|{{ 'ab' * 0 }}|{{ 'ab' * -2 }}|{{ '' * 5 }}|{{ 2 * 'xyz' }}"),
+            "ababab||||xyzxyz");
+}
+
+// Found by chat_template_fuzz (seeds/chat_template/crash-float-literal-overflow.jinja): number
+// texts out of range threw std::out_of_range from std::stod/stoll/stoul instead of rendering as
+// jinja2 does (float literals: inf and 0.0, as Python's float()) or failing with one line.
+TEST(ChatTemplate, NumbersOutOfRange) {
+  EXPECT_EQ(render("{{ 1e27230 }}|{{ -1e400 }}|{{ 1e-400 }}|{{ 1_0.5e1_0 }}"),
+            "inf|-inf|0.0|105000000000.0");  // jinja2 3.1.6
+  EXPECT_NE(error_of("{{ 0x10000000000000000 }}").find("integer literal too large: 0x10000000000000000"),
+            std::string::npos);
+  EXPECT_NE(error_of("{{ '{99999999999999999999}'.format(1) }}").find("Replacement index out of range"),
+            std::string::npos);
+  EXPECT_NE(error_of("{{ [[1]] | map(attribute='99999999999999999999') | list }}")
+                .find("integer too large: 99999999999999999999"),
+            std::string::npos);
 }
 
 TEST(ChatTemplate, ContextMustBeAnObject) {

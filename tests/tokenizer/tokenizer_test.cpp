@@ -7,8 +7,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <thread>
 
@@ -393,6 +395,22 @@ TEST(TokenizerLoad, ConfigFilesResolveSpecialTokensAndTemplate) {
   t = Tokenizer::load(dir.path);
   EXPECT_EQ(t.eos_id(), 0);
   EXPECT_EQ(t.eos_token(), "<unk>");
+}
+
+// Found by sentencepiece_fuzz (tests/fuzz/seeds/sentencepiece/crash-empty-piece.model): a unigram
+// model with an empty piece made libsentencepiece's trie builder throw Darts::Exception, which
+// escaped instead of one error line.
+TEST(TokenizerLoad, SentencePieceLibraryExceptionsBecomeOneLine) {
+  const char* src = std::getenv("FTUNE_SOURCE_DIR");
+  if (!src) GTEST_SKIP() << "FTUNE_SOURCE_DIR not set (run through ctest)";
+  std::ifstream in(std::string(src) + "/tests/fuzz/seeds/sentencepiece/crash-empty-piece.model",
+                   std::ios::binary);
+  ASSERT_TRUE(in.good());
+  TempDir dir;
+  dir.write("tokenizer.model", std::string(std::istreambuf_iterator<char>(in), {}));
+  const std::string err = error_of([&] { Tokenizer::load(dir.path); });
+  EXPECT_NE(err.find("tokenizer.model: cannot load SentencePiece model: "), std::string::npos) << err;
+  EXPECT_NE(err.find("zero-length key"), std::string::npos) << err;
 }
 
 TEST(TokenizerLoad, ErrorsNameTheFileAndField) {

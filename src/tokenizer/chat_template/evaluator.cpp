@@ -61,8 +61,20 @@ class Interp {
     Interp& in_;
   };
 
+  // Counts one step of the render's kMaxSteps (a statement run or a loop iteration).
+  void step(int line) {
+    if (++steps_ > kMaxSteps) fail_line(line, "template too expensive (over 1,000,000 steps)");
+  }
+
   Flow exec_stmt(const Stmt& s, const ScopePtr& scope, std::string& out) {
     RecursionGuard guard(*this, s.line);
+    step(s.line);
+    const Flow f = exec_stmt_unbounded(s, scope, out);
+    if (out.size() > kMaxStringBytes) fail_line(s.line, "output too large (over 64 MiB)");
+    return f;
+  }
+
+  Flow exec_stmt_unbounded(const Stmt& s, const ScopePtr& scope, std::string& out) {
     switch (s.kind) {
       case SK::kText: out += s.text; return Flow::kNormal;
       case SK::kPrint: exec_print(s, scope, out); return Flow::kNormal;
@@ -139,6 +151,7 @@ class Interp {
     if (s.cond) {
       ValueList kept;
       for (auto& item : items) {
+        step(s.line);
         auto inner = child_scope(scope);
         bind_targets(s, item, *inner);
         if (truthy(eval(*s.cond, inner))) kept.push_back(std::move(item));
@@ -151,6 +164,7 @@ class Interp {
     }
     const auto n = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < n; ++k) {
+      step(s.line);
       auto inner = frame_scope(scope, s.undef);
       bind_targets(s, items[k], *inner);
       inner->vars["loop"] = make_loop(items, k);
@@ -340,6 +354,7 @@ class Interp {
   const Value* block_input_ = nullptr;
   std::vector<ScopePtr> macro_scopes_;
   int call_depth_ = 0;
+  int64_t steps_ = 0;  // see step()
 };
 
 }  // namespace

@@ -196,9 +196,9 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a) {
     std::string out;
     bool first = true;
     for (const auto& x : iterate(v, line)) {
-      if (!first) out += sep;
+      if (!first) append_bounded(out, sep);
       first = false;
-      out += py_str(attribute.is_none() ? x : attr_path(x, attribute, nullptr, line));
+      append_bounded(out, py_str(attribute.is_none() ? x : attr_path(x, attribute, nullptr, line)));
     }
     return Value::str(out);
   }
@@ -395,7 +395,9 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a) {
     const Value width = a.get_or(0, "width", Value::integer(4));
     const bool first = truthy(a.get_or(1, "first", Value::boolean(false)));
     const bool blank = truthy(a.get_or(2, "blank", Value::boolean(false)));
-    const std::string ind = width.is_string() ? width.s : std::string(static_cast<size_t>(std::max<int64_t>(0, to_index_arg(width, line, "width"))), ' ');
+    const int64_t n_ind = width.is_string() ? 0 : std::max<int64_t>(0, to_index_arg(width, line, "width"));
+    if (n_ind > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
+    const std::string ind = width.is_string() ? width.s : std::string(static_cast<size_t>(n_ind), ' ');
     const std::vector<std::string> lines = py_splitlines(py_str(v) + "\n", false);
     std::string out;
     for (size_t k = 0; k < lines.size(); ++k) {
@@ -403,7 +405,8 @@ Value apply_filter(const std::string& name, const Value& v, CallArgs& a) {
       if (k == 0 || (!blank && lines[k].empty())) {
         out += lines[k];
       } else {
-        out += ind + lines[k];
+        append_bounded(out, ind);
+        out += lines[k];
       }
     }
     if (first) out = ind + out;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <cstdlib>
 #include <string_view>
 #include <system_error>
 #include <utility>
@@ -290,7 +291,10 @@ class Lexer {
         }
       }
       if (!digits.empty()) {
-        out_.push_back({Tok::kInt, src_.substr(pos_, e - pos_), line_, std::stoll(digits, nullptr, base)});
+        int64_t value = 0;
+        const auto r = std::from_chars(digits.data(), digits.data() + digits.size(), value, base);
+        if (r.ec != std::errc()) fail_line(line_, "integer literal too large: " + src_.substr(pos_, e - pos_));
+        out_.push_back({Tok::kInt, src_.substr(pos_, e - pos_), line_, value});
         pos_ = e;
         return;
       }
@@ -315,7 +319,8 @@ class Lexer {
       }
       if (is_float) {
         const std::string text = src_.substr(pos_, e - pos_);
-        out_.push_back({Tok::kFloat, text, line_, 0, std::stod(strip_us(text))});
+        // strtod, as Python's float(): inf beyond the range, 0 below it (std::stod threw).
+        out_.push_back({Tok::kFloat, text, line_, 0, std::strtod(strip_us(text).c_str(), nullptr)});
         pos_ = e;
         return;
       }

@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <iterator>
 #include <optional>
 #include <string>
+#include <system_error>
 
 #include "tokenizer/unicode.h"
 
@@ -99,8 +101,9 @@ std::string py_str_format(const std::string& fmt, const CallArgs& a) {
         if (auto_idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
         v = &a.pos[auto_idx++];
       } else if (std::isdigit(static_cast<unsigned char>(field[0]))) {
-        const size_t idx = std::stoul(field);
-        if (idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
+        size_t idx = 0;
+        const auto r = std::from_chars(field.data(), field.data() + field.size(), idx);
+        if (r.ec != std::errc() || idx >= a.pos.size()) fail_line(a.line, "Replacement index out of range");
         v = &a.pos[idx];
       } else {
         for (const auto& kv : a.kw) {
@@ -216,9 +219,9 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
     bool first = true;
     for (const auto& x : iterate(*it, line)) {
       if (!x.is_string()) fail_line(line, "sequence item: expected str instance, " + py_type_name(x) + " found");
-      if (!first) out += s;
+      if (!first) append_bounded(out, s);
       first = false;
-      out += x.s;
+      append_bounded(out, x.s);
     }
     return Value::str(out);
   }
@@ -247,6 +250,7 @@ Value call_str_method(const std::string& s, const std::string& name, CallArgs& a
   }
   if (name == "zfill") {
     const int64_t w = to_index_arg(a.get_or(0, "width", Value::integer(0)), line, "width");
+    if (w > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
     std::string body = s;
     std::string sign;
     if (!body.empty() && (body[0] == '+' || body[0] == '-')) {
@@ -473,7 +477,10 @@ Value attr_path(const Value& item, const Value& attribute, const Value* def, int
       const size_t dot = attribute.s.find('.', start);
       std::string part = attribute.s.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
       const bool digits = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
-      parts.push_back(digits ? Value::integer(std::stoll(part)) : Value::str(part));
+      int64_t index = 0;
+      const bool in_range = digits && std::from_chars(part.data(), part.data() + part.size(), index).ec == std::errc();
+      if (digits && !in_range) fail_line(line, "integer too large: " + part);
+      parts.push_back(digits ? Value::integer(index) : Value::str(part));
       if (dot == std::string::npos) break;
       start = dot + 1;
     }

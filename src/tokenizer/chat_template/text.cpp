@@ -19,6 +19,13 @@ namespace ftune::tok::jinja {
 
 void fail_line(int line, const std::string& what) { fail("chat template: line ", line, ": ", what); }
 
+void fail_too_large() { fail("chat template: string result too large (over 64 MiB)"); }
+
+void append_bounded(std::string& out, std::string_view piece) {
+  if (out.size() + piece.size() > kMaxStringBytes) fail_too_large();
+  out += piece;
+}
+
 // The template and every context string are checked to be valid UTF-8 on entry (compile() and
 // from_json() in chat_template.cpp), so the shared decoder of unicode.h applies. Escapes such
 // as '\udc80' can still produce a lone surrogate; utf8_append writes it as three bytes and
@@ -297,7 +304,7 @@ std::string py_replace(const std::string& s, const std::string& old_s, const std
     int64_t done = 0;
     for (char32_t c : u) {
       if (count < 0 || done < count) {
-        out += new_s;
+        append_bounded(out, new_s);
         ++done;
       }
       utf8_append(out, c);
@@ -312,7 +319,7 @@ std::string py_replace(const std::string& s, const std::string& old_s, const std
     const size_t j = s.find(old_s, i);
     if (j == std::string::npos) break;
     out.append(s, i, j - i);
-    out += new_s;
+    append_bounded(out, new_s);
     i = j + old_s.size();
     ++done;
   }
@@ -407,6 +414,7 @@ std::optional<double> py_parse_float(const std::string& text) {
 std::string pad_str(const std::string& s, int64_t width, char32_t fill, int align /* -1 left, 0 center, 1 right */) {
   const int64_t len = static_cast<int64_t>(to_u32(s).size());
   if (width <= len) return s;
+  if (width > static_cast<int64_t>(kMaxStringBytes)) fail_too_large();
   const int64_t marg = width - len;
   int64_t left = 0;
   if (align == 1) left = marg;

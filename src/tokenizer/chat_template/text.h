@@ -17,6 +17,17 @@ namespace ftune::tok::jinja {
 // Throws ftune::Error "chat template: line <line>: <what>"; every template error goes here.
 [[noreturn]] void fail_line(int line, const std::string& what);
 
+// Bounds that keep every template fast and small whatever its source (chat_template_fuzz found
+// templates that ran for hours or exhausted memory: nested range() loops, a string doubled by
+// {% set %} in a loop, a long string printed in a loop). transformers' sandbox bounds only range();
+// these sit far above anything a chat template needs.
+constexpr size_t kMaxStringBytes = size_t{1} << 26;  // 64 MiB: any string value, the output too
+constexpr int64_t kMaxSteps = 1'000'000;              // statements run plus loop iterations
+// Throws "chat template: string result too large (over 64 MiB)".
+[[noreturn]] void fail_too_large();
+// out += piece, failing instead when the result would exceed kMaxStringBytes.
+void append_bounded(std::string& out, std::string_view piece);
+
 std::u32string to_u32(std::string_view s);
 std::string from_u32(std::u32string_view s);
 

@@ -69,6 +69,7 @@ struct Value {
     return v;
   }
   static Value str(std::string x) {
+    if (x.size() > kMaxStringBytes) fail_too_large();
     Value v;
     v.type = Type::kString;
     v.s = std::move(x);
