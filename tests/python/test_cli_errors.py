@@ -13,7 +13,7 @@ import torch
 
 from ftune_testing import SOURCE_DIR, ftune, ftune_bin, write_json
 
-SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge, quantize, launch, memory"
+SUBCOMMANDS = "tokenize, init-model, eval, generate, bench, train, convert, merge, quantize, launch, memory, plan"
 
 
 @pytest.fixture(scope="module")
