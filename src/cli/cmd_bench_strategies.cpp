@@ -26,12 +26,14 @@
 #include "config/train_config.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "train/metrics.h"
 
 namespace ftune::cli {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using train::format_number;
 
 struct StrategyBenchArgs {
   std::string config, out, grad_ckpt = "off";
@@ -185,12 +187,6 @@ json cell_result(const Cell& c, int status, double wall_s, const fs::path& log) 
   return r;
 }
 
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), f, v);
-  return buf;
-}
-
 void write_summary(const StrategyBenchArgs& a, const std::vector<json>& results) {
   const fs::path out = a.out;
   const json summary = {{"config", a.config},   {"nproc", a.nproc},   {"sets", a.sets},
@@ -231,12 +227,13 @@ void write_summary(const StrategyBenchArgs& a, const std::vector<json>& results)
       md << "failed: " << r.value("error", std::string()) << " | | | | | | |\n";
       continue;
     }
-    md << fmt("%.0f", r.value("tokens_per_s", 0.0)) << " | " << fmt("%.4f", r.value("final_loss", 0.0))
-       << " | " << fmt("%.1f%%", 100 * r.value("comm_exposed_frac", 0.0)) << " | "
-       << fmt("%.2f", r.value("comm_bytes_per_step", int64_t{0}) / 1e6) << " | "
-       << fmt("%.1f", r.value("measured_peak_bytes", int64_t{0}) / 1e6) << " | "
-       << fmt("%.1f", r.value("predicted_peak_bytes", int64_t{0}) / 1e6) << " | "
-       << fmt("%.3f", r.value("memory_ratio", 0.0)) << " |\n";
+    md << format_number("%.0f", r.value("tokens_per_s", 0.0)) << " | "
+       << format_number("%.4f", r.value("final_loss", 0.0))
+       << " | " << format_number("%.1f%%", 100 * r.value("comm_exposed_frac", 0.0)) << " | "
+       << format_number("%.2f", r.value("comm_bytes_per_step", int64_t{0}) / 1e6) << " | "
+       << format_number("%.1f", r.value("measured_peak_bytes", int64_t{0}) / 1e6) << " | "
+       << format_number("%.1f", r.value("predicted_peak_bytes", int64_t{0}) / 1e6) << " | "
+       << format_number("%.3f", r.value("memory_ratio", 0.0)) << " |\n";
   }
   md << "\n## Charts\n\n(made by `scripts/plot_bench.py " << a.out << "`)\n\n"
      << "![tokens per second](tokens_per_s.png)\n\n"
@@ -311,9 +308,11 @@ void run_strategy_bench(const StrategyBenchArgs& a) {
 
 void register_bench_strategies(CLI::App* bench) {
   auto a = std::make_shared<StrategyBenchArgs>();
-  bench->add_option("--config", a->config, "Strategy benchmark: the full fine-tuning YAML config every run starts from")
+  bench->add_option("--config", a->config,
+                    "Strategy benchmark: the full fine-tuning YAML config every run starts from")
       ->type_name("FILE");
-  bench->add_option("--strategies", a->strategies, "single, ddp, zero1, zero2, fsdp, pipeline (comma-separated)")
+  bench->add_option("--strategies", a->strategies,
+                    "single, ddp, zero1, zero2, fsdp, pipeline (comma-separated)")
       ->delimiter(',')
       ->type_name("LIST");
   bench->add_option("--nproc", a->nproc, "Ranks of the distributed runs (default 2)")

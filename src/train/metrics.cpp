@@ -143,4 +143,10 @@ void Progress::finish() {
   }
 }
 
+std::string format_number(const char* printf_format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), printf_format, v);
+  return buf;
+}
+
 }  // namespace ftune::train

@@ -45,6 +45,8 @@ double train_flops_per_token(const model::LlamaConfig& c, int64_t seq_len);
 
 // "1:02:03" / "02:03".
 std::string format_duration(double seconds);
+// One number through a printf format: format_number("%.1f", 2.25) == "2.2".
+std::string format_number(const char* printf_format, double v);
 
 // Human-facing progress: a redrawn bar with ETA on a terminal, else one line per logged step.
 class Progress {

@@ -45,12 +45,6 @@ namespace {
 
 constexpr char kPresetPrefix[] = "preset:";
 
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), f, v);
-  return buf;
-}
-
 // Where the model comes from: an HF dir or preset:NAME, its config, and its tokenizer's dir.
 struct ModelSource {
   model::LlamaConfig config;
@@ -528,12 +522,13 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   std::ostringstream os;
   os << (s.finished ? "done: " : "stopped: ") << s.steps << "/" << s.total_steps << " steps, "
      << s.tokens << " tokens in " << format_duration(s.train_seconds) << " ("
-     << fmt("%.0f", s.train_seconds > 0 ? s.tokens / s.train_seconds : 0) << " tok/s)\n";
-  os << "final loss " << fmt("%.4f", s.final_loss);
+     << format_number("%.0f", s.train_seconds > 0 ? s.tokens / s.train_seconds : 0) << " tok/s)\n";
+  os << "final loss " << format_number("%.4f", s.final_loss);
   if (std::isfinite(s.eval_loss)) {
     // An evaluation from an earlier step (stop_after between evals) says which step it was.
     os << (s.eval_step == s.steps ? ", eval loss " : ", last eval loss ")
-       << fmt("%.4f", s.eval_loss) << " (ppl " << fmt("%.3f", std::exp(s.eval_loss));
+       << format_number("%.4f", s.eval_loss) << " (ppl "
+       << format_number("%.3f", std::exp(s.eval_loss));
     if (s.eval_step != s.steps && s.eval_step >= 0) os << ", at step " << s.eval_step;
     os << ")";
   }
@@ -541,9 +536,9 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   os << format_param_report(s.params) << "\n";
   if (!s.replicas.empty()) {  // a data-parallel strategy, at any world size
     os << s.strategy << ": " << s.world_size << (s.world_size == 1 ? " rank" : " ranks")
-       << "; rank 0 sent " << fmt("%.1f", s.comm_bytes / 1e6) << " MB (ring), waited "
-       << fmt("%.2f", s.comm_exposed_s) << " s on communication ("
-       << fmt("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
+       << "; rank 0 sent " << format_number("%.1f", s.comm_bytes / 1e6) << " MB (ring), waited "
+       << format_number("%.2f", s.comm_exposed_s) << " s on communication ("
+       << format_number("%.1f", s.train_seconds > 0 ? 100 * s.comm_exposed_s / s.train_seconds : 0)
        << "% of training time)\n";
     os << s.replicas << "\n";
   }
@@ -553,13 +548,14 @@ RunSummary finalize(const TrainState& state, int64_t total_steps, model::LlamaFo
   if (!s.last_checkpoint.empty()) os << "checkpoint: " << s.last_checkpoint.string() << "\n";
   if (s.measured_peak_bytes > 0) {
     // Rank 0's figures; <output_dir>/memory.json has the predicted breakdown beside them.
-    os << "memory: peak " << fmt("%.1f", s.measured_peak_bytes / 1e6) << " MB of tensors in a step ("
+    os << "memory: peak " << format_number("%.1f", s.measured_peak_bytes / 1e6)
+       << " MB of tensors in a step ("
        << (predicted.device.is_cuda() ? "CUDA allocator" : "CPU tracker")
        << ")";
     if (s.predicted_peak_bytes > 0) {
-      os << ", predicted " << fmt("%.1f", s.predicted_peak_bytes / 1e6) << " MB (ftune memory, "
+      os << ", predicted " << format_number("%.1f", s.predicted_peak_bytes / 1e6) << " MB (ftune memory, "
          << "without the framework allowance): measured/predicted "
-         << fmt("%.3f", static_cast<double>(s.measured_peak_bytes) / s.predicted_peak_bytes);
+         << format_number("%.3f", static_cast<double>(s.measured_peak_bytes) / s.predicted_peak_bytes);
     } else if (!predicted.reason.empty()) {
       os << "; no prediction: " << predicted.reason;
     }
