@@ -18,12 +18,13 @@ namespace {
 
 struct MemoryArgs {
   std::string model, strategy = "single", dtype = "bf16", optimizer = "adamw", offload = "none";
-  std::string gpu_mem;
+  std::string gpu_mem, device = "cuda";
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
-  int64_t world_size = 1, pp = 0, lora_r = 0, micro_batch = 1, seq_len = 2048, gpus = 1;
+  int64_t world_size = 1, pp = 0, lora_r = 0, micro_batch = 1, grad_accum = 1, seq_len = 2048;
+  int64_t gpus = 1;
   bool qlora = false, grad_ckpt = false, json = false, fit = false, full_logits = false;
   bool packing = false;
-  double target_fraction = 1.0;
+  double target_fraction = 1.0, lora_dropout = 0;
   // Which flags were given (for --fit's search dimensions and --pp's default).
   bool given_strategy = false, given_world_size = false, given_micro_batch = false;
   bool given_lora_r = false, given_ckpt = false, given_offload = false, given_qlora = false;
@@ -49,8 +50,13 @@ void run_memory(const MemoryArgs& a) {
   // QLoRA without a rank takes ftune's lora.r default.
   o.lora_r = a.given_lora_r ? a.lora_r : a.qlora ? 8 : 0;
   o.lora_targets = a.lora_targets;
+  o.lora_dropout = a.lora_dropout;
+  FTUNE_CHECK(a.device == "cuda" || a.device == "cpu",
+              "memory: --device: expected cuda or cpu, got \"", a.device, "\"");
+  o.cuda = a.device == "cuda";
   o.qlora = a.qlora;
   o.micro_batch = a.micro_batch;
+  o.grad_accum = a.grad_accum;
   o.seq_len = a.seq_len;
   o.grad_ckpt = a.grad_ckpt;
   o.chunked_loss = !a.full_logits;
@@ -136,11 +142,24 @@ void register_memory(CLI::App& app) {
                   "all-linear (default q_proj,v_proj)")
       ->delimiter(',')
       ->type_name("NAMES");
+  cmd->add_option("--lora-dropout", a->lora_dropout,
+                  "Dropout on the adapters' inputs, in [0, 1) (default 0): each adapter then keeps "
+                  "a mask and its own dropped input for the backward")
+      ->type_name("P");
+  cmd->add_option("--device", a->device,
+                  "cuda (default) or cpu: where the run trains (dropout's mask is one byte per "
+                  "element on CUDA, four on the CPU)")
+      ->type_name("cuda|cpu");
   auto* qlora = cmd->add_flag("--qlora", a->qlora,
                               "NF4 base (blocksize 64, double quantization) under the LoRA adapters");
   auto* mb = cmd->add_option("--micro-batch", a->micro_batch, "Rows per rank per step, default 1")
                  ->type_name("B")
                  ->check(int_at_least(1));
+  cmd->add_option("--grad-accum", a->grad_accum,
+                  "Micro-batches accumulated per optimizer step, default 1 (past the first, the "
+                  "gradients are held during each forward)")
+      ->type_name("A")
+      ->check(int_at_least(1));
   cmd->add_option("--seq-len", a->seq_len, "Tokens per row, default 2048")
       ->type_name("S")
       ->check(int_at_least(1));

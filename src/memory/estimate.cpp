@@ -99,6 +99,7 @@ void EstimateOptions::validate(const model::LlamaConfig& c) const {
   FTUNE_CHECK(pp >= 1, "memory: --pp: expected an integer >= 1, got ", pp);
   FTUNE_CHECK(micro_batch >= 1, "memory: --micro-batch: expected an integer >= 1, got ",
               micro_batch);
+  FTUNE_CHECK(grad_accum >= 1, "memory: --grad-accum: expected an integer >= 1, got ", grad_accum);
   FTUNE_CHECK(seq_len >= 1, "memory: --seq-len: expected an integer >= 1, got ", seq_len);
   FTUNE_CHECK(target_fraction > 0 && target_fraction <= 1,
               "memory: --target-fraction: expected a number in (0, 1], got ", target_fraction);
@@ -117,6 +118,8 @@ void EstimateOptions::validate(const model::LlamaConfig& c) const {
     FTUNE_CHECK(pp == 1, "memory: --pp: only pipeline and model_parallel split the layers into "
                 "stages, got --pp ", pp, " with --strategy ", s);
   }
+  FTUNE_CHECK(lora_dropout >= 0 && lora_dropout < 1,
+              "memory: --lora-dropout: expected a number in [0, 1), got ", lora_dropout);
   FTUNE_CHECK(lora_r >= 0, "memory: --lora-r: expected an integer >= 0 (0 = full fine-tuning), got ",
               lora_r);
   FTUNE_CHECK(!qlora || lora(), "memory: --qlora: needs LoRA adapters (--lora-r R > 0): a 4-bit "
@@ -191,19 +194,26 @@ int64_t layer_activation_bytes_per_token(const model::LlamaConfig& c, const Esti
 
   // A linear input of n features in dtype `du`, read by `consumers`; `saved` when another op
   // already keeps that very tensor.
+  // With LoRA dropout each adapter keeps its dropout's mask (CUDA's fused dropout: one bool per
+  // element; CPU: the float noise it multiplied by, in the adapter's fp32) and A keeps its own
+  // dropped input (or the autocast cast of it), never the shared tensor.
+  const bool dropout = o.lora_dropout > 0;
+  const int64_t mask_bytes = o.cuda ? 1 : 4;
   auto input_saves = [&](int64_t n, int64_t du, std::initializer_list<const char*> consumers,
                          bool saved) -> int64_t {
-    int64_t copies = 0;
+    int64_t copies = 0, masks = 0;
     bool shared = false;
     for (const char* name : consumers) {
       if (full) {  // the base linear keeps its input: the tensor itself, or its autocast cast
         if (du == cb) shared = true; else ++copies;
       }
       if (has(targets, name)) {  // x.to(fp32): the tensor itself in fp32, else cast back to bf16
-        if (cb == 4) shared = true; else ++copies;
+        if (dropout) ++copies, ++masks;
+        else if (cb == 4) shared = true;
+        else ++copies;
       }
     }
-    return copies * cb * n + (shared && !saved ? du * n : 0);
+    return copies * cb * n + masks * mask_bytes * n + (shared && !saved ? du * n : 0);
   };
 
   int64_t b = 0;
@@ -232,9 +242,12 @@ int64_t Breakdown::persistent() const {
 }
 
 int64_t Breakdown::total() const {
-  const int64_t forward_end = persistent() - grad_timed + forward_backward() + head_grad;
-  const int64_t backward_end = persistent() + backward_end_extra + gathered_params + comm_buffers;
-  return std::max({forward_end, backward_end, persistent() + step_buffers});
+  const int64_t forward_end =
+      persistent() - (accumulating ? 0 : grad_timed) + forward_backward() + head_grad;
+  const int64_t backward_end =
+      persistent() + backward_end_extra + gathered_at_backward_end + comm_buffers;
+  return std::max({forward_end, backward_end, persistent() + sync_buffers,
+                   persistent() - step_released + step_buffers});
 }
 
 Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
@@ -291,12 +304,14 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
   // in bf16 for mixed precision; its largest unit, and that unit's trainable elements.
   const int64_t gather_bytes = mixed ? 2 : 4;
   const int64_t head_unit = p.final_norm + p.lm_head;
-  int64_t largest_unit = 0, largest_unit_trainable = 0;
+  int64_t largest_unit = 0, largest_unit_trainable = 0, layer_unit = 0;
   if (full) {
+    layer_unit = gather_bytes * p.per_layer;
     largest_unit = gather_bytes * std::max({p.embedding, p.per_layer, head_unit});
     largest_unit_trainable = std::max({p.embedding, p.per_layer, head_unit});
   } else {
-    largest_unit = std::max({a * p.embedding, layer_base_bytes() + 4 * p.lora_per_layer, a * head_unit});
+    layer_unit = layer_base_bytes() + 4 * p.lora_per_layer;
+    largest_unit = std::max({a * p.embedding, layer_unit, a * head_unit});
     largest_unit_trainable = p.lora_per_layer;
   }
 
@@ -346,7 +361,9 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
                       4 * psi - b.states.gradients);
       }
     }
-    // Gradients exist from the backward through the step (ZeRO-3 keeps its gradient shards).
+    // Gradients exist from the backward through the step (zero_grad frees them; under ZeRO-3
+    // the shards' sums, made unit by unit in the backward).
+    if (stage_kind == 3) b.grad_timed = b.states.gradients + grad_extra;
     if (stage_kind < 3) {
       b.grad_timed = b.states.gradients + grad_extra;
       if (full && last) b.head_grad = 4 * (c.tie_word_embeddings ? p.embedding : p.lm_head);
@@ -375,21 +392,42 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
       b.activations += final_norm_act;
       b.logits = o.chunked_loss ? e.logits_chunked : e.logits_full;
     }
-    if (stage_kind == 3) b.gathered_params = 3 * largest_unit;  // two units + a receive buffer
+    // FSDP: the unit gathered next (the largest) as its receive buffer, its full tensors (or,
+    // before them, Gloo's own flat copy) and its send shard, beside the unit computing now (a
+    // decoder layer). Measured on the SmolLM2-135M shape, 2.3-2.5 embedding-sized units at the
+    // forward's end; a bound of three units over-predicted it by 25%.
+    // At the backward's end only the last unit (the embedding) is gathered, beside its full
+    // gradients (measured: 1.01x of that on the SmolLM2-135M shape with checkpointing).
+    if (stage_kind == 3) {
+      b.gathered_params = 2 * largest_unit + ceil_div(largest_unit, e.dp) + layer_unit;
+      b.gathered_at_backward_end = largest_unit;
+    }
     if (o.qlora) {
       // Nf4Linear dequantizes a weight to its own dtype, then to bf16 (the compute dtype).
       const int64_t wb = o.bf16 ? 2 : 4;
       b.gathered_params += p.largest_linear * (wb + (wb != 2 ? 2 : 0));
+      b.gathered_at_backward_end += p.largest_linear * (wb + (wb != 2 ? 2 : 0));
     }
     if (o.strategy == Strategy::kDdp || (o.strategy == Strategy::kPipeline && e.dp > 1)) {
       b.comm_buffers += 4 * psi;  // ftune's DDP keeps every bucket: the fp32 gradient bytes
     }
-    if (stage_kind == 3) b.comm_buffers += 4 * largest_unit_trainable;  // a unit's full gradients
+    // A unit's full fp32 gradients, packed for their reduce-scatter: in the backward only.
+    if (stage_kind == 3) b.backward_end_extra += 4 * largest_unit_trainable;
     if (P > 1) b.comm_buffers += 2 * a * h * T;  // the hidden state sent on and the one received
     if (stage_kind == 1 || stage_kind == 2) {
-      b.step_buffers = 4 * shard * e.dp + 4 * shard;  // the flat sum or gather + one shard
+      // The sync copies every gradient into a flat fp32 buffer (padded) while they are all held.
+      // zero1's reduced gradients stay views of it through the step (they are the gradient
+      // term); zero2 frees it and the full gradients, keeping only its shard's fp32 sum. The
+      // gather of the updated shards then holds one shard to send and the flat result; Gloo (the
+      // CPU) all-gathers into a flat output of its own and copies it into ours, a second
+      // full-size buffer (NCCL writes into ours).
+      const int64_t flat = 4 * shard * e.dp;
+      b.sync_buffers = flat;
+      if (stage_kind == 2) b.step_released = b.grad_timed - 4 * shard;
+      b.step_buffers = 4 * shard + flat + (o.cuda ? 0 : flat);
     }
     b.overhead = o.overhead_bytes;
+    b.accumulating = o.grad_accum > 1 && o.strategy != Strategy::kPipeline;
 
     e.stage_totals.push_back(b.total());
     if (k == 0 || b.total() > e.rank.total()) {
@@ -428,13 +466,16 @@ EstimateOptions options_from_train_config(const config::TrainConfig& t, int64_t 
   o.bf16 = t.model.dtype == "bf16";
   o.grad_ckpt = t.model.grad_checkpointing;
   o.micro_batch = t.training.micro_batch;
+  o.grad_accum = t.training.grad_accum;
   o.seq_len = t.data.seq_len;
   o.packed_mask = t.data.packing;
   o.offload_optimizer = t.parallel.offload == "optimizer";
   if (t.lora) {
     o.lora_r = t.lora->r;
     o.lora_targets = t.lora->targets;
+    o.lora_dropout = t.lora->dropout;
   }
+  o.cuda = t.model.device.rfind("cuda", 0) == 0;
   if (t.quant) {
     o.qlora = true;
     o.nf4_blocksize = t.quant->blocksize;

@@ -46,10 +46,15 @@ struct EstimateOptions {
   Optimizer optimizer = Optimizer::kAdamW;
   int64_t lora_r = 0;      // adapter rank; 0 = full fine-tuning
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};  // or all-linear
+  double lora_dropout = 0;  // dropout on each adapter's input: its mask and its own dropped copy
+  bool cuda = true;         // the device: dropout keeps a bool mask on CUDA, a float noise on CPU
   bool qlora = false;      // the frozen base's decoder linears in NF4 (needs lora_r > 0)
   int64_t nf4_blocksize = 64;
   bool nf4_double_quant = true;
   int64_t micro_batch = 1;  // rows per forward/backward per rank
+  int64_t grad_accum = 1;   // micro-batches per optimizer step: past the first, each forward runs
+                            // while the earlier ones' gradients are held (not pipeline: its
+                            // schedule's in-flight count covers the micro-batches)
   int64_t seq_len = 2048;
   bool grad_ckpt = false;   // recompute each decoder layer in backward
   bool chunked_loss = true; // ftune's target-only chunked loss (false: full [B, S, V] logits)
@@ -100,8 +105,10 @@ ModelStates zero_model_states(int64_t psi, int64_t dp, int stage, bool mixed, Op
 
 // One rank's bytes. The step has three moments, and total is the largest:
 //   forward end / backward start: persistent - grad_timed + forward_backward + head_grad
-//   backward end: persistent + backward_end_extra + gathered_params + comm_buffers
-//   optimizer step: persistent + step_buffers
+//     (grad_timed stays when accumulating: the earlier micro-batches' gradients are held)
+//   backward end: persistent + backward_end_extra + gathered_at_backward_end + comm_buffers
+//   gradient sync (zero1/zero2): persistent + sync_buffers
+//   optimizer step: persistent - step_released + step_buffers
 // grad_timed is the part of the states and ftune_extra that exists only from the backward through
 // the step (ftune's zero_grad frees the gradients; ZeRO-3 keeps its shards, so 0 there): the
 // activations are freed layer by layer as the gradients appear, so the two never peak together.
@@ -112,17 +119,24 @@ struct Breakdown {
   int64_t activations = 0;       // saved for backward, all micro-batches in flight
   int64_t logits = 0;            // the loss's working set (chunked or full, as configured)
   int64_t gathered_params = 0;   // fsdp: gathered units; QLoRA: one dequantized linear
+  int64_t gathered_at_backward_end = 0;  // of those, what the backward's last unit holds
   int64_t comm_buffers = 0;      // during forward/backward: DDP buckets, FSDP unit gradients,
                                  // pipeline hand-offs
   int64_t backward_temps = 0;    // a layer's backward working set: SwiGLU's [T, f] gradients
                                  // (3, or 2 when down_proj keeps its input) beside the layer's
                                  // own activations
-  int64_t step_buffers = 0;      // during the optimizer step only: ZeRO's flat sum/gather buffers
+  int64_t sync_buffers = 0;      // zero1/zero2: the flat gradient sum, made while every gradient
+                                 // is still held
+  int64_t step_buffers = 0;      // during the optimizer step only: ZeRO's gather buffers (and
+                                 // zero1's reduced gradients' view of the flat sum)
+  int64_t step_released = 0;     // gradient bytes gone by the step (zero2: the full gradients,
+                                 // replaced by the shard's fp32 sum)
   int64_t overhead = 0;
   int64_t grad_timed = 0;          // gradients (and ftune's gradient-sized extras) held only from
                                    // the backward through the step; included in the terms above
   int64_t head_grad = 0;           // the head's gradient, the first one the backward makes
   int64_t backward_end_extra = 0;  // a tied embedding: its fresh gradient beside the head's
+  bool accumulating = false;       // grad_accum > 1 outside a pipeline
   int64_t persistent() const;
   int64_t forward_backward() const {
     return activations + logits + gathered_params + comm_buffers + backward_temps;

@@ -2,6 +2,7 @@
 #include "memory/fit.h"
 
 #include <algorithm>
+#include <sstream>
 
 namespace ftune::memory {
 namespace {
@@ -201,6 +202,11 @@ std::vector<std::string> train_overrides(const EstimateOptions& o, const std::st
     std::string targets;
     for (const auto& t : o.lora_targets) targets += (targets.empty() ? "" : ",") + t;
     v.push_back("lora.targets=[" + targets + "]");
+    if (o.lora_dropout > 0) {
+      std::ostringstream d;
+      d << "lora.dropout=" << o.lora_dropout;
+      v.push_back(d.str());
+    }
   }
   if (o.qlora) {
     v.push_back("quant.type=nf4");

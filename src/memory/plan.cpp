@@ -131,6 +131,7 @@ PlanRow plan_row(const model::LlamaConfig& c, const PlanOptions& p, int64_t gpus
   }
   // A pipeline step runs the same global batch as M micro-batches through each stage.
   r.micro_batches = p.global_batch > 0 || s != Strategy::kPipeline ? accum : accum * o.pp;
+  o.grad_accum = r.micro_batches;  // memory: accumulated gradients are held during each forward
   r.opts = o;
   const Estimate e = estimate(c, o);
 

@@ -36,8 +36,14 @@ std::string method_text(const EstimateOptions& o) {
   if (!o.lora()) return "full fine-tuning";
   std::string targets;
   for (const auto& t : o.lora_targets) targets += (targets.empty() ? "" : ",") + t;
-  return std::string(o.qlora ? "QLoRA (NF4 base)" : "LoRA") + " r=" + std::to_string(o.lora_r) +
-         " on " + targets;
+  std::string text = std::string(o.qlora ? "QLoRA (NF4 base)" : "LoRA") + " r=" +
+                     std::to_string(o.lora_r) + " on " + targets;
+  if (o.lora_dropout > 0) {
+    std::ostringstream d;
+    d << ", dropout " << o.lora_dropout << " (" << (o.cuda ? "CUDA: bool" : "CPU: fp32") << " masks)";
+    text += d.str();
+  }
+  return text;
 }
 
 std::string setup_text(const EstimateOptions& o, const Estimate& e) {
@@ -49,7 +55,8 @@ std::string setup_text(const EstimateOptions& o, const Estimate& e) {
   s << ", " << (o.bf16 ? (o.lora() ? "bf16 base, bf16 autocast" : "bf16 autocast over fp32 master weights")
                        : "fp32")
     << ", " << (o.optimizer == Optimizer::kAdamW ? "AdamW" : "SGD with momentum") << ", "
-    << method_text(o) << "\nmicro-batch " << o.micro_batch << " x " << o.seq_len << " tokens, "
+    << method_text(o) << "\nmicro-batch " << o.micro_batch << " x " << o.seq_len << " tokens"
+    << (o.grad_accum > 1 ? " x " + std::to_string(o.grad_accum) + " accumulated" : "") << ", "
     << (o.grad_ckpt ? "activation checkpointing" : "no activation checkpointing") << ", "
     << (o.chunked_loss ? "chunked loss" : "full logits")
     << (o.packed_mask ? ", packed rows (a [B, 1, S, S] mask per layer)" : "")
@@ -73,8 +80,11 @@ json options_json(const EstimateOptions& o, const Estimate& e) {
           {"method", method_name(method_of(o))},
           {"lora_r", o.lora_r},
           {"lora_targets", o.lora() ? json(o.lora_targets) : json::array()},
+          {"lora_dropout", o.lora() ? o.lora_dropout : 0.0},
+          {"device", o.cuda ? "cuda" : "cpu"},
           {"qlora", o.qlora},
           {"micro_batch", o.micro_batch},
+          {"grad_accum", o.grad_accum},
           {"seq_len", o.seq_len},
           {"grad_ckpt", o.grad_ckpt},
           {"offload", o.offload_optimizer ? "optimizer" : "none"},
@@ -96,9 +106,12 @@ json breakdown_json(const Breakdown& b) {
           {"activations", b.activations},
           {"logits", b.logits},
           {"gathered_params", b.gathered_params},
+          {"gathered_at_backward_end", b.gathered_at_backward_end},
           {"comm_buffers", b.comm_buffers},
           {"backward_temps", b.backward_temps},
+          {"sync_buffers", b.sync_buffers},
           {"step_buffers", b.step_buffers},
+          {"step_released", b.step_released},
           {"overhead", b.overhead},
           {"grad_timed", b.grad_timed},
           {"head_grad", b.head_grad},
@@ -243,7 +256,13 @@ std::string estimate_table(const model::LlamaConfig& c, const ModelRef& m,
     row("communication buffers", b.comm_buffers, what);
   }
   if (b.backward_temps) row("backward working set", b.backward_temps, "SwiGLU's [T, f] gradients (2-3)");
-  if (b.step_buffers) row("optimizer-step buffers", b.step_buffers, "flat gradient sum / gather (after backward)");
+  if (b.sync_buffers) row("gradient-sync buffer", b.sync_buffers, "flat fp32 gradient sum (after backward)");
+  if (b.step_buffers) {
+    row("optimizer-step buffers", b.step_buffers,
+        o.cuda ? "a shard to send + the gathered flat parameters"
+               : "a shard to send + the gathered flat parameters + Gloo's own copy");
+  }
+  if (b.step_released) row("  freed before the step", b.step_released, "zero2: the full gradients");
   row("framework overhead", b.overhead, "CUDA context, workspaces, fragmentation");
   if (b.grad_timed) {
     row("  of which gradients", b.grad_timed, "held from the backward through the step only");

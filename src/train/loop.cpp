@@ -165,6 +165,7 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
   }
 
   const int64_t first_step = state.step + 1;
+  const bool trace_memory = o.measure_memory && std::getenv("FTUNE_MEMORY_TRACE") != nullptr;
   const std::set<int64_t> poisoned = poisoned_steps(strategy.rank());
   int64_t skipped_in_a_row = 0;
   strategy.take_comm_stats();  // start-up traffic (the parameter broadcast) is not a step's
@@ -185,6 +186,15 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
     // The measured peak is the step's own (data, forward, backward, optimizer), not an eval's or a
     // checkpoint gather's, which the estimator does not predict.
     if (o.measure_memory) memory::reset_tensor_peak(o.device);
+    // FTUNE_MEMORY_TRACE=1: this rank's live tensor bytes and the step's running peak after each
+    // phase, on stderr: which phase makes the peak (docs/memory.md, "Checking an estimate").
+    auto trace = [&](const char* phase) {
+      if (!trace_memory) return;
+      const memory::TensorBytes b = memory::tensor_bytes(o.device);
+      std::fprintf(stderr, "memory trace: step %lld rank %lld %-14s live %9.2f MB  peak %9.2f MB\n",
+                   static_cast<long long>(step), static_cast<long long>(strategy.rank()), phase,
+                   static_cast<double>(b.live) / 1e6, static_cast<double>(b.peak) / 1e6);
+    };
 
     std::vector<data::Batch> micro;
     int64_t local_targets = 0, local_tokens = 0;
@@ -220,17 +230,20 @@ TrainState train_loop(model::LlamaForCausalLM& m, Strategy& strategy, optim::Ada
         loss_sum += i == 0 && poisoned.count(step) ? std::nan("") : ls.sum.item<double>();
       }
     }
+    trace("backward");
     loss_sum = strategy.global_sum(loss_sum);
     // Gradient bytes held at their peak in the step (logged steps only): after the backward, or
     // after the sync (a sharded strategy may swap the full gradients for its shard's).
     const int64_t grads_after_backward = do_log ? gradient_bytes(m, opt) : 0;
     strategy.after_backward(opt.params());
+    trace("gradient sync");
     const int64_t held_grads = do_log ? std::max(grads_after_backward, gradient_bytes(m, opt)) : 0;
     // The loss is summed over the ranks and the norm taken over all of them, so every rank sees
     // the same values and takes the same decision. A non-finite one drops the update (AdamW
     // leaves parameters and state as they were).
     if (!std::isfinite(loss_sum)) opt.skip_next_step();
     const double gnorm = strategy.clip_and_step(opt, lr, o.max_grad_norm);
+    trace("optimizer step");
     const int64_t step_peak = o.measure_memory ? memory::tensor_bytes(o.device).peak : 0;
     state.step_peak_bytes = std::max(state.step_peak_bytes, step_peak);
     const double loss = loss_sum / denom;

@@ -122,9 +122,27 @@ TEST(Estimate, TotalIsTheLargestOfThreeMoments) {
   EXPECT_EQ(b.total(), std::max({persistent - b.grad_timed + b.activations + b.logits +
                                      b.gathered_params + b.comm_buffers + b.backward_temps + emb,
                                  persistent + emb + b.gathered_params + b.comm_buffers,
-                                 persistent + b.step_buffers}));
+                                 persistent + b.sync_buffers, persistent + b.step_buffers}));
   EXPECT_EQ(b.states.total(), 4 * psi + 12 * shard);
+  // The flat sum while the gradients are held; then a shard to send and the gathered flat
+  // parameters (NCCL: into ftune's buffer); zero1 keeps its reduced gradients, so none are freed.
+  EXPECT_EQ(b.sync_buffers, 4 * shard * 4);
   EXPECT_EQ(b.step_buffers, 4 * shard * 4 + 4 * shard);
+  EXPECT_EQ(b.step_released, 0);
+  // On the CPU, Gloo's all-gather adds its own flat output.
+  o.cuda = false;
+  EXPECT_EQ(estimate(c, o).rank.step_buffers, 2 * 4 * shard * 4 + 4 * shard);
+  o.cuda = true;
+  // zero2 frees the full gradients (ftune's fp32 .grad) in the sync and keeps its shard's fp32 sum.
+  o.strategy = Strategy::kZero2;
+  const Breakdown z = estimate(c, o).rank;
+  EXPECT_EQ(z.grad_timed, 4 * psi);
+  EXPECT_EQ(z.step_released, 4 * psi - 4 * shard);
+  const int64_t zp = z.states.total() + z.frozen_base + z.ftune_extra + z.overhead;
+  EXPECT_EQ(z.total(), std::max({zp - z.grad_timed + z.activations + z.logits + z.gathered_params +
+                                     z.comm_buffers + z.backward_temps + emb,
+                                 zp + emb + z.gathered_params + z.comm_buffers,
+                                 zp + 4 * shard * 4, zp - (4 * psi - 4 * shard) + z.step_buffers}));
   // Checkpointing keeps each layer's fp32 input plus one layer recomputed.
   o.grad_ckpt = true;
   const Estimate k = estimate(c, o);

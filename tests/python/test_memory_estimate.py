@@ -218,7 +218,7 @@ def test_nf4_bytes_match_bitsandbytes(tmp_path):
     assert abs(bits - 4.127) < 2e-3
 
 
-def saved_per_layer(cfg, bf16, wdtype, lora=None, batch=2, seq=40):
+def saved_per_layer(cfg, bf16, wdtype, lora=None, batch=2, seq=40, dropout=0.0):
     """Bytes of the distinct storages autograd saves for one decoder layer of transformers'
     LlamaModel (SDPA), layer 2 of 2 minus layer 1 of 1; parameters and their autocast casts are
     not activations."""
@@ -230,7 +230,9 @@ def saved_per_layer(cfg, bf16, wdtype, lora=None, batch=2, seq=40):
         m = m.to(wdtype)
         if lora:
             from peft import LoraConfig, get_peft_model
-            m = get_peft_model(m, LoraConfig(r=lora[0], target_modules=lora[1]))
+            m = get_peft_model(m, LoraConfig(r=lora[0], target_modules=lora[1],
+                                             lora_dropout=dropout))
+            m.train()
         shapes = {p.shape for p in m.parameters()} | {p.shape[::-1] for p in m.parameters()}
         ptrs = {p.untyped_storage().data_ptr() for p in m.parameters()}
         seen = {}
@@ -265,6 +267,38 @@ def test_activations_match_autograd(tmp_path, dtype, lora):
         targets = lora[1] if isinstance(lora[1], str) else ",".join(lora[1])
         args += ["--lora-r", lora[0], "--lora-targets", targets]
     assert memory(*args)["activations"]["per_layer"] == want
+
+
+@pytest.mark.parametrize("dtype,lora", [
+    ("fp32", (8, "all-linear")), ("bf16", (8, "all-linear")), ("bf16", (4, ["q_proj", "v_proj"])),
+    ("fp32", (4, ["o_proj", "down_proj"]))])
+def test_lora_dropout_matches_peft_saved(tmp_path, dtype, lora):
+    """LoRA dropout on the CPU: PEFT's nn.Dropout on each adapter's (fp32) input saves its float
+    noise, and lora_A then saves the dropped input (or its autocast cast) instead of a shared
+    one."""
+    cfg = dict(vocab_size=50, hidden_size=96, intermediate_size=160, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    write_json(tmp_path / "config.json", {**cfg, "num_hidden_layers": 2, "model_type": "llama",
+                                          "architectures": ["LlamaForCausalLM"]})
+    bf16 = dtype == "bf16"
+    wdtype = torch.bfloat16 if bf16 else torch.float32
+    want = saved_per_layer(cfg, bf16, wdtype, lora, dropout=0.1)
+    targets = lora[1] if isinstance(lora[1], str) else ",".join(lora[1])
+    args = ["--model", tmp_path / "config.json", "--dtype", dtype, "--micro-batch", 2,
+            "--seq-len", 40, "--lora-r", lora[0], "--lora-targets", targets]
+    got = memory(*args, "--lora-dropout", 0.1, "--device", "cpu")
+    assert got["activations"]["per_layer"] == want
+    assert got["options"]["lora_dropout"] == 0.1 and got["options"]["device"] == "cpu"
+    # On CUDA the fused dropout keeps a bool mask: 3 bytes per element fewer than the CPU's noise.
+    cuda = memory(*args, "--lora-dropout", 0.1)
+    n_in = {"q_proj": 96, "k_proj": 96, "v_proj": 96, "o_proj": 96, "gate_proj": 96,
+            "up_proj": 96, "down_proj": 160}
+    names = list(n_in) if lora[1] == "all-linear" else lora[1]
+    fewer = sum(3 * n_in[t] * 2 * 40 for t in names)
+    assert got["activations"]["per_layer"] - cuda["activations"]["per_layer"] == fewer
+    # Without dropout the adapters' inputs are what the existing oracle checks.
+    assert memory(*args, "--device", "cpu")["activations"]["per_layer"] == \
+        saved_per_layer(cfg, bf16, wdtype, lora)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -22,6 +22,11 @@ CELLS = {
     "lora_all_linear_ckpt": (1, ["lora.r=8", "lora.targets=all-linear",
                                  "model.grad_checkpointing=true"]),
     "qlora": (1, ["lora.r=8", "quant.type=nf4"]),
+    # Dropout on every adapter's input: each keeps its mask (CPU: the fp32 noise) and its own
+    # dropped copy; fp32 and a bf16 base under autocast save different copies.
+    "lora_dropout": (1, ["lora.r=8", "lora.targets=all-linear", "lora.dropout=0.05"]),
+    "lora_dropout_bf16": (1, ["lora.r=8", "lora.targets=all-linear", "lora.dropout=0.05",
+                              "model.dtype=bf16"]),
     "ddp": (2, ["parallel.strategy=ddp"]),
     "zero1": (2, ["parallel.strategy=zero1"]),
     "zero2": (2, ["parallel.strategy=zero2"]),

@@ -4,7 +4,9 @@ command again (training.resume: auto) continues to the uninterrupted run's losse
 weights, bit for bit. The signal lands at a random step (seeded), 6 times in one process and 4
 times under `ftune train --nproc 2` (the launcher forwards it to both DDP ranks, which agree to
 stop after the same step)."""
+import os
 import random
+import select
 import signal
 import subprocess
 import time
@@ -53,11 +55,23 @@ def signal_at(p, out, step, sig, twice=False):
         assert time.monotonic() < deadline, "the run did not get going"
         time.sleep(0.002)
     p.send_signal(sig)
+    head = ""
     if twice:
-        time.sleep(0.003)  # two deliveries, not one merged pending signal
+        # Two deliveries, not one merged pending signal: the second goes only once the handler
+        # has taken the first (it writes its line to stderr itself). A fixed pause let a loaded
+        # machine merge them (the run then stopped gracefully and the test failed).
+        fd = p.stderr.fileno()
+        while "stop signal received" not in head:
+            assert time.monotonic() < deadline + 60, "the first signal was not taken: " + head
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            chunk = os.read(fd, 65536).decode(errors="replace")
+            if not chunk:
+                break  # the run ended
+            head += chunk
         p.send_signal(sig)
     out_text, err = p.communicate(timeout=120)
-    return p.returncode, err, out_text
+    return p.returncode, head + err, out_text
 
 
 def same_files(a, b):
