@@ -363,9 +363,8 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     }
     // Gradients exist from the backward through the step (zero_grad frees them; under ZeRO-3
     // the shards' sums, made unit by unit in the backward).
-    if (stage_kind == 3) b.grad_timed = b.states.gradients + grad_extra;
+    b.grad_timed = b.states.gradients + grad_extra;
     if (stage_kind < 3) {
-      b.grad_timed = b.states.gradients + grad_extra;
       if (full && last) b.head_grad = 4 * (c.tie_word_embeddings ? p.embedding : p.lm_head);
       // The embedding's backward makes a fresh [V, h] gradient and adds it to the head's.
       if (full && first && c.tie_word_embeddings) b.backward_end_extra = 4 * p.embedding;
@@ -405,8 +404,9 @@ Estimate estimate(const model::LlamaConfig& c, const EstimateOptions& o) {
     if (o.qlora) {
       // Nf4Linear dequantizes a weight to its own dtype, then to bf16 (the compute dtype).
       const int64_t wb = o.bf16 ? 2 : 4;
-      b.gathered_params += p.largest_linear * (wb + (wb != 2 ? 2 : 0));
-      b.gathered_at_backward_end += p.largest_linear * (wb + (wb != 2 ? 2 : 0));
+      const int64_t dequantized = p.largest_linear * (wb + (wb != 2 ? 2 : 0));
+      b.gathered_params += dequantized;
+      b.gathered_at_backward_end += dequantized;
     }
     if (o.strategy == Strategy::kDdp || (o.strategy == Strategy::kPipeline && e.dp > 1)) {
       b.comm_buffers += 4 * psi;  // ftune's DDP keeps every bucket: the fp32 gradient bytes

@@ -103,14 +103,14 @@ struct ModelStates {
 };
 ModelStates zero_model_states(int64_t psi, int64_t dp, int stage, bool mixed, Optimizer opt);
 
-// One rank's bytes. The step has three moments, and total is the largest:
+// One rank's bytes. The step has up to four moments, and total is the largest:
 //   forward end / backward start: persistent - grad_timed + forward_backward + head_grad
 //     (grad_timed stays when accumulating: the earlier micro-batches' gradients are held)
 //   backward end: persistent + backward_end_extra + gathered_at_backward_end + comm_buffers
 //   gradient sync (zero1/zero2): persistent + sync_buffers
 //   optimizer step: persistent - step_released + step_buffers
 // grad_timed is the part of the states and ftune_extra that exists only from the backward through
-// the step (ftune's zero_grad frees the gradients; ZeRO-3 keeps its shards, so 0 there): the
+// the step (ftune's zero_grad frees the gradients, ZeRO-3's shard sums included): the
 // activations are freed layer by layer as the gradients appear, so the two never peak together.
 struct Breakdown {
   ModelStates states;            // the ZeRO terms (offloaded terms moved to host_bytes)

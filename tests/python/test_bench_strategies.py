@@ -35,14 +35,29 @@ def bench(tmp_path_factory):
     return run_bench(tmp_path_factory.mktemp("bench"), SETS, 900)
 
 
+def check_every_cell_within_10_percent(runs):
+    """Every cell of the matrix ran, and its measured/predicted memory is in [0.9, 1.1]."""
+    assert len(runs) == len(STRATEGIES) * len(METHODS) * 2
+    assert all(r["ok"] for r in runs), [r.get("error") for r in runs if not r["ok"]]
+    ratios = {r["name"]: round(r["memory_ratio"], 3) for r in runs}
+    print("measured/predicted:", ratios)
+    bad = {k: v for k, v in ratios.items() if not 0.9 <= v <= 1.1}
+    assert not bad, f"measured/predicted outside [0.9, 1.1]: {bad}"
+
+
+def check_equal_losses(runs):
+    """Cells of one method and checkpointing train the same global batch: equal final losses."""
+    by_cell = {}
+    for r in runs:
+        by_cell.setdefault((r["method"], r["grad_ckpt"]), []).append(r["final_loss"])
+    for cell, losses in by_cell.items():
+        assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), (cell, losses)
+
+
 def test_every_cell_runs_and_memory_is_within_10_percent(bench):
     _, summary = bench
     runs = summary["runs"]
-    assert len(runs) == len(STRATEGIES) * len(METHODS) * 2
-    assert all(r["ok"] for r in runs), [r.get("error") for r in runs if not r["ok"]]
-    bad = [(r["name"], round(r["memory_ratio"], 3)) for r in runs
-           if not 0.9 <= r["memory_ratio"] <= 1.1]
-    assert not bad, f"measured/predicted outside [0.9, 1.1]: {bad}"
+    check_every_cell_within_10_percent(runs)
     for r in runs:
         assert r["tokens_per_s"] > 0 and r["steps"] == 3
 
@@ -62,27 +77,13 @@ def bench_smollm2(tmp_path_factory):
 
 def test_smollm2_shape_every_cell_within_10_percent(bench_smollm2):
     _, summary = bench_smollm2
-    runs = summary["runs"]
-    assert len(runs) == len(STRATEGIES) * len(METHODS) * 2
-    assert all(r["ok"] for r in runs), [r.get("error") for r in runs if not r["ok"]]
-    ratios = {r["name"]: round(r["memory_ratio"], 3) for r in runs}
-    print("measured/predicted:", ratios)
-    bad = {k: v for k, v in ratios.items() if not 0.9 <= v <= 1.1}
-    assert not bad, f"measured/predicted outside [0.9, 1.1]: {bad}"
-    by_cell = {}
-    for r in runs:
-        by_cell.setdefault((r["method"], r["grad_ckpt"]), []).append(r["final_loss"])
-    for cell, losses in by_cell.items():
-        assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), (cell, losses)
+    check_every_cell_within_10_percent(summary["runs"])
+    check_equal_losses(summary["runs"])
 
 
 def test_equal_work_gives_equal_losses(bench):
     _, summary = bench
-    by_cell = {}
-    for r in summary["runs"]:
-        by_cell.setdefault((r["method"], r["grad_ckpt"]), []).append(r["final_loss"])
-    for cell, losses in by_cell.items():
-        assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), (cell, losses)
+    check_equal_losses(summary["runs"])
 
 
 def test_csv_report_and_charts(bench):
