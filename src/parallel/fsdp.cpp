@@ -29,6 +29,7 @@ struct Fsdp::Impl {
     std::vector<int64_t> shape;
     int64_t rows = 0, row_numel = 0, rows_per_rank = 0;
     int64_t send_off = 0;   // byte offset of its block in a rank's gather segment
+    int64_t train_off = 0;  // the same in a gather of the trainable tensors alone
     int64_t grad_off = 0;   // element offset of its block in a rank's fp32 gradient segment
     at::Tensor shard;       // frozen: this rank's real rows, flat, in the full tensor's dtype
     int piece = -1;         // trainable: index into pieces (-1: no real rows on this rank)
@@ -41,10 +42,13 @@ struct Fsdp::Impl {
   struct Unit {
     std::vector<Slot> slots;
     int64_t seg_bytes = 0;   // per-rank bytes of the all-gather
+    int64_t train_seg_bytes = 0;  // per-rank bytes of a gather of the trainable tensors alone
     int64_t grad_seg = 0;    // per-rank fp32 elements of the reduce-scatter
     int64_t trainable = 0, ready = 0;
     bool gathered = false;
     bool in_flight = false;
+    bool trainable_only = false;  // the gather (gathered or in flight) holds the trainable tensors
+                                  // alone; the frozen ones stay without storage
     at::Tensor send, recv;
     ProcessGroup::Pending work;
   };
@@ -70,24 +74,53 @@ struct Fsdp::Impl {
     peak_gathered = std::max(peak_gathered, gathered_now + transient);
   }
 
-  void start_gather(int64_t u) {
+  // Each slot's block offset in a rank's gather segment, for a gather of the whole unit and of its
+  // trainable tensors alone, from the tensors' current dtypes; blocks start 16-byte aligned.
+  static void lay_out(Unit& unit) {
+    unit.seg_bytes = unit.train_seg_bytes = 0;
+    for (auto& s : unit.slots) {
+      const int64_t bytes = s.block_numel() * static_cast<int64_t>(s.full.element_size());
+      s.send_off = unit.seg_bytes = align_up(unit.seg_bytes);
+      unit.seg_bytes += bytes;
+      if (s.trainable) {
+        s.train_off = unit.train_seg_bytes = align_up(unit.train_seg_bytes);
+        unit.train_seg_bytes += bytes;
+      }
+    }
+    unit.seg_bytes = align_up(unit.seg_bytes);
+    unit.train_seg_bytes = align_up(unit.train_seg_bytes);
+  }
+
+  // Whether slot `s` takes part in the unit's current gather, and where its block sits.
+  static bool in_gather(const Unit& unit, const Slot& s) { return s.trainable || !unit.trainable_only; }
+  static int64_t offset_in(const Unit& unit, const Slot& s) {
+    return unit.trainable_only ? s.train_off : s.send_off;
+  }
+  static int64_t segment_of(const Unit& unit) {
+    return unit.trainable_only ? unit.train_seg_bytes : unit.seg_bytes;
+  }
+
+  // trainable_only: the trainable tensors alone (a LoRA adapter's export needs no frozen base).
+  void start_gather(int64_t u, bool trainable_only = false) {
     Unit& unit = units[u];
     if (unit.gathered || unit.in_flight) return;
     at::NoGradGuard no_grad;
+    unit.trainable_only = trainable_only;
     const int rank = group.rank(), n = group.size();
     const auto bytes = at::TensorOptions(at::kByte).device(unit.slots.front().full.device());
-    unit.send = at::empty({unit.seg_bytes}, bytes);
+    unit.send = at::empty({segment_of(unit)}, bytes);
     for (auto& s : unit.slots) {
       const int64_t mine = s.rows_of(rank) * s.row_numel;
-      if (mine == 0) continue;
-      at::Tensor dst = unit.send.narrow(0, s.send_off, mine * s.full.element_size())
+      if (mine == 0 || !in_gather(unit, s)) continue;
+      at::Tensor dst = unit.send.narrow(0, offset_in(unit, s), mine * s.full.element_size())
                            .view(s.full.scalar_type());
       dst.copy_(s.trainable ? pieces[s.piece].second.detach() : s.shard);
     }
-    unit.recv = at::empty({unit.seg_bytes * n}, bytes);
-    unit.work = group.all_gather_into_async(unit.recv, unit.send,
-                                            "all-gather of unit " + std::to_string(u) +
-                                                "'s parameters");
+    unit.recv = at::empty({segment_of(unit) * n}, bytes);
+    unit.work = group.all_gather_into_async(
+        unit.recv, unit.send,
+        "all-gather of unit " + std::to_string(u) +
+            (trainable_only ? "'s trainable parameters" : "'s parameters"));
     unit.in_flight = true;
   }
 
@@ -99,6 +132,7 @@ struct Fsdp::Impl {
     const int n = group.size();
     int64_t full_bytes = 0;
     for (auto& s : unit.slots) {
+      if (!in_gather(unit, s)) continue;
       alloc_storage(s.full);
       full_bytes += nbytes_of(s.full);
       // Through variable_data(): a fresh version counter, so the copy does not count as an
@@ -108,7 +142,7 @@ struct Fsdp::Impl {
         const int64_t numel = s.rows_of(r) * s.row_numel;
         if (numel == 0) continue;
         dst.narrow(0, r * s.block_numel(), numel)
-            .copy_(unit.recv.narrow(0, r * unit.seg_bytes + s.send_off,
+            .copy_(unit.recv.narrow(0, r * segment_of(unit) + offset_in(unit, s),
                                     numel * s.full.element_size())
                        .view(s.full.scalar_type()));
       }
@@ -125,6 +159,7 @@ struct Fsdp::Impl {
     if (!unit.gathered) return;
     int64_t full_bytes = 0;
     for (auto& s : unit.slots) {
+      if (!in_gather(unit, s)) continue;
       full_bytes += nbytes_of(s.full);
       free_storage(s.full);
     }
@@ -256,13 +291,10 @@ Fsdp::Fsdp(ProcessGroup& group, std::vector<std::vector<FsdpTensor>> units, Fsdp
       } else {
         s.shard = my_rows.clone();
       }
-      unit.seg_bytes = align_up(unit.seg_bytes);
-      s.send_off = unit.seg_bytes;
-      unit.seg_bytes += s.block_numel() * s.full.element_size();
       free_storage(s.full);
       unit.slots.push_back(std::move(s));
     }
-    unit.seg_bytes = align_up(unit.seg_bytes);
+    Impl::lay_out(unit);
   }
   for (size_t u = 0; u < im.units.size(); ++u) {
     for (size_t k = 0; k < im.units[u].slots.size(); ++k) {
@@ -297,9 +329,34 @@ std::vector<Fsdp::Spot> Fsdp::layout() const {
 
 void Fsdp::gather(int64_t unit) {
   Impl::Unit& u = impl_->units.at(unit);
+  if (u.gathered && u.trainable_only) impl_->reshard(unit);  // the frozen tensors are wanted too
   if (u.gathered || u.slots.empty()) return;
   impl_->start_gather(unit);
   impl_->finish_gather(unit);
+}
+
+void Fsdp::gather_trainable(int64_t unit) {
+  Impl::Unit& u = impl_->units.at(unit);
+  if (u.in_flight) impl_->finish_gather(unit);  // a prefetch of the whole unit serves as well
+  if (u.gathered || u.trainable == 0) return;
+  impl_->start_gather(unit, /*trainable_only=*/true);
+  impl_->finish_gather(unit);
+}
+
+void Fsdp::set_trainable_dtype(at::ScalarType dtype) {
+  Impl& im = *impl_;
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < im.units.size(); ++u) {
+    im.reshard(static_cast<int64_t>(u));
+    bool changed = false;
+    for (auto& s : im.units[u].slots) {
+      if (!s.trainable || s.full.scalar_type() == dtype) continue;
+      s.full.set_data(at::empty(s.shape, s.full.options().dtype(dtype)));  // pages never touched
+      free_storage(s.full);
+      changed = true;
+    }
+    if (changed) Impl::lay_out(im.units[u]);
+  }
 }
 
 void Fsdp::prefetch(int64_t unit) {

@@ -64,7 +64,15 @@ class Fsdp {
   // and waits). prefetch starts the all-gather in the background (no-op if gathered or started).
   // reshard frees the full storage (waiting for a gather of u still in flight).
   void gather(int64_t unit);
+  // The same for the trainable tensors alone (from the master pieces, in param_dtype); the frozen
+  // ones (a LoRA base, 4-bit weights) keep no storage and move no bytes. What exporting a LoRA
+  // adapter needs. A unit gathered this way is gathered whole by a later gather(unit).
+  void gather_trainable(int64_t unit);
   void prefetch(int64_t unit);
+  // Reshards every unit and makes the trainable tensors gather in `dtype` from now on (the
+  // pieces are fp32): an export of a mixed-precision run gathers them in fp32, as the
+  // one-process run holds them, then sets param_dtype back.
+  void set_trainable_dtype(at::ScalarType dtype);
   void reshard(int64_t unit);
   bool gathered(int64_t unit) const;
 

@@ -1,7 +1,8 @@
 // The trained model's export when its parameters may be sharded across ranks: every rank walks
 // the model unit by unit through Strategy::for_each_unit_gathered (FSDP gathers one unit at a
-// time), and rank 0 writes each unit's tensors straight into files whose headers it wrote up
-// front (io::WeightsStreamWriter / io::SafetensorsStreamWriter). So no rank ever holds more than
+// time), and rank 0 writes each unit's tensors straight into files whose headers it wrote at the
+// first unit, with the dtypes the strategy exports in (io::WeightsStreamWriter /
+// io::SafetensorsStreamWriter). So no rank ever holds more than
 // one unit's full values, and the files are byte for byte what save_trained writes from a whole
 // model. Defines save_trained_streamed.
 #pragma once

@@ -14,6 +14,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include "core/error.h"
+#include "lora/lora.h"
 #include "model/hf_io.h"
 #include "parallel/fsdp.h"
 #include "train/group_strategy.h"
@@ -96,15 +97,24 @@ class FsdpStrategy : public GroupStrategy, public model::UnitHooks {
     return norm.item<double>();
   }
 
-  void for_each_unit_gathered(model::LlamaForCausalLM& /*m*/,
+  void for_each_unit_gathered(model::LlamaForCausalLM& m,
                               const std::function<void(int64_t unit)>& fn) override {
     if (backward_open_) finish_backward();
-    for (int64_t u = 0; u < fsdp_->unit_count(); ++u) fsdp_->reshard(u);
+    // The trained tensors are exported in fp32, the master pieces' values (as one process holds
+    // them under bf16 autocast), not rounded to the bf16 they compute in.
+    fsdp_->set_trainable_dtype(at::kFloat);
+    // A LoRA export reads the adapters alone: the frozen base stays sharded.
+    const bool adapters_only = lora::has_lora(m);
     for (int64_t u = 0; u < fsdp_->unit_count(); ++u) {
-      fsdp_->gather(u);
+      if (adapters_only) {
+        fsdp_->gather_trainable(u);
+      } else {
+        fsdp_->gather(u);
+      }
       fn(u);
       fsdp_->reshard(u);
     }
+    fsdp_->set_trainable_dtype(options_.param_dtype);
   }
 
   int64_t held_param_bytes() const override { return fsdp_->shard_bytes(); }

@@ -106,7 +106,8 @@ class Strategy {
 
   // Runs fn(u) for every unit u = 0 .. model::unit_count - 1 in order, with unit u's parameters
   // (and 4-bit weights) holding their full values on every rank while fn runs: what a streamed
-  // export reads. Every rank must call it. A strategy that keeps whole parameters just calls fn.
+  // export reads; a LoRA model's frozen base may stay sharded (its export reads the adapters
+  // alone). Every rank must call it. A strategy that keeps whole parameters just calls fn.
   virtual void for_each_unit_gathered(model::LlamaForCausalLM& m,
                                       const std::function<void(int64_t unit)>& fn) {
     for (int64_t u = 0; u < model::unit_count(m->config()); ++u) fn(u);

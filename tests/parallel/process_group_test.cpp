@@ -1,7 +1,8 @@
 // ProcessGroup on real processes over Gloo on localhost: each test forks its ranks (before the
 // parent touches ATen, so no thread pool is forked), every rank checks its results against values
 // it computes itself, and reports through its exit status and a pipe. Also: reading the
-// torchrun/SLURM/Open MPI environment, and each rendezvous fault ending in one clear error.
+// torchrun/SLURM/Open MPI environment, and each rendezvous fault ending in one clear error; and
+// FSDP's gather of the trainable tensors alone on forked ranks.
 #include "parallel/process_group.h"
 
 #include <gtest/gtest.h>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "parallel/fsdp.h"
 
 namespace ftune::parallel {
 namespace {
@@ -241,6 +243,61 @@ TEST(ProcessGroup, CollectivesOnThreeRanks) {
     require(st.payload_bytes.at("all_gather") == 6 * 8, "all_gather payload");
     require(st.calls.at("barrier") == 1, "barrier count");
     require(pg->take_stats().calls.empty(), "stats reset");
+  });
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(res[r].status, 0) << "rank " << r << ": " << res[r].output;
+}
+
+// FSDP's gather of the trainable tensors alone (what a LoRA adapter's export uses), on 3 ranks
+// with uneven shards: the trainable tensors come back whole from the ranks' pieces, the frozen one
+// keeps no storage and moves no bytes; a later whole gather brings it back too. And the export's
+// switch of a mixed-precision run's trainable tensors to fp32 and back.
+TEST(Fsdp, GatherTrainableLeavesTheFrozenTensorsSharded) {
+  auto res = run_ranks(3, [](int rank, int world, int port) {
+    GroupOptions o;
+    o.timeout = std::chrono::seconds(30);
+    auto pg = ProcessGroup::create(env_of(rank, world, port), o);
+    const at::Tensor base0 = at::arange(20, at::kFloat).reshape({5, 4});
+    const at::Tensor a0 = at::arange(21, at::kFloat).mul_(0.5).reshape({7, 3});
+    const at::Tensor b0 = at::arange(8, at::kFloat).sub_(3).reshape({2, 4});  // rank 2: no rows
+    at::Tensor base = base0.clone(), a = a0.clone().requires_grad_(true),
+               b = b0.clone().requires_grad_(true);
+    Fsdp fsdp(*pg, {{{"base", base, false, true}, {"a", a, true, true}, {"b", b, true, true}}});
+    require(base.storage().nbytes() == 0 && a.storage().nbytes() == 0, "sharded after setup");
+    (void)pg->take_stats();
+
+    fsdp.gather_trainable(0);
+    require(at::equal(a, a0) && at::equal(b, b0), "trainable tensors gathered whole");
+    require(base.storage().nbytes() == 0, "frozen tensor left without storage");
+    require(fsdp.gathered_bytes() == (21 + 8) * 4, "gathered bytes: the trainable tensors");
+    // Per rank, 16-byte aligned blocks: a 3 rows x 3 (36 -> 48), b 1 row x 4 (16): 64 bytes.
+    CommStats st = pg->take_stats();
+    require(st.payload_bytes.at("all_gather") == 64 * 3, "all-gather payload without the base");
+
+    fsdp.gather(0);  // whole: the frozen tensor too
+    require(at::equal(base, base0) && at::equal(a, a0) && at::equal(b, b0), "whole gather");
+    require(fsdp.gathered_bytes() == (20 + 21 + 8) * 4, "gathered bytes: the whole unit");
+    require(pg->take_stats().payload_bytes.at("all_gather") == fsdp.gather_payload_bytes(),
+            "whole gather payload");
+    fsdp.reshard(0);
+    require(fsdp.gathered_bytes() == 0 && base.storage().nbytes() == 0 &&
+                a.storage().nbytes() == 0, "resharded");
+
+    // Mixed precision: trainable tensors gather in bf16 from their fp32 pieces; an export sets
+    // them to fp32 for a while and gets the pieces' values exactly, then back to bf16.
+    const at::Tensor c0 = at::arange(21, at::kFloat).mul_(1.0 / 3).reshape({7, 3});
+    at::Tensor c = c0.clone().requires_grad_(true);
+    FsdpOptions bf16;
+    bf16.param_dtype = at::kBFloat16;
+    Fsdp mixed(*pg, {{{"c", c, true, true}}}, bf16);
+    mixed.gather(0);
+    require(c.scalar_type() == at::kBFloat16 && at::equal(c, c0.to(at::kBFloat16)), "bf16 gather");
+    mixed.set_trainable_dtype(at::kFloat);
+    require(c.scalar_type() == at::kFloat && c.storage().nbytes() == 0, "resharded as fp32");
+    mixed.gather_trainable(0);
+    require(at::equal(c, c0), "fp32 gather: the pieces' exact values");
+    mixed.set_trainable_dtype(at::kBFloat16);
+    mixed.gather(0);
+    require(at::equal(c, c0.to(at::kBFloat16)), "bf16 again");
   });
   for (int r = 0; r < 3; ++r) EXPECT_EQ(res[r].status, 0) << "rank " << r << ": " << res[r].output;
 }
