@@ -348,14 +348,12 @@ void Fsdp::set_trainable_dtype(at::ScalarType dtype) {
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < im.units.size(); ++u) {
     im.reshard(static_cast<int64_t>(u));
-    bool changed = false;
     for (auto& s : im.units[u].slots) {
       if (!s.trainable || s.full.scalar_type() == dtype) continue;
       s.full.set_data(at::empty(s.shape, s.full.options().dtype(dtype)));  // pages never touched
       free_storage(s.full);
-      changed = true;
     }
-    if (changed) Impl::lay_out(im.units[u]);
+    Impl::lay_out(im.units[u]);
   }
 }
 
